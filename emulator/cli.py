@@ -1,0 +1,148 @@
+"""The `emulator` command: up, node, admin, message, run-job, fake-llm."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from emulator import fake_llm
+from emulator.client import CommandError, parse_message_arg, run_job, send_admin
+from emulator.directory import parse_peer
+from emulator.homes import Home, default_root, find_home
+from emulator.node import NodeOptions, serve_forever
+from emulator.up import UpOptions, up
+from handlers.context import DEFAULT_JOB_TIMEOUT
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emulator", description="Run llm-provider nodes on this machine.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("up", help="start a network of nodes, each its own process, and wire them")
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--base-port", type=int, default=8081)
+    p.add_argument("--root", type=Path, default=None, help="folder of the nodes' homes (default ~/.llm-provider)")
+    p.add_argument("--llm", default=None, help="OpenAI-compatible base URL for the drivers (default: start a fake LLM)")
+    p.add_argument("--llm-port", type=int, default=8080, help="port of the embedded fake LLM")
+    p.add_argument("--ttft", type=float, default=0.05, help="fake LLM: seconds to the first token")
+    p.add_argument("--tps", type=float, default=50.0, help="fake LLM: tokens per second")
+    p.add_argument("--model", default="llama3")
+    p.add_argument("--no-wire", dest="wire", action="store_false", help="start the nodes, configure nothing")
+    p.add_argument("--fresh", action="store_true", help="delete the nodes' homes first")
+    p.add_argument("--job-timeout", type=float, default=DEFAULT_JOB_TIMEOUT)
+    p.add_argument("--verbose", action="store_true")
+
+    p = commands.add_parser("node", help="run one node in the foreground")
+    p.add_argument("--name", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--home", type=Path, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--directory", type=Path, default=None, help="JSON file of node names to URLs")
+    p.add_argument("--peer", action="append", default=[], metavar="NAME=URL")
+    p.add_argument("--database-url", default=None, help="SQLAlchemy async URL (default: SQLite in the home)")
+    p.add_argument("--job-timeout", type=float, default=DEFAULT_JOB_TIMEOUT)
+    p.add_argument("--verbose", action="store_true")
+
+    for name, help_text in (("admin", "send an admin command to a node"), ("message", "send a message to one process of a node")):
+        p = commands.add_parser(name, help=help_text)
+        p.add_argument("-p", "--port", type=int, required=True)
+        if name == "message":
+            p.add_argument("process", choices=["driver", "router", "openai"])
+        p.add_argument("body", help='e.g. StartRouter or \'{"SetRouter": {"node": "fake.dev"}}\'')
+        _add_auth(p)
+
+    p = commands.add_parser("run-job", help="run a job and print its answer as it streams")
+    p.add_argument("-p", "--port", type=int, required=True)
+    p.add_argument("model")
+    p.add_argument("prompt", nargs="+")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+
+    p = commands.add_parser("fake-llm", help="run the embedded fake OpenAI-compatible LLM")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--ttft", type=float, default=0.05)
+    p.add_argument("--tps", type=float, default=50.0)
+    p.add_argument("--tokens", type=int, default=24)
+    return parser
+
+
+def _add_auth(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--home", type=Path, default=None, help="the node's home, to read its admin token")
+    parser.add_argument("--root", type=Path, default=None, help="where to look for the home of the node on --port")
+    parser.add_argument("--token", default=None, help="the node's admin token")
+
+
+def _admin_token(args: argparse.Namespace) -> str:
+    if args.token:
+        return str(args.token)
+    home = Home(args.home) if args.home else find_home(args.root or default_root(), args.port)
+    if home is None or not home.token_file.exists():
+        raise CommandError(f"no admin token for the node on port {args.port}: pass --home DIR or --token")
+    return home.admin_token()
+
+
+async def _admin(args: argparse.Namespace, process: str | None) -> None:
+    reply = await send_admin(f"http://127.0.0.1:{args.port}", _admin_token(args), parse_message_arg(args.body), process)
+    print(json.dumps(reply))
+
+
+async def _run_job(args: argparse.Namespace) -> int:
+    request: dict[str, Any] = {"model": args.model, "prompt": " ".join(args.prompt)}
+    for key in ("max_tokens", "seed", "temperature"):
+        if getattr(args, key) is not None:
+            request[key] = getattr(args, key)
+    summary = await run_job(f"http://127.0.0.1:{args.port}", request)
+    print(summary.line())
+    return 0 if summary.status == "succeeded" else 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        sys.exit(asyncio.run(_dispatch(args)) or 0)
+    except CommandError as error:
+        print(f"emulator: {error}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+async def _dispatch(args: argparse.Namespace) -> int | None:
+    match args.command:
+        case "up":
+            root = args.root or default_root()
+            return await up(
+                UpOptions(
+                    nodes=args.nodes, base_port=args.base_port, root=root, llm=args.llm, llm_port=args.llm_port,
+                    ttft=args.ttft, tps=args.tps, model=args.model, wire=args.wire, fresh=args.fresh,
+                    verbose=args.verbose, job_timeout=args.job_timeout,
+                )
+            )
+        case "node":
+            peers = dict(parse_peer(text) for text in args.peer)
+            await serve_forever(
+                NodeOptions(
+                    name=args.name, port=args.port, home=args.home, host=args.host, directory_file=args.directory,
+                    peers=peers, database_url=args.database_url, job_timeout=args.job_timeout, verbose=args.verbose,
+                )
+            )
+        case "admin":
+            await _admin(args, None)
+        case "message":
+            await _admin(args, args.process)
+        case "run-job":
+            return await _run_job(args)
+        case "fake-llm":
+            settings = fake_llm.FakeLlmSettings(ttft=args.ttft, tokens_per_second=args.tps, default_tokens=args.tokens)
+            await fake_llm.serve(args.host, args.port, settings)
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""What the CLI does against a node's HTTP API: admin commands and running a job."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import aiohttp
+
+from schemas.sse import SSEDecoder
+
+
+class CommandError(Exception):
+    """A refusal worth printing as it is, without a traceback."""
+
+
+def parse_message_arg(text: str) -> Any:
+    """`StartRouter` or `'{"SetRouter": {"node": "fake.dev"}}'`, as typed on the command line."""
+    stripped = text.strip()
+    if stripped.startswith(("{", '"')):
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError as error:
+            raise CommandError(f"not valid JSON: {error}") from error
+    return stripped
+
+
+async def send_admin(url: str, token: str, message: Any, process: str | None = None) -> dict[str, Any]:
+    path = "/admin" if process is None else f"/admin/{process}"
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url + path, json=message, headers={"Authorization": f"Bearer {token}"}) as response:
+            body = await response.json(content_type=None)
+            if response.status >= 400:
+                raise CommandError(f"HTTP {response.status}: {body.get('error', {}).get('message', body)}")
+            return body  # type: ignore[no-any-return]
+
+
+@dataclass
+class JobSummary:
+    job_id: str
+    status: str
+    driver: str | None
+    first_token_s: float | None
+    total_s: float
+    error: str | None
+
+    def line(self) -> str:
+        ttft = f"{self.first_token_s * 1000:.0f} ms" if self.first_token_s is not None else "-"
+        text = f"job {self.job_id} · {self.status} · driver {self.driver or '-'} · first token {ttft} · total {self.total_s * 1000:.0f} ms"
+        return text + (f" · error: {self.error}" if self.error else "")
+
+
+async def run_job(url: str, request: dict[str, Any], out: TextIO = sys.stdout) -> JobSummary:
+    """Submit a job, print its text as it streams, and sum it up."""
+    started = time.perf_counter()
+    first_token: float | None = None
+    final: dict[str, Any] = {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=60)) as session:
+        async with session.post(url + "/jobs", json=request) as response:
+            body = await response.json(content_type=None)
+            if response.status != 202:
+                raise CommandError(f"HTTP {response.status}: {body.get('error', {}).get('message', body)}")
+        job_id = body["job_id"]
+        async with session.get(url + body["events_url"]) as events:
+            decoder = SSEDecoder()
+            async for raw in events.content:
+                event = decoder.feed_line(raw.decode())
+                if event is None or event.event != "job_update":
+                    continue
+                update = json.loads(event.data)
+                if update.get("delta"):
+                    first_token = first_token or time.perf_counter() - started
+                    out.write(update["delta"])
+                    out.flush()
+                if update.get("is_final"):
+                    final = update
+                    break
+    out.write("\n")
+    return JobSummary(
+        job_id=job_id,
+        status=final.get("status", "lost"),
+        driver=final.get("driver"),
+        first_token_s=first_token,
+        total_s=time.perf_counter() - started,
+        error=final.get("error"),
+    )

@@ -1,0 +1,106 @@
+"""One node: store, transport and handlers behind the aiohttp host."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import aiohttp
+from aiohttp import web
+from pydantic import BaseModel
+
+from emulator.directory import Directory
+from emulator.homes import Home
+from emulator.http_app import create_app
+from emulator.transport import HttpTransport
+from handlers import node as node_handlers
+from handlers.context import DEFAULT_JOB_TIMEOUT, NodeContext, Settings
+from schemas.messages import Message, Process, Source
+from store.database import Store, sqlite_url
+
+UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
+
+
+@dataclass
+class NodeOptions:
+    name: str
+    port: int
+    home: Path
+    host: str = "127.0.0.1"
+    directory_file: Path | None = None
+    peers: dict[str, str] = field(default_factory=dict)
+    database_url: str | None = None
+    job_timeout: float = DEFAULT_JOB_TIMEOUT
+    verbose: bool = False
+
+
+def configure_logging(home: Home, verbose: bool) -> None:
+    home.path.mkdir(parents=True, exist_ok=True)
+    handlers: list[logging.Handler] = [logging.FileHandler(home.log_file)]
+    if verbose:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
+    logging.getLogger("aiohttp.access").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+class Node:
+    """`async with Node(options) as node:` serves until the block ends."""
+
+    def __init__(self, options: NodeOptions) -> None:
+        self.options = options
+        self.home = Home(options.home)
+        self.url = f"http://{options.host}:{options.port}"
+        self.ctx: NodeContext | None = None
+        self._runner: web.AppRunner | None = None
+        self._transport: HttpTransport | None = None
+
+    async def __aenter__(self) -> Node:
+        options = self.options
+        token = self.home.admin_token()
+        store = Store.open(options.database_url or sqlite_url(self.home.database))
+        await store.migrate()
+        directory = Directory(options.peers, options.directory_file)
+        self._transport = HttpTransport(options.name, directory, self._deliver_local)
+        self.ctx = NodeContext(
+            name=options.name,
+            store=store,
+            transport=self._transport,
+            http=aiohttp.ClientSession(timeout=UPSTREAM_TIMEOUT),
+            settings=Settings(job_timeout=options.job_timeout),
+        )
+        self._runner = web.AppRunner(create_app(self.ctx, token), access_log=None if not options.verbose else logging.getLogger("aiohttp.access"))
+        await self._runner.setup()
+        await web.TCPSite(self._runner, options.host, options.port, reuse_address=True).start()
+        self.home.write_info(options.name, self.url)
+        self.ctx.spawn(node_handlers.boot(self.ctx), name="boot")
+        logging.getLogger("llm_provider").info("node %s listening on %s (home %s)", options.name, self.url, self.home.path)
+        return self
+
+    async def _deliver_local(self, source: Source, target: Process, message: Message) -> BaseModel:
+        assert self.ctx is not None
+        return await node_handlers.deliver(self.ctx, source, target, message)
+
+    async def __aexit__(self, *_exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.ctx is not None:
+            await self.ctx.close()
+            await self.ctx.http.close()
+            await self.ctx.store.close()
+        if self._transport is not None:
+            await self._transport.close()
+
+
+async def serve_forever(options: NodeOptions) -> None:
+    configure_logging(Home(options.home), options.verbose)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with Node(options):
+        await stop.wait()

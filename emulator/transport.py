@@ -1,0 +1,61 @@
+"""Node-to-node messages over HTTP: one client session per peer, reused for every message."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from pydantic import BaseModel
+
+from emulator.directory import Directory
+from handlers.errors import HandlerError, PeerError
+from schemas.messages import Message, Process, Source, to_wire
+
+MESSAGE_PATH = "/node/message"
+MESSAGE_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
+
+LocalDelivery = Callable[[Source, Process, Message], Awaitable[BaseModel]]
+
+
+class HttpTransport:
+    def __init__(self, name: str, directory: Directory, deliver_local: LocalDelivery) -> None:
+        self.name = name
+        self.directory = directory
+        self._deliver_local = deliver_local
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+
+    async def send(self, source: Process, node: str, target: Process, message: Message) -> dict[str, Any]:
+        if node == self.name:
+            return await self._send_to_self(source, target, message)
+        url = self.directory.url(node)
+        if url is None:
+            raise PeerError(503, "unknown_node", f"no URL for node {node!r} in the directory")
+        envelope = {"source": {"node": self.name, "process": source}, "target": target, "body": to_wire(message)}
+        try:
+            async with self._session(node).post(url + MESSAGE_PATH, data=json.dumps(envelope), headers={"Content-Type": "application/json"}) as response:
+                body = await response.json(content_type=None)
+                if response.status >= 400:
+                    error = body.get("error", {}) if isinstance(body, dict) else {}
+                    raise PeerError(response.status, error.get("code") or "peer_error", f"{node}: {error.get('message', body)}", error.get("details"))
+                return body  # type: ignore[no-any-return]
+        except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as error:
+            raise PeerError(503, "peer_unreachable", f"{node} at {url} did not answer: {error!r}") from error
+
+    async def _send_to_self(self, source: Process, target: Process, message: Message) -> dict[str, Any]:
+        try:
+            reply = await self._deliver_local(Source(node=self.name, process=source), target, message)
+        except HandlerError as error:
+            raise PeerError(error.status, error.code, error.message, error.details) from error
+        return reply.model_dump(mode="json")
+
+    def _session(self, node: str) -> aiohttp.ClientSession:
+        session = self._sessions.get(node)
+        if session is None or session.closed:
+            session = self._sessions[node] = aiohttp.ClientSession(timeout=MESSAGE_TIMEOUT, connector=aiohttp.TCPConnector(limit=256))
+        return session
+
+    async def close(self) -> None:
+        await asyncio.gather(*(session.close() for session in self._sessions.values()))

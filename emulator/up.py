@@ -1,0 +1,210 @@
+"""`emulator up`: a whole network on one machine, one OS process per node, wired like the seed.
+
+Node 1 (fake.dev) routes; node 2 (fake2.dev) drives an LLM serving `llama3`; node 3 (fake3.dev)
+is a client of the router; nodes 4 and up are more drivers on the same LLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import shutil
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from emulator.client import send_admin
+from emulator.directory import write_directory
+from emulator.homes import Home
+
+STARTUP_TIMEOUT_S = 30.0
+STOP_GRACE_S = 10.0
+
+
+@dataclass
+class UpOptions:
+    nodes: int
+    base_port: int
+    root: Path
+    llm: str | None
+    llm_port: int
+    ttft: float
+    tps: float
+    model: str
+    wire: bool
+    fresh: bool
+    verbose: bool
+    job_timeout: float
+
+
+@dataclass
+class NodePlan:
+    index: int
+    name: str
+    port: int
+    home: Home
+    role: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def node_name(index: int) -> str:
+    return "fake.dev" if index == 1 else f"fake{index}.dev"
+
+
+def role_of(index: int, total: int) -> str:
+    if total == 1:
+        return "router + driver"
+    if index == 1:
+        return "router"
+    if index == 3:
+        return "client"
+    return "driver"
+
+
+def plan(options: UpOptions) -> list[NodePlan]:
+    return [
+        NodePlan(i, node_name(i), options.base_port + i - 1, Home(options.root / node_name(i)), role_of(i, options.nodes))
+        for i in range(1, options.nodes + 1)
+    ]
+
+
+def node_command(node: NodePlan, options: UpOptions) -> list[str]:
+    command = ["--name", node.name, "--port", str(node.port), "--home", str(node.home.path)]
+    command += ["--directory", str(options.root / "directory.json"), "--job-timeout", str(options.job_timeout)]
+    return ["emulator", "node", *command] + (["--verbose"] if options.verbose else [])
+
+
+def _argv(command: list[str]) -> list[str]:
+    """Run our own CLI with this interpreter, whatever is on PATH."""
+    return [sys.executable, "-m", "emulator.cli", *command[1:]]
+
+
+async def _wait_healthy(session: aiohttp.ClientSession, url: str, process: asyncio.subprocess.Process) -> None:
+    deadline = asyncio.get_running_loop().time() + STARTUP_TIMEOUT_S
+    while asyncio.get_running_loop().time() < deadline:
+        if process.returncode is not None:
+            raise RuntimeError(f"{url} exited with code {process.returncode} while starting")
+        try:
+            async with session.get(url + "/healthz") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.05)  # polling a port that is not open yet: there is no event to await
+    raise RuntimeError(f"{url} did not answer within {STARTUP_TIMEOUT_S:.0f} s")
+
+
+def _wiring(nodes: list[NodePlan], llm: str, model: str) -> list[tuple[NodePlan, Any]]:
+    router = nodes[0].name
+    steps: list[tuple[NodePlan, Any]] = [(nodes[0], "StartRouter")]
+    for node in nodes:
+        steps.append((node, {"SetRouter": {"node": router}}))
+        if node.role in ("driver", "router + driver"):
+            steps.append((node, {"RegisterOaiProviderEndpoint": {"endpoint": llm}}))
+            steps.append((node, {"SetLocalDriver": {"model": model, "is_public": True}}))
+    return steps
+
+
+def _print_table(nodes: list[NodePlan], options: UpOptions, llm: str, llm_command: str | None) -> None:
+    rows = [("NAME", "ROLE", "URL", "HOME", "LOG")] + [
+        (n.name, n.role, n.url, str(n.home.path), str(n.home.log_file)) for n in nodes
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print(f"\nLLM: {llm}" + (f"  (embedded fake: {llm_command})" if llm_command else ""))
+    print("\nStart a node by hand (same home, same port):")
+    for node in nodes:
+        print("  " + shlex.join(node_command(node, options)))
+    client = next((n for n in nodes if n.role == "client"), nodes[-1])
+    print("\nTry:")
+    print(f"  emulator run-job -p {client.port} {options.model} How much wood could a woodchuck chuck? Be concise.")
+    print(f"  curl -N {client.url}/v1/chat/completions -H 'Content-Type: application/json' "
+          f"-d '{{\"model\": \"{options.model}\", \"stream\": true, \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'")
+    print(f"  curl {client.url}/v1/models")
+    print("\nCtrl-C stops every process started here.", flush=True)
+
+
+async def up(options: UpOptions) -> int:
+    if options.fresh and options.root.exists():
+        shutil.rmtree(options.root)
+    options.root.mkdir(parents=True, exist_ok=True)
+    nodes = plan(options)
+    write_directory(options.root / "directory.json", {n.name: n.url for n in nodes})
+    processes: dict[str, asyncio.subprocess.Process] = {}
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        llm, llm_command = options.llm, None
+        async with aiohttp.ClientSession() as session:
+            if llm is None:
+                llm_args = ["emulator", "fake-llm", "--port", str(options.llm_port), "--ttft", str(options.ttft), "--tps", str(options.tps)]
+                llm_command = shlex.join(llm_args)
+                log_path = options.root / "fake-llm.log"
+                with log_path.open("ab") as log:
+                    processes["fake-llm"] = await asyncio.create_subprocess_exec(
+                        *_argv(llm_args), stdout=log, stderr=log, start_new_session=True
+                    )
+                llm_root = f"http://127.0.0.1:{options.llm_port}"
+                await _wait_healthy(session, llm_root, processes["fake-llm"])
+                llm = llm_root + "/v1"
+            for node in nodes:
+                node.home.path.mkdir(parents=True, exist_ok=True)
+                with node.home.log_file.open("ab") as log:
+                    processes[node.name] = await asyncio.create_subprocess_exec(
+                        *_argv(node_command(node, options)), stdout=log, stderr=log, start_new_session=True
+                    )
+            for node in nodes:
+                await _wait_healthy(session, node.url, processes[node.name])
+            if options.wire:
+                for node, message in _wiring(nodes, llm, options.model):
+                    await send_admin(node.url, node.home.admin_token(), message)
+        _print_table(nodes, options, llm, llm_command)
+        print("ready", flush=True)
+        await _supervise(processes, nodes, options, stop)
+        return 0
+    finally:
+        await _stop_all(processes)
+
+
+async def _supervise(
+    processes: dict[str, asyncio.subprocess.Process], nodes: list[NodePlan], options: UpOptions, stop: asyncio.Event
+) -> None:
+    by_name = {n.name: n for n in nodes}
+    waits = {asyncio.ensure_future(p.wait()): name for name, p in processes.items()}
+    stopping = asyncio.ensure_future(stop.wait())
+    while waits:
+        done, _ = await asyncio.wait([*waits, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if stopping in done:
+            break
+        for finished in done:
+            name = waits.pop(finished)
+            print(f"\n!! {name} exited with code {processes[name].returncode}; the others keep running.", flush=True)
+            if name in by_name:
+                print(f"   start it again with: {shlex.join(node_command(by_name[name], options))}", flush=True)
+    for pending in waits:
+        pending.cancel()
+    stopping.cancel()
+
+
+async def _stop_all(processes: dict[str, asyncio.subprocess.Process]) -> None:
+    running = [p for p in processes.values() if p.returncode is None]
+    for process in running:
+        process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(asyncio.gather(*(p.wait() for p in running)), STOP_GRACE_S)
+    except TimeoutError:
+        for process in running:
+            if process.returncode is None:
+                process.kill()
+        await asyncio.gather(*(p.wait() for p in running))
+    print("stopped all processes", flush=True)

@@ -1,0 +1,58 @@
+"""What a handler may use: the store, a way to message other nodes, and process resources."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiohttp
+
+from handlers.signals import JobSignals
+from schemas.messages import Message, Process
+from store.database import Store
+
+log = logging.getLogger("llm_provider")
+
+DEFAULT_JOB_TIMEOUT = 60.0
+
+
+class Transport(Protocol):
+    async def send(self, source: Process, node: str, target: Process, message: Message) -> dict[str, Any]:
+        """Deliver `message` to process `target` of `node`; the reply body, or raise PeerError."""
+        ...
+
+
+@dataclass
+class Settings:
+    job_timeout: float = DEFAULT_JOB_TIMEOUT
+    max_job_timeout: float = 3600.0
+
+
+@dataclass
+class NodeContext:
+    name: str
+    store: Store
+    transport: Transport
+    http: aiohttp.ClientSession
+    settings: Settings = field(default_factory=Settings)
+    signals: JobSignals = field(default_factory=JobSignals)
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def spawn(self, work: Coroutine[Any, Any, Any], name: str) -> None:
+        """Run `work` after the current event; its failure is logged, never lost silently."""
+        task = asyncio.get_running_loop().create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,33 @@
+"""Errors a handler answers with; adapters turn them into HTTP responses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class HandlerError(Exception):
+    """A refusal with an HTTP status, a stable code and a message for people."""
+
+    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+class PeerError(HandlerError):
+    """Another node refused a message, or could not be reached (status 503)."""
+
+
+class UpstreamError(Exception):
+    """The LLM endpoint failed; the job ends `failed` with this message."""
+
+
+def unknown_job(job_id: str) -> HandlerError:
+    return HandlerError(404, "job_not_found", f"no job {job_id!r} on this node")
+
+
+def unknown_model(model: str, offered: list[str]) -> HandlerError:
+    listing = ", ".join(offered) if offered else "none"
+    return HandlerError(404, "model_not_found", f"model {model!r} is not served here; models on offer: {listing}", {"models": offered})

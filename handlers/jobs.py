@@ -1,0 +1,79 @@
+"""Reading jobs for clients: the record, and the stream of updates (replayed from the store, then live)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from sqlalchemy import select
+
+from handlers.context import NodeContext
+from handlers.errors import unknown_job
+from schemas.jobs import FINAL_STATUSES, JobRecord, JobUpdate, Usage
+from store.models import Job, JobChunk
+
+
+async def record(ctx: NodeContext, job_id: str) -> JobRecord:
+    async with ctx.store.reading() as session:
+        job = await session.get(Job, job_id)
+        if job is None:
+            raise unknown_job(job_id)
+        text = "".join(await session.scalars(select(JobChunk.delta).where(JobChunk.job_id == job_id).order_by(JobChunk.seq)))
+    return JobRecord(
+        job_id=job.id,
+        model=job.model,
+        status=job.status,  # type: ignore[arg-type]
+        client=job.client,
+        router=job.router_node,
+        driver=job.driver_node,
+        created_at=job.created_at,
+        first_token_at=job.first_token_at,
+        finished_at=job.finished_at,
+        deadline=job.deadline,
+        text=text,
+        finish_reason=job.finish_reason,
+        usage=Usage.model_validate(job.usage) if job.usage else None,
+        error=job.error,
+    )
+
+
+async def follow(ctx: NodeContext, job_id: str, after_seq: int = -1, idle: float = 15.0) -> AsyncIterator[JobUpdate | None]:
+    """Every update after `after_seq`, in order, ending with the final one.
+
+    Yields None after `idle` seconds without news, so a transport can send a heartbeat.
+    """
+    last = after_seq
+    while True:
+        wake = ctx.signals.watch(job_id)
+        async with ctx.store.reading() as session:
+            job = await session.get(Job, job_id)
+            if job is None:
+                raise unknown_job(job_id)
+            chunks = (
+                await session.scalars(select(JobChunk).where(JobChunk.job_id == job_id, JobChunk.seq > last).order_by(JobChunk.seq))
+            ).all()
+        final_seq = job.next_seq - 1 if job.status in FINAL_STATUSES else None
+        for chunk in chunks:
+            if chunk.seq == final_seq:
+                yield _final_update(job, chunk)
+                return
+            yield JobUpdate(job_id=job_id, seq=chunk.seq, delta=chunk.delta, driver=job.driver_node)
+            last = chunk.seq
+        try:
+            await asyncio.wait_for(wake.wait(), idle)
+        except TimeoutError:
+            yield None
+
+
+def _final_update(job: Job, chunk: JobChunk) -> JobUpdate:
+    return JobUpdate(
+        job_id=job.id,
+        seq=chunk.seq,
+        delta=chunk.delta,
+        is_final=True,
+        status=job.status,  # type: ignore[arg-type]
+        driver=job.driver_node,
+        finish_reason=job.finish_reason,
+        usage=Usage.model_validate(job.usage) if job.usage else None,
+        error=job.error,
+    )

@@ -1,0 +1,46 @@
+"""A node's entry points for messages: from other nodes, and admin commands from itself."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import BaseModel
+
+from handlers import driver, openai, router
+from handlers.context import NodeContext
+from handlers.errors import HandlerError
+from schemas.messages import ADMIN_MESSAGES, ADMIN_TARGET, Envelope, Message, Process, Source, parse_message, untag
+
+Handler = Callable[[NodeContext, Source, Message], Awaitable[BaseModel]]
+
+PROCESSES: dict[Process, Handler] = {"driver": driver.handle, "router": router.handle, "openai": openai.handle}
+
+
+async def deliver(ctx: NodeContext, source: Source, target: Process, message: Message) -> BaseModel:
+    return await PROCESSES[target](ctx, source, message)
+
+
+async def receive(ctx: NodeContext, envelope: Envelope) -> BaseModel:
+    """A message from another node.  Admin messages never come this way."""
+    message = parse_message(envelope.target, envelope.body)
+    if isinstance(message, ADMIN_MESSAGES):
+        raise HandlerError(403, "admin_only", f"{message.type} is an admin message; only {ctx.name} itself may send it")  # type: ignore[attr-defined]
+    return await deliver(ctx, envelope.source, envelope.target, message)
+
+
+async def admin(ctx: NodeContext, target: Process | None, raw: Any) -> BaseModel:
+    """An admin command, already authenticated as coming from the node's owner."""
+    if target is None:
+        name = untag(raw).get("type") if isinstance(untag(raw), dict) else None
+        if name not in ADMIN_TARGET:
+            raise HandlerError(422, "not_an_admin_message", f"not an admin message; expected one of {', '.join(ADMIN_TARGET)}")
+        target = ADMIN_TARGET[name]
+    message = parse_message(target, raw)
+    if not isinstance(message, ADMIN_MESSAGES):
+        raise HandlerError(422, "not_an_admin_message", f"{message.type} is not an admin message")  # type: ignore[attr-defined]
+    return await deliver(ctx, Source(node=ctx.name, process=target), target, message)
+
+
+async def boot(ctx: NodeContext) -> None:
+    await driver.boot(ctx)

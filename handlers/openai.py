@@ -1,0 +1,76 @@
+"""The openai process: keeps the node's LLM endpoint and streams completions from it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+
+from handlers.config import config_for_update, read_config
+from handlers.context import NodeContext
+from handlers.errors import HandlerError, UpstreamError
+from schemas.jobs import JobSpec, Usage
+from schemas.messages import Ack, Message, RegisterOaiProviderEndpoint, Source
+from schemas.openai_api import ChatCompletionChunk, upstream_body
+from schemas.sse import SSEDecoder
+
+ERROR_TEXT_LIMIT = 500
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What one upstream chunk contributes to a job."""
+
+    delta: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack:
+    match message:
+        case RegisterOaiProviderEndpoint(endpoint=endpoint, api_key=api_key):
+            async with ctx.store.writing() as session:
+                config = await config_for_update(session)
+                config.llm_endpoint = endpoint.rstrip("/")
+                config.llm_api_key = api_key
+            return Ack()
+    raise HandlerError(400, "unsupported_message", f"the openai process does not take {message.type}")  # type: ignore[attr-defined]
+
+
+async def stream_chat(ctx: NodeContext, spec: JobSpec) -> AsyncIterator[Piece]:
+    """Stream `spec` from the registered endpoint, one Piece per upstream chunk that carries anything."""
+    async with ctx.store.reading() as session:
+        config = await read_config(session)
+    if config.llm_endpoint is None:
+        raise UpstreamError("this node has no LLM endpoint registered (RegisterOaiProviderEndpoint)")
+    headers = {"Authorization": f"Bearer {config.llm_api_key}"} if config.llm_api_key else {}
+    body = upstream_body(spec.model, spec.messages, spec.params.model_dump())
+    try:
+        async with ctx.http.post(f"{config.llm_endpoint}/chat/completions", json=body, headers=headers) as response:
+            if response.status != 200:
+                text = (await response.text())[:ERROR_TEXT_LIMIT]
+                raise UpstreamError(f"LLM endpoint answered HTTP {response.status}: {text}")
+            async for piece in _pieces(response):
+                yield piece
+    except aiohttp.ClientError as error:
+        raise UpstreamError(f"LLM endpoint {config.llm_endpoint} failed: {error!r}") from error
+
+
+async def _pieces(response: aiohttp.ClientResponse) -> AsyncIterator[Piece]:
+    decoder = SSEDecoder()
+    async for line in response.content:
+        event = decoder.feed_line(line.decode())
+        if event is None:
+            continue
+        if event.data.strip() == "[DONE]":
+            return
+        chunk = ChatCompletionChunk.model_validate_json(event.data)
+        choice = chunk.choices[0] if chunk.choices else None
+        piece = Piece(
+            delta=(choice.delta.content or "") if choice else "",
+            finish_reason=choice.finish_reason if choice else None,
+            usage=chunk.usage,
+        )
+        if piece != Piece():
+            yield piece

@@ -1,0 +1,1 @@
+"""Alembic migrations of the node store; `store.migrate` runs them at boot."""

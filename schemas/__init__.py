@@ -1,0 +1,1 @@
+"""Pydantic models of every message llm-provider nodes and clients exchange."""

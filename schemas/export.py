@@ -1,0 +1,41 @@
+"""Write the JSON Schema of every message: `python -m schemas.export [DIR]`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from schemas import jobs, messages, openai_api
+
+API_MODELS: list[type[BaseModel]] = [
+    jobs.JobRequest,
+    jobs.JobCreated,
+    jobs.JobRecord,
+    jobs.JobUpdate,
+    jobs.ErrorResponse,
+    messages.Envelope,
+    openai_api.ChatCompletionRequest,
+    openai_api.ChatCompletionChunk,
+    openai_api.ChatCompletion,
+]
+
+
+def all_schemas() -> dict[str, object]:
+    schemas: dict[str, object] = {model.__name__: model.model_json_schema() for model in API_MODELS}
+    schemas.update(messages.json_schemas())
+    return schemas
+
+
+def main() -> None:
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "schemas/json")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, schema in all_schemas().items():
+        (out / f"{name}.json").write_text(json.dumps(schema, indent=2) + "\n")
+    print(f"wrote {len(all_schemas())} schemas to {out}")
+
+
+if __name__ == "__main__":
+    main()

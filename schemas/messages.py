@@ -1,0 +1,178 @@
+"""Messages between processes (driver, router, openai), within a node and across nodes.
+
+On the wire a message is externally tagged, as in the seed: a bare name for a
+message without fields (`"StartRouter"`) or `{"Name": {fields}}`.  In Python
+each message is its own model with a `Literal` tag; `parse_message` is the one
+entry point that turns wire JSON into a model, `to_wire` the way back.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from schemas.jobs import JobSpec, JobUpdate as JobUpdateBody
+
+Process = Literal["driver", "router", "openai"]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- admin: accepted only from the node itself --------------------------------
+
+
+class StartRouter(Message):
+    type: Literal["StartRouter"] = "StartRouter"
+
+
+class SetRouter(Message):
+    type: Literal["SetRouter"] = "SetRouter"
+    node: str = Field(min_length=1)
+
+
+class SetLocalDriver(Message):
+    """Replaces what the node's driver serves; an empty model list stops serving."""
+
+    type: Literal["SetLocalDriver"] = "SetLocalDriver"
+    model: str | None = None
+    models: list[str] | None = None
+    is_public: bool = True
+    capacity: int = Field(default=1, ge=1, le=1024)
+
+    def model_names(self) -> list[str]:
+        names = list(self.models or [])
+        if self.model:
+            names.insert(0, self.model)
+        return list(dict.fromkeys(names))
+
+
+class RegisterOaiProviderEndpoint(Message):
+    type: Literal["RegisterOaiProviderEndpoint"] = "RegisterOaiProviderEndpoint"
+    endpoint: str = Field(pattern=r"^https?://")
+    api_key: str | None = None
+
+
+# --- between nodes --------------------------------------------------------------
+
+
+class RunJob(Message):
+    """Client's driver → router: queue this job.  Router → driver: serve it."""
+
+    type: Literal["RunJob"] = "RunJob"
+    job: JobSpec
+
+
+class JobUpdate(Message):
+    """Serving driver → router → client's driver, one per chunk."""
+
+    type: Literal["JobUpdate"] = "JobUpdate"
+    update: JobUpdateBody
+
+
+class RegisterDriver(Message):
+    """Driver → router: what I serve now (replaces earlier registrations)."""
+
+    type: Literal["RegisterDriver"] = "RegisterDriver"
+    models: list[str]
+    is_public: bool = True
+    capacity: int = Field(default=1, ge=1, le=1024)
+
+
+class ListModels(Message):
+    """Any node → router: which models would you serve me?"""
+
+    type: Literal["ListModels"] = "ListModels"
+
+
+def _union(*models: type[Message]) -> Any:
+    return Annotated[Union[models], Field(discriminator="type")]  # type: ignore[valid-type]
+
+
+RouterMessage = _union(StartRouter, RunJob, JobUpdate, RegisterDriver, ListModels)
+DriverMessage = _union(SetRouter, SetLocalDriver, RunJob, JobUpdate)
+OpenAiMessage = _union(RegisterOaiProviderEndpoint)
+
+ADMIN_MESSAGES: tuple[type[Message], ...] = (StartRouter, SetRouter, SetLocalDriver, RegisterOaiProviderEndpoint)
+ADMIN_TARGET: dict[str, Process] = {
+    "StartRouter": "router",
+    "SetRouter": "driver",
+    "SetLocalDriver": "driver",
+    "RegisterOaiProviderEndpoint": "openai",
+}
+
+_ADAPTERS: dict[str, TypeAdapter[Any]] = {
+    "router": TypeAdapter(RouterMessage),
+    "driver": TypeAdapter(DriverMessage),
+    "openai": TypeAdapter(OpenAiMessage),
+}
+
+
+def untag(raw: Any) -> Any:
+    """`"Name"` or `{"Name": {...}}` → `{"type": "Name", ...}`; anything else is left to fail validation."""
+    if isinstance(raw, str):
+        return {"type": raw}
+    if isinstance(raw, dict) and len(raw) == 1:
+        ((name, fields),) = raw.items()
+        if isinstance(fields, dict):
+            return {"type": name, **fields}
+        if fields is None:
+            return {"type": name}
+    return raw
+
+
+def parse_message(process: Process, raw: Any) -> Message:
+    """The one parse entry point: wire JSON (already decoded) for `process` → message model."""
+    result: Message = _ADAPTERS[process].validate_python(untag(raw))
+    return result
+
+
+def to_wire(message: Message) -> Any:
+    fields = message.model_dump(exclude={"type"}, exclude_none=True, mode="json")
+    name = message.type  # type: ignore[attr-defined]
+    return {name: fields} if fields else name
+
+
+class Source(BaseModel):
+    node: str = Field(min_length=1)
+    process: Process
+
+
+class Envelope(BaseModel):
+    """A node-to-node message: who sends it, which process receives it, and the wire body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Source
+    target: Process
+    body: Any
+
+
+# --- replies ----------------------------------------------------------------------
+
+
+class Ack(BaseModel):
+    ok: Literal[True] = True
+    note: str | None = None
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status: Literal["queued", "running"]
+
+
+class ModelInfo(BaseModel):
+    id: str
+    drivers: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+def json_schemas() -> dict[str, Any]:
+    """JSON Schema of every process's message union (see `python -m schemas.export`)."""
+    return {f"{process}_message": adapter.json_schema() for process, adapter in _ADAPTERS.items()}

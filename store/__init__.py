@@ -1,0 +1,1 @@
+"""Where a node keeps all of its state: SQLAlchemy 2 async models, engine and migrations."""

@@ -1,0 +1,94 @@
+"""Engines and sessions.  SQLite runs in WAL mode; a write transaction starts with
+BEGIN IMMEDIATE so that two writers queue on the lock instead of failing when one
+upgrades a read snapshot to a write."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from store import migrate
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite+aiosqlite:///{path}"
+
+
+def _is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def _configure_sqlite(engine: AsyncEngine, begin: str) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql(begin)
+
+
+@dataclass
+class Store:
+    """A node's database: `reading()` for snapshots, `writing()` for transactions that commit."""
+
+    url: str
+    read_engine: AsyncEngine
+    write_engine: AsyncEngine
+    _read_sessions: async_sessionmaker[AsyncSession]
+    _write_sessions: async_sessionmaker[AsyncSession]
+
+    @classmethod
+    def open(cls, url: str) -> Store:
+        if _is_sqlite(url):
+            read_engine = create_async_engine(url, pool_size=8, max_overflow=8)
+            # One writer connection per process: writers queue in the pool, not in SQLite's busy loop.
+            write_engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=60)
+            _configure_sqlite(read_engine, "BEGIN")
+            _configure_sqlite(write_engine, "BEGIN IMMEDIATE")
+        else:
+            read_engine = write_engine = create_async_engine(url, pool_size=10, max_overflow=20)
+        return cls(
+            url=url,
+            read_engine=read_engine,
+            write_engine=write_engine,
+            _read_sessions=async_sessionmaker(read_engine, expire_on_commit=False),
+            _write_sessions=async_sessionmaker(write_engine, expire_on_commit=False),
+        )
+
+    async def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision (never drops data)."""
+        async with self.write_engine.connect() as connection:
+            await connection.run_sync(migrate.upgrade_to_head)
+            await connection.commit()
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[AsyncSession]:
+        async with self._read_sessions() as session:
+            yield session
+
+    @asynccontextmanager
+    async def writing(self) -> AsyncIterator[AsyncSession]:
+        async with self._write_sessions() as session, session.begin():
+            yield session
+
+    async def close(self) -> None:
+        await self.read_engine.dispose()
+        if self.write_engine is not self.read_engine:
+            await self.write_engine.dispose()

@@ -1,0 +1,110 @@
+"""Typed tables.  A node may hold the same job in up to three roles, one table each:
+`jobs`/`job_chunks` for the client it answers, `routed_jobs` as a router, `served_jobs` as a driver."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON}
+
+
+class NodeConfig(Base):
+    """The node's settings, one row (id 1), written by admin messages."""
+
+    __tablename__ = "node_config"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    is_router: Mapped[bool] = mapped_column(Boolean, default=False)
+    router_node: Mapped[str | None] = mapped_column(String(255))
+    driver_models: Mapped[list[str]] = mapped_column(JSON, default=list)
+    driver_is_public: Mapped[bool] = mapped_column(Boolean, default=True)
+    driver_capacity: Mapped[int] = mapped_column(Integer, default=1)
+    llm_endpoint: Mapped[str | None] = mapped_column(String(2048))
+    llm_api_key: Mapped[str | None] = mapped_column(String(2048))
+
+
+class DriverRegistration(Base):
+    """Router side: a driver node that serves a model."""
+
+    __tablename__ = "driver_registrations"
+
+    node: Mapped[str] = mapped_column(String(255), primary_key=True)
+    model: Mapped[str] = mapped_column(String(255), primary_key=True)
+    is_public: Mapped[bool] = mapped_column(Boolean)
+    capacity: Mapped[int] = mapped_column(Integer)
+    last_seen: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_driver_registrations_model", "model"),)
+
+
+class Job(Base):
+    """Client side: the job as the submitting client sees it."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    client: Mapped[str] = mapped_column(String(255))
+    model: Mapped[str] = mapped_column(String(255))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    router_node: Mapped[str | None] = mapped_column(String(255))
+    driver_node: Mapped[str | None] = mapped_column(String(255))
+    next_seq: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[float] = mapped_column(Float)
+    first_token_at: Mapped[float | None] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+    deadline: Mapped[float] = mapped_column(Float)
+    finish_reason: Mapped[str | None] = mapped_column(String(64))
+    usage: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_jobs_status_deadline", "status", "deadline"),)
+
+
+class JobChunk(Base):
+    __tablename__ = "job_chunks"
+
+    job_id: Mapped[str] = mapped_column(String(64), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    delta: Mapped[str] = mapped_column(Text)
+
+
+class RoutedJob(Base):
+    """Router side: a job waiting in a model's queue or handed to a driver."""
+
+    __tablename__ = "routed_jobs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    client_node: Mapped[str] = mapped_column(String(255))
+    model: Mapped[str] = mapped_column(String(255))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    driver_node: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[float] = mapped_column(Float)
+    dispatched_at: Mapped[float | None] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+    deadline: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (
+        Index("ix_routed_jobs_queue", "model", "status", "created_at"),
+        Index("ix_routed_jobs_driver", "driver_node", "status"),
+    )
+
+
+class ServedJob(Base):
+    """Driver side: a job this node's LLM serves, for a router or for itself."""
+
+    __tablename__ = "served_jobs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    origin_node: Mapped[str] = mapped_column(String(255))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[float] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+    deadline: Mapped[float] = mapped_column(Float)
