@@ -7,8 +7,10 @@ from pathlib import Path
 
 
 class Directory:
+    """`peers` is kept by reference: a caller may add names to it while the node runs."""
+
     def __init__(self, peers: dict[str, str], path: Path | None = None) -> None:
-        self._fixed = dict(peers)
+        self._fixed = peers
         self._path = path
         self._from_file: dict[str, str] = {}
         self._mtime: float | None = None

@@ -101,13 +101,16 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     await jobs.record(ctx, job_id)  # 404 before the stream starts
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
-    await response.write(encode_comment(f"job {job_id}") + f"retry: {SSE_RETRY_MS}\n\n".encode())
-    async for update in jobs.follow(ctx, job_id, after, idle=SSE_HEARTBEAT_S):
-        if update is None:
-            await response.write(encode_comment("heartbeat"))
-        else:
-            await response.write(encode_event(update.model_dump_json(exclude_none=True), event="job_update", event_id=str(update.seq)))
-    await response.write_eof()
+    try:
+        await response.write(encode_comment(f"job {job_id}") + f"retry: {SSE_RETRY_MS}\n\n".encode())
+        async for update in jobs.follow(ctx, job_id, after, idle=SSE_HEARTBEAT_S):
+            if update is None:
+                await response.write(encode_comment("heartbeat"))
+            else:
+                await response.write(encode_event(update.model_dump_json(exclude_none=True), event="job_update", event_id=str(update.seq)))
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the reader left; the job goes on, and a reader may come back with Last-Event-ID
     return response
 
 
@@ -119,13 +122,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return reply(await chat.complete(ctx, job_id, created, completion_request))
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
-    async for payload in chat.stream(ctx, job_id, created, completion_request):
-        if payload is None:
-            await response.write(encode_comment("heartbeat"))
-        else:
-            await response.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
+    try:
+        async for payload in chat.stream(ctx, job_id, created, completion_request):
+            if payload is None:
+                await response.write(encode_comment("heartbeat"))
+            else:
+                await response.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+    except ConnectionResetError:
+        pass
     return response
 
 

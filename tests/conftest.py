@@ -1,0 +1,128 @@
+"""Fixtures that start real things: a fake LLM upstream and llm-provider nodes on loopback ports."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from emulator.client import send_admin
+from emulator.fake_llm import STATS, FakeLlmSettings, FakeLlmStats, create_app
+from emulator.node import Node, NodeOptions
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Upstream:
+    url: str  # OpenAI base URL, ending in /v1
+    stats: FakeLlmStats
+
+
+@dataclass
+class RunningNode:
+    name: str
+    url: str
+    home: Path
+    node: Node
+
+    async def admin(self, message: Any, process: str | None = None) -> dict[str, Any]:
+        return await send_admin(self.url, self.node.home.admin_token(), message, process)
+
+
+@dataclass
+class Network:
+    """The seed's three nodes: router, driver with an LLM, client."""
+
+    router: RunningNode
+    driver: RunningNode
+    client: RunningNode
+    upstream: Upstream
+
+
+StartUpstream = Callable[..., Awaitable[Upstream]]
+StartNode = Callable[..., Awaitable[RunningNode]]
+
+
+@pytest.fixture
+async def start_upstream() -> AsyncIterator[StartUpstream]:
+    """Start a fake OpenAI-compatible LLM: `await start_upstream(ttft=0, tokens_per_second=0)`."""
+    runners: list[web.AppRunner] = []
+
+    async def start(**settings: Any) -> Upstream:
+        app = create_app(FakeLlmSettings(**settings))
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append(runner)
+        return Upstream(url=f"http://127.0.0.1:{port}/v1", stats=app[STATS])
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def start_node(tmp_path: Path) -> AsyncIterator[StartNode]:
+    """Start a node as a real aiohttp server with its own home and SQLite file.
+
+    Every node started by one test shares a directory (peers), so names resolve.
+    """
+    peers: dict[str, str] = {}
+    async with AsyncExitStack() as stack:
+
+        async def start(name: str, **options: Any) -> RunningNode:
+            port = options.pop("port", None) or free_port()
+            peers[name] = f"http://127.0.0.1:{port}"
+            home = tmp_path / name
+            node = await stack.enter_async_context(Node(NodeOptions(name=name, port=port, home=home, peers=peers, **options)))
+            return RunningNode(name=name, url=node.url, home=home, node=node)
+
+        yield start
+
+
+async def wire(router: RunningNode, driver: RunningNode, client: RunningNode, upstream: Upstream, model: str = "llama3") -> None:
+    """The seed's admin commands, in the seed's order."""
+    await router.admin("StartRouter")
+    await driver.admin({"SetRouter": {"node": router.name}})
+    await driver.admin({"RegisterOaiProviderEndpoint": {"endpoint": upstream.url}}, "openai")
+    await driver.admin({"SetLocalDriver": {"model": model, "is_public": True}})
+    await client.admin({"SetRouter": {"node": router.name}})
+
+
+@pytest.fixture
+async def make_network(start_node: StartNode, start_upstream: StartUpstream) -> Callable[..., Awaitable[Network]]:
+    """`await make_network(ttft=..., tokens_per_second=...)`: fake.dev, fake2.dev, fake3.dev wired to a fake LLM."""
+
+    async def make(**upstream_settings: Any) -> Network:
+        upstream = await start_upstream(**upstream_settings)
+        router = await start_node("fake.dev")
+        driver = await start_node("fake2.dev")
+        client = await start_node("fake3.dev")
+        await wire(router, driver, client, upstream)
+        return Network(router=router, driver=driver, client=client, upstream=upstream)
+
+    return make
+
+
+@pytest.fixture
+async def network(make_network: Callable[..., Awaitable[Network]]) -> Network:
+    return await make_network(ttft=0.0, tokens_per_second=0)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        yield session
