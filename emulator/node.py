@@ -18,6 +18,7 @@ from emulator.directory import Directory
 from emulator.homes import Home
 from emulator.http_app import create_app
 from emulator.transport import HttpTransport
+from handlers import driver, upkeep
 from handlers import node as node_handlers
 from handlers.context import DEFAULT_JOB_TIMEOUT, NodeContext, Settings
 from schemas.messages import Message, Process, Source
@@ -36,6 +37,7 @@ class NodeOptions:
     peers: dict[str, str] = field(default_factory=dict)
     database_url: str | None = None
     job_timeout: float = DEFAULT_JOB_TIMEOUT
+    drain_grace: float = 10.0
     verbose: bool = False
 
 
@@ -71,15 +73,25 @@ class Node:
             store=store,
             transport=self._transport,
             http=aiohttp.ClientSession(timeout=UPSTREAM_TIMEOUT),
-            settings=Settings(job_timeout=options.job_timeout),
+            settings=Settings(job_timeout=options.job_timeout, drain_grace=options.drain_grace),
         )
         self._runner = web.AppRunner(create_app(self.ctx, token), access_log=None if not options.verbose else logging.getLogger("aiohttp.access"))
         await self._runner.setup()
         await web.TCPSite(self._runner, options.host, options.port, reuse_address=True).start()
         self.home.write_info(options.name, self.url)
-        self.ctx.spawn(node_handlers.boot(self.ctx), name="boot")
+        self.ctx.spawn(self._upkeep(self.ctx), name="upkeep")
         logging.getLogger("llm_provider").info("node %s listening on %s (home %s)", options.name, self.url, self.home.path)
         return self
+
+    @staticmethod
+    async def _upkeep(ctx: NodeContext) -> None:
+        await upkeep.boot(ctx)
+        await upkeep.run(ctx)
+
+    async def drain(self) -> None:
+        """SIGTERM: finish what is being served, within the grace period, before stopping."""
+        if self.ctx is not None:
+            await driver.drain(self.ctx, self.ctx.settings.drain_grace)
 
     async def _deliver_local(self, source: Source, target: Process, message: Message) -> BaseModel:
         assert self.ctx is not None
@@ -102,5 +114,6 @@ async def serve_forever(options: NodeOptions) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    async with Node(options):
+    async with Node(options) as node:
         await stop.wait()
+        await node.drain()

@@ -29,6 +29,9 @@ class Transport(Protocol):
 class Settings:
     job_timeout: float = DEFAULT_JOB_TIMEOUT
     max_job_timeout: float = 3600.0
+    retention: float = 24 * 3600.0
+    max_attempts: int = 3
+    drain_grace: float = 10.0
 
 
 @dataclass
@@ -39,13 +42,16 @@ class NodeContext:
     http: aiohttp.ClientSession
     settings: Settings = field(default_factory=Settings)
     signals: JobSignals = field(default_factory=JobSignals)
+    serving: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
+    draining: bool = False
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
-    def spawn(self, work: Coroutine[Any, Any, Any], name: str) -> None:
+    def spawn(self, work: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run `work` after the current event; its failure is logged, never lost silently."""
         task = asyncio.get_running_loop().create_task(work, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._finished)
+        return task
 
     def _finished(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)

@@ -1,12 +1,15 @@
-"""The driver process: where clients send jobs.
+"""The driver process: where clients send jobs, and where a node's own LLM serves them.
 
-| event                         | reads               | decides                              | writes                    | sends                       |
-|-------------------------------|---------------------|--------------------------------------|---------------------------|-----------------------------|
-| submit (client)               | config              | serve locally, forward, or refuse    | jobs (+ served_jobs)      | RunJob → router             |
-| SetRouter / SetLocalDriver    | config              |                                      | config                    | RegisterDriver → router     |
-| RunJob (from our router)      | config              | do we serve this model?              | served_jobs               | (starts serving)            |
-| JobUpdate (from our router)   | jobs                | is it from the job's router, new?    | jobs, job_chunks          | wakes the job's readers     |
-| serve (after RunJob / submit) | served_jobs, config |                                      | served_jobs               | JobUpdate per chunk → origin|
+| event                         | reads               | decides                                 | writes                  | sends                          |
+|-------------------------------|---------------------|-----------------------------------------|-------------------------|--------------------------------|
+| submit (client)               | config, jobs        | repeat? serve locally, forward, refuse  | jobs (+ served_jobs)    | RunJob → router                |
+| cancel (client)               | jobs                | still running? where?                   | jobs, job_chunks        | CancelJob → router             |
+| SetRouter / SetLocalDriver    | config              |                                         | config                  | RegisterDriver → router        |
+| RunJob (from our router)      | config              | do we serve this model?                 | served_jobs             | (starts serving)               |
+| CancelJob (from our router)   | served_jobs         |                                         | served_jobs             | (stops serving)                |
+| JobUpdate (from our router)   | jobs                | from the job's router? new?             | jobs, job_chunks        | wakes the job's readers        |
+| serve (after RunJob / submit) | served_jobs, config | retry elsewhere or fail?                | served_jobs             | JobUpdate per chunk, ReleaseJob|
+| boot                          | served_jobs         | which jobs died with the last process   | served_jobs             | ReleaseJob / JobUpdate, Register|
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import time
 import uuid
 
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from handlers import openai
@@ -25,6 +29,7 @@ from handlers.errors import HandlerError, PeerError, UpstreamError, unknown_job,
 from schemas.jobs import FINAL_STATUSES, JobCreated, JobRequest, JobSpec, JobUpdate as Update
 from schemas.messages import (
     Ack,
+    CancelJob,
     JobAccepted,
     JobUpdate,
     ListModels,
@@ -32,6 +37,7 @@ from schemas.messages import (
     ModelInfo,
     ModelList,
     RegisterDriver,
+    ReleaseJob,
     RunJob,
     SetLocalDriver,
     SetRouter,
@@ -43,19 +49,40 @@ from store.models import Job, JobChunk, NodeConfig, ServedJob
 # --- events ---------------------------------------------------------------------
 
 
-async def submit(ctx: NodeContext, client: str, request: JobRequest) -> JobCreated:
+async def submit(ctx: NodeContext, client: str, request: JobRequest, idempotency_key: str | None = None) -> JobCreated:
     """A client's job: serve it with our own LLM, or hand it to our router."""
+    if ctx.draining:
+        raise HandlerError(503, "shutting_down", f"{ctx.name} is shutting down and takes no new jobs")
+    if idempotency_key is not None and (earlier := await _earlier_submission(ctx, client, idempotency_key)):
+        return earlier
     async with ctx.store.reading() as session:
         config = await read_config(session)
     spec = _new_spec(ctx, request)
     if spec.model in config.driver_models:
-        await _accept_local(ctx, client, spec)
-        return _created(spec.job_id, "running")
+        return await _accept_local(ctx, client, spec, idempotency_key)
     if config.router_node is None:
         if config.driver_models:
             raise unknown_model(spec.model, config.driver_models)
         raise HandlerError(503, "no_router", "this node serves no model and has no router (SetRouter)")
-    return await _forward(ctx, client, spec, config.router_node)
+    return await _forward(ctx, client, spec, config.router_node, idempotency_key)
+
+
+async def cancel(ctx: NodeContext, job_id: str) -> None:
+    """The client gave up on its job: end it `cancelled` here, and tell whoever serves it."""
+    async with ctx.store.reading() as session:
+        job = await session.get(Job, job_id)
+    if job is None:
+        raise unknown_job(job_id)
+    if job.status in FINAL_STATUSES:
+        raise HandlerError(409, "job_finished", f"job {job_id} already ended: {job.status}")
+    await record_update(ctx, Update(job_id=job_id, seq=job.next_seq, is_final=True, status="cancelled", error="cancelled by the client"))
+    if job.router_node is None:
+        _stop_serving(ctx, job_id)
+        return
+    try:
+        await ctx.transport.send("driver", job.router_node, "router", CancelJob(job_id=job_id))
+    except PeerError as error:
+        log.warning("job %s: router %s not told of the cancellation: %s", job_id, job.router_node, error.message)
 
 
 async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | JobAccepted:
@@ -70,6 +97,9 @@ async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | Jo
             return Ack(note=await _register(ctx, config))
         case RunJob(job=spec):
             return await _accept_from_router(ctx, source, spec)
+        case CancelJob(job_id=job_id):
+            await _cancel_served(ctx, source, job_id)
+            return Ack()
         case JobUpdate(update=update):
             await _record_remote_update(ctx, source, update)
             return Ack()
@@ -77,12 +107,35 @@ async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | Jo
 
 
 async def boot(ctx: NodeContext) -> None:
-    """A restarted driver tells its router what it serves."""
+    """After a restart: settle the jobs the last process was serving, then tell the router we are back."""
+    async with ctx.store.reading() as session:
+        orphans = (await session.scalars(select(ServedJob).where(ServedJob.status == "running"))).all()
+    for served in orphans:
+        if served.id not in ctx.serving:
+            await _settle_orphan(ctx, served)
+    await heartbeat(ctx)
+
+
+async def heartbeat(ctx: NodeContext) -> None:
+    """Re-register with the router, so it knows this driver is alive."""
     async with ctx.store.reading() as session:
         config = await read_config(session)
-    note = await _register(ctx, config)
-    if note:
-        log.warning("%s", note)
+    if config.driver_models:
+        note = await _register(ctx, config)
+        if note:
+            log.warning("%s", note)
+
+
+async def drain(ctx: NodeContext, grace: float) -> None:
+    """Stop taking jobs, let those being served finish for `grace` seconds, then end the rest `failed`."""
+    ctx.draining = True
+    running = list(ctx.serving.values())
+    if running:
+        log.info("draining: waiting up to %.0f s for %d job(s)", grace, len(running))
+        await asyncio.wait(running, timeout=grace)
+    for job_id in list(ctx.serving):
+        _stop_serving(ctx, job_id, reason="the serving node shut down")
+    await asyncio.gather(*ctx.serving.values(), return_exceptions=True)
 
 
 async def models(ctx: NodeContext) -> list[ModelInfo]:
@@ -122,10 +175,17 @@ def _created(job_id: str, status: str) -> JobCreated:
     return JobCreated(job_id=job_id, events_url=f"/jobs/{job_id}/events", status=status)  # type: ignore[arg-type]
 
 
-def _job_row(client: str, spec: JobSpec, status: str, router: str | None, driver: str | None) -> Job:
+async def _earlier_submission(ctx: NodeContext, client: str, key: str) -> JobCreated | None:
+    async with ctx.store.reading() as session:
+        job = await session.scalar(select(Job).where(Job.client == client, Job.idempotency_key == key))
+    return None if job is None else _created(job.id, job.status)
+
+
+def _job_row(client: str, spec: JobSpec, status: str, router: str | None, driver: str | None, key: str | None) -> Job:
     return Job(
         id=spec.job_id,
         client=client,
+        idempotency_key=key,
         model=spec.model,
         spec=spec.model_dump(mode="json"),
         status=status,
@@ -143,23 +203,40 @@ def _served_row(origin: str, spec: JobSpec) -> ServedJob:
         origin_node=origin,
         spec=spec.model_dump(mode="json"),
         status="running",
+        streamed=False,
         created_at=time.time(),
         deadline=spec.deadline,
     )
 
 
-async def _accept_local(ctx: NodeContext, client: str, spec: JobSpec) -> None:
-    async with ctx.store.writing() as session:
-        session.add(_job_row(client, spec, "running", router=None, driver=ctx.name))
-        session.add(_served_row(ctx.name, spec))
-    ctx.spawn(serve(ctx, spec.job_id), name=f"serve-{spec.job_id}")
+async def _insert_job(ctx: NodeContext, client: str, key: str | None, rows: list[Job | ServedJob]) -> JobCreated | None:
+    """Store a new job; if a concurrent submission with the same idempotency key won, that job instead."""
+    try:
+        async with ctx.store.writing() as session:
+            session.add_all(rows)
+    except IntegrityError:
+        if key is None:
+            raise
+        earlier = await _earlier_submission(ctx, client, key)
+        if earlier is None:
+            raise
+        return earlier
+    return None
 
 
-async def _forward(ctx: NodeContext, client: str, spec: JobSpec, router: str) -> JobCreated:
+async def _accept_local(ctx: NodeContext, client: str, spec: JobSpec, key: str | None) -> JobCreated:
+    rows: list[Job | ServedJob] = [_job_row(client, spec, "running", None, ctx.name, key), _served_row(ctx.name, spec)]
+    if earlier := await _insert_job(ctx, client, key, rows):
+        return earlier
+    _start_serving(ctx, spec.job_id)
+    return _created(spec.job_id, "running")
+
+
+async def _forward(ctx: NodeContext, client: str, spec: JobSpec, router: str, key: str | None) -> JobCreated:
     # The job is stored before the router hears of it, so its first update always finds it;
     # if the router refuses, the row goes again and the refusal leaves nothing behind.
-    async with ctx.store.writing() as session:
-        session.add(_job_row(client, spec, "queued", router=router, driver=None))
+    if earlier := await _insert_job(ctx, client, key, [_job_row(client, spec, "queued", router, None, key)]):
+        return earlier
     try:
         reply = await ctx.transport.send("driver", router, "router", RunJob(job=spec))
     except PeerError as error:
@@ -204,6 +281,8 @@ async def _accept_from_router(ctx: NodeContext, source: Source, spec: JobSpec) -
         config = await read_config(session)
     if source.node != config.router_node:
         raise HandlerError(403, "not_our_router", f"{source.node} is not this driver's router")
+    if ctx.draining:
+        raise HandlerError(503, "shutting_down", f"{ctx.name} is shutting down and takes no new jobs")
     if spec.model not in config.driver_models:
         raise unknown_model(spec.model, config.driver_models)
     try:
@@ -211,8 +290,68 @@ async def _accept_from_router(ctx: NodeContext, source: Source, spec: JobSpec) -
             session.add(_served_row(source.node, spec))
     except IntegrityError:
         return JobAccepted(job_id=spec.job_id, status="running")  # a repeated RunJob: already serving it
-    ctx.spawn(serve(ctx, spec.job_id), name=f"serve-{spec.job_id}")
+    _start_serving(ctx, spec.job_id)
     return JobAccepted(job_id=spec.job_id, status="running")
+
+
+def _start_serving(ctx: NodeContext, job_id: str) -> None:
+    task = ctx.spawn(serve(ctx, job_id), name=f"serve-{job_id}")
+    ctx.serving[job_id] = task
+    task.add_done_callback(lambda _: ctx.serving.pop(job_id, None))
+
+
+def _stop_serving(ctx: NodeContext, job_id: str, reason: str | None = None) -> None:
+    """Cancel the upstream request; with a reason, the job's origin hears it failed."""
+    task = ctx.serving.get(job_id)
+    if task is not None:
+        task.cancel(reason)
+
+
+async def _cancel_served(ctx: NodeContext, source: Source, job_id: str) -> None:
+    async with ctx.store.writing() as session:
+        served = await session.get(ServedJob, job_id)
+        if served is None:
+            raise unknown_job(job_id)
+        if served.origin_node != source.node:
+            raise HandlerError(403, "not_the_jobs_origin", f"job {job_id} did not come from {source.node}")
+        if served.status == "running":
+            served.status, served.finished_at = "cancelled", time.time()
+    _stop_serving(ctx, job_id)
+
+
+class _Serving:
+    """One job being streamed from the LLM to its origin; counts what was delivered."""
+
+    def __init__(self, ctx: NodeContext, served: ServedJob) -> None:
+        self.ctx = ctx
+        self.job_id = served.id
+        self.origin = served.origin_node
+        self.spec = JobSpec.model_validate(served.spec)
+        self.seq = 0
+        self.finish_reason: str | None = None
+        self.usage = None
+
+    async def stream(self) -> None:
+        async with asyncio.timeout(max(0.0, self.spec.deadline - time.time())):
+            async for pieces in batches(openai.stream_chat(self.ctx, self.spec)):
+                for piece in pieces:
+                    self.finish_reason = piece.finish_reason or self.finish_reason
+                    self.usage = piece.usage or self.usage
+                delta = "".join(piece.delta for piece in pieces)
+                if delta:
+                    await self.deliver(Update(job_id=self.job_id, seq=self.seq, delta=delta, driver=self.ctx.name))
+
+    async def deliver(self, update: Update) -> None:
+        await _deliver(self.ctx, self.origin, update)
+        if self.seq == 0:
+            await _set_served(self.ctx, self.job_id, streamed=True)
+        self.seq += 1
+
+    def final(self, status: str, error: str | None = None) -> Update:
+        return Update(
+            job_id=self.job_id, seq=self.seq, is_final=True, status=status, driver=self.ctx.name,  # type: ignore[arg-type]
+            finish_reason=self.finish_reason if status == "succeeded" else None, usage=self.usage, error=error,
+        )
 
 
 async def serve(ctx: NodeContext, job_id: str) -> None:
@@ -221,40 +360,66 @@ async def serve(ctx: NodeContext, job_id: str) -> None:
         served = await session.get(ServedJob, job_id)
     if served is None or served.status != "running":
         return
-    spec = JobSpec.model_validate(served.spec)
-    seq = 0
-    finish_reason: str | None = None
-    usage = None
-    final: Update
+    job = _Serving(ctx, served)
     try:
-        async with asyncio.timeout(max(0.0, spec.deadline - time.time())):
-            async for pieces in batches(openai.stream_chat(ctx, spec)):
-                delta = "".join(piece.delta for piece in pieces)
-                for piece in pieces:
-                    finish_reason = piece.finish_reason or finish_reason
-                    usage = piece.usage or usage
-                if delta:
-                    await _deliver(ctx, served.origin_node, Update(job_id=job_id, seq=seq, delta=delta, driver=ctx.name))
-                    seq += 1
-        final = Update(job_id=job_id, seq=seq, is_final=True, status="succeeded", finish_reason=finish_reason, usage=usage)
+        await job.stream()
+        final = job.final("succeeded")
     except TimeoutError:
-        final = Update(job_id=job_id, seq=seq, is_final=True, status="timed_out", error="the job ran past its deadline")
+        final = job.final("timed_out", "the job ran past its deadline")
     except UpstreamError as error:
-        final = Update(job_id=job_id, seq=seq, is_final=True, status="failed", error=str(error))
+        if job.seq == 0 and job.origin != ctx.name:
+            await _release(ctx, job, str(error))
+            return
+        final = job.final("failed", str(error))
     except PeerError as error:
-        log.warning("job %s: %s stopped taking its updates (%s); serving stopped", job_id, served.origin_node, error.message)
-        final = Update(job_id=job_id, seq=seq, is_final=True, status="failed", error=error.message)
-    else:
-        final.driver = ctx.name
-        try:
-            await _deliver(ctx, served.origin_node, final)
-        except PeerError as error:
-            log.warning("job %s: final update not delivered to %s: %s", job_id, served.origin_node, error.message)
+        log.warning("job %s: %s stopped taking its updates (%s); serving stopped", job_id, job.origin, error.message)
+        await _set_served(ctx, job_id, status="failed")
+        return
+    except asyncio.CancelledError as cancelled:
+        reason = cancelled.args[0] if cancelled.args else None
+        if reason is None:  # cancelled by the client: its side already knows
+            await _set_served(ctx, job_id, status="cancelled")
+            raise
+        final = job.final("failed", reason)
+    await _finish(ctx, job.origin, final)
+
+
+async def _finish(ctx: NodeContext, origin: str, final: Update) -> None:
+    try:
+        await _deliver(ctx, origin, final)
+    except PeerError as error:
+        log.warning("job %s: final update not delivered to %s: %s", final.job_id, origin, error.message)
+    await _set_served(ctx, final.job_id, status=final.status or "failed")
+
+
+async def _release(ctx: NodeContext, job: _Serving, reason: str) -> None:
+    """Nothing reached the client yet: the router may give the job to another driver."""
+    try:
+        await ctx.transport.send("driver", job.origin, "router", ReleaseJob(job_id=job.job_id, reason=reason))
+    except PeerError as error:
+        log.warning("job %s: router %s did not take it back: %s", job.job_id, job.origin, error.message)
+    await _set_served(ctx, job.job_id, status="failed")
+
+
+async def _set_served(ctx: NodeContext, job_id: str, status: str | None = None, streamed: bool | None = None) -> None:
     async with ctx.store.writing() as session:
         row = await session.get(ServedJob, job_id)
-        if row is not None:
-            row.status = final.status or "failed"
-            row.finished_at = time.time()
+        if row is None:
+            return
+        if streamed is not None:
+            row.streamed = streamed
+        if status is not None and row.status == "running":
+            row.status, row.finished_at = status, time.time()
+
+
+async def _settle_orphan(ctx: NodeContext, served: ServedJob) -> None:
+    """A job the previous process was serving when it died."""
+    if not served.streamed and served.origin_node != ctx.name:
+        job = _Serving(ctx, served)
+        await _release(ctx, job, "the driver restarted before it sent anything")
+        return
+    final = Update(job_id=served.id, seq=0, is_final=True, status="failed", driver=ctx.name, error="the driver restarted mid-job")
+    await _finish(ctx, served.origin_node, final)
 
 
 async def _deliver(ctx: NodeContext, origin: str, update: Update) -> None:
@@ -278,16 +443,17 @@ async def _record_remote_update(ctx: NodeContext, source: Source, update: Update
 
 
 async def record_update(ctx: NodeContext, update: Update) -> None:
-    """Store one chunk for the job's readers and wake them.  A repeated chunk is ignored."""
+    """Store one chunk for the job's readers and wake them.  Repeats and anything after the end are ignored."""
     now = time.time()
     async with ctx.store.writing() as session:
         job = await session.get(Job, update.job_id)
         if job is None:
             raise unknown_job(update.job_id)
-        if job.status in FINAL_STATUSES or update.seq < job.next_seq:
+        if job.status in FINAL_STATUSES or (update.seq < job.next_seq and not update.is_final):
             return
-        session.add(JobChunk(job_id=job.id, seq=update.seq, delta=update.delta))
-        job.next_seq = update.seq + 1
+        seq = job.next_seq if update.is_final else update.seq  # a final update always directly follows the last chunk
+        session.add(JobChunk(job_id=job.id, seq=seq, delta=update.delta))
+        job.next_seq = seq + 1
         job.driver_node = update.driver or job.driver_node
         if update.delta and job.first_token_at is None:
             job.first_token_at = now

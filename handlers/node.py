@@ -42,5 +42,3 @@ async def admin(ctx: NodeContext, target: Process | None, raw: Any) -> BaseModel
     return await deliver(ctx, Source(node=ctx.name, process=target), target, message)
 
 
-async def boot(ctx: NodeContext) -> None:
-    await driver.boot(ctx)

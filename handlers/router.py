@@ -1,30 +1,35 @@
 """The router process: which drivers serve which model, the queue, and the relay of updates.
 
-| event                          | reads                            | decides                           | writes                  | sends                         |
-|--------------------------------|----------------------------------|-----------------------------------|-------------------------|-------------------------------|
-| StartRouter (admin)            |                                  |                                   | config                  |                               |
-| RegisterDriver (from a driver) |                                  |                                   | driver_registrations    | (dispatch)                    |
-| RunJob (from a client driver)  | config, registrations            | is the model on offer to it?      | routed_jobs (queued)    | (dispatch)                    |
-| dispatch (after the above)     | queue, registrations, loads      | least-loaded ready driver per job | routed_jobs (running)   | RunJob → driver               |
-| JobUpdate (from a driver)      | routed_jobs                      | from the job's driver?            | routed_jobs when final  | JobUpdate → client, (dispatch)|
-| ListModels (from any node)     | registrations                    | what is on offer to it            |                         |                               |
+| event                          | reads                       | decides                                 | writes                     | sends                          |
+|--------------------------------|-----------------------------|-----------------------------------------|----------------------------|--------------------------------|
+| StartRouter (admin)            |                             |                                         | config                     |                                |
+| RegisterDriver (driver, beat)  | registrations               |                                         | registrations              | (dispatch)                     |
+| RunJob (client's driver)       | registrations               | is the model on offer to it?            | routed_jobs (queued)       | (dispatch)                     |
+| dispatch                       | queue, registrations, loads | least-loaded ready driver per job       | routed_jobs (running)      | RunJob → driver                |
+| JobUpdate (job's driver)       | routed_jobs                 | from the job's driver? still running?   | routed_jobs (first, final) | JobUpdate → client, (dispatch) |
+| ReleaseJob (job's driver)      | routed_jobs, registrations  | retry (with backoff) or give up?        | routed_jobs, registrations | JobUpdate (failed) → client    |
+| CancelJob (job's client)       | routed_jobs                 |                                         | routed_jobs                | CancelJob → driver             |
+| ListModels (any node)          | registrations               | what is on offer to it                  |                            |                                |
+| expire (every second)          | routed_jobs, registrations  | past deadline? driver silent too long?  | routed_jobs, registrations | JobUpdate (timed_out) → client |
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections import Counter
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from handlers.config import config_for_update, read_config
 from handlers.context import NodeContext, log
 from handlers.errors import HandlerError, PeerError, unknown_job, unknown_model
-from schemas.jobs import JobSpec
+from schemas.jobs import FINAL_STATUSES, JobSpec, JobUpdate as Update
 from schemas.messages import (
     Ack,
+    CancelJob,
     JobAccepted,
     JobUpdate,
     ListModels,
@@ -32,11 +37,19 @@ from schemas.messages import (
     ModelInfo,
     ModelList,
     RegisterDriver,
+    ReleaseJob,
     RunJob,
     Source,
     StartRouter,
 )
 from store.models import DriverRegistration, RoutedJob
+
+DRIVER_TTL_S = 20.0  # a driver re-registers every HEARTBEAT_S; silent this long, it is taken as gone
+HEARTBEAT_S = 5.0
+RUNNING_GRACE_S = 2.0  # the serving driver ends a job at its deadline; the router waits this much longer
+COOLDOWN_S = 30.0
+FAILURES_BEFORE_COOLDOWN = 2
+RETRY_BACKOFF_S = 0.2
 
 
 async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | JobAccepted | ModelList:
@@ -55,10 +68,24 @@ async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | Jo
         case JobUpdate():
             await _relay(ctx, source, message)
             return Ack()
+        case ReleaseJob(job_id=job_id, reason=reason):
+            await _released(ctx, source, job_id, reason)
+            return Ack()
+        case CancelJob(job_id=job_id):
+            await _cancel(ctx, source, job_id)
+            return Ack()
         case ListModels():
             async with ctx.store.reading() as session:
                 return ModelList(models=await _offered(session, source.node))
     raise HandlerError(400, "unsupported_message", f"the router does not take {message.type}")  # type: ignore[attr-defined]
+
+
+async def boot(ctx: NodeContext) -> None:
+    """After a restart the queue is still in the store: hand out what waits."""
+    async with ctx.store.reading() as session:
+        models = (await session.scalars(select(RoutedJob.model).where(RoutedJob.status == "queued").distinct())).all()
+    for model in models:
+        await dispatch(ctx, model)
 
 
 async def _require_router(ctx: NodeContext) -> None:
@@ -68,12 +95,19 @@ async def _require_router(ctx: NodeContext) -> None:
 
 
 async def _register(ctx: NodeContext, node: str, message: RegisterDriver) -> None:
+    """Replace what `node` serves, keeping its failure count across heartbeats."""
     now = time.time()
+    models = list(dict.fromkeys(message.models))
     async with ctx.store.writing() as session:
-        await session.execute(delete(DriverRegistration).where(DriverRegistration.node == node))
-        for model in dict.fromkeys(message.models):
-            session.add(DriverRegistration(node=node, model=model, is_public=message.is_public, capacity=message.capacity, last_seen=now))
-    for model in message.models:
+        await session.execute(
+            delete(DriverRegistration).where(DriverRegistration.node == node, DriverRegistration.model.not_in(models))
+        )
+        known = {r.model: r for r in await session.scalars(select(DriverRegistration).where(DriverRegistration.node == node))}
+        for model in models:
+            row = known.get(model) or DriverRegistration(node=node, model=model, failures=0, cooldown_until=0.0)
+            row.is_public, row.capacity, row.last_seen = message.is_public, message.capacity, now
+            session.add(row)
+    for model in models:
         ctx.spawn(dispatch(ctx, model), name=f"dispatch-{model}")
 
 
@@ -104,6 +138,8 @@ async def _enqueue(ctx: NodeContext, source: Source, spec: JobSpec) -> JobAccept
                 model=spec.model,
                 spec=spec.model_dump(mode="json"),
                 status="queued",
+                attempts=0,
+                streamed=False,
                 created_at=time.time(),
                 deadline=spec.deadline,
             )
@@ -112,38 +148,37 @@ async def _enqueue(ctx: NodeContext, source: Source, spec: JobSpec) -> JobAccept
     return JobAccepted(job_id=spec.job_id, status="queued")
 
 
+# --- dispatch ----------------------------------------------------------------------------
+
+
 async def dispatch(ctx: NodeContext, model: str) -> None:
-    """Hand queued jobs of `model`, oldest first, to the least-loaded drivers with a free slot."""
+    """Hand queued jobs of `model`, oldest first, to the least-loaded ready drivers."""
     async with ctx.store.writing() as session:
-        assignments = await _assign(session, model)
+        assignments = await _assign(session, model, time.time())
     for job_id, driver, spec in assignments:
         try:
             await ctx.transport.send("router", driver, "driver", RunJob(job=spec))
         except PeerError as error:
-            log.warning("driver %s refused job %s (%s); it is deregistered and the job requeued", driver, job_id, error.message)
-            await _requeue(ctx, job_id, driver)
+            log.warning("driver %s did not take job %s (%s); job requeued", driver, job_id, error.message)
+            await _requeue(ctx, job_id, driver, count_failure=True)
             ctx.spawn(dispatch(ctx, model), name=f"dispatch-{model}")
 
 
-async def _assign(session: AsyncSession, model: str) -> list[tuple[str, str, JobSpec]]:
-    drivers = (await session.scalars(select(DriverRegistration).where(DriverRegistration.model == model))).all()
+async def _assign(session: AsyncSession, model: str, now: float) -> list[tuple[str, str, JobSpec]]:
+    drivers = (
+        await session.scalars(
+            select(DriverRegistration).where(DriverRegistration.model == model, DriverRegistration.cooldown_until <= now)
+        )
+    ).all()
     if not drivers:
         return []
-    loads = Counter(
-        dict(
-            (
-                await session.execute(
-                    select(RoutedJob.driver_node, func.count()).where(RoutedJob.status == "running").group_by(RoutedJob.driver_node)
-                )
-            ).all()
-        )
-    )
+    running = select(RoutedJob.driver_node, func.count()).where(RoutedJob.status == "running").group_by(RoutedJob.driver_node)
+    loads: Counter[str] = Counter({node: count for node, count in await session.execute(running)})
     queued = (
         await session.scalars(
             select(RoutedJob).where(RoutedJob.model == model, RoutedJob.status == "queued").order_by(RoutedJob.created_at)
         )
     ).all()
-    now = time.time()
     assignments: list[tuple[str, str, JobSpec]] = []
     for job in queued:
         ready = [d for d in drivers if loads[d.node] < d.capacity and (d.is_public or d.node == job.client_node)]
@@ -157,30 +192,140 @@ async def _assign(session: AsyncSession, model: str) -> list[tuple[str, str, Job
     return assignments
 
 
-async def _requeue(ctx: NodeContext, job_id: str, driver: str) -> None:
+async def _requeue(ctx: NodeContext, job_id: str, driver: str, count_failure: bool) -> RoutedJob | None:
+    """Take the job back from `driver`; a driver that keeps failing is cooled down for a while."""
+    now = time.time()
     async with ctx.store.writing() as session:
-        await session.execute(delete(DriverRegistration).where(DriverRegistration.node == driver))
+        if count_failure:
+            for row in await session.scalars(select(DriverRegistration).where(DriverRegistration.node == driver)):
+                row.failures += 1
+                if row.failures >= FAILURES_BEFORE_COOLDOWN:
+                    row.cooldown_until, row.failures = now + COOLDOWN_S, 0
+                    log.warning("driver %s failed repeatedly; cooled down for %.0f s", driver, COOLDOWN_S)
         job = await session.get(RoutedJob, job_id)
-        if job is not None and job.status == "running" and job.driver_node == driver:
-            job.status, job.driver_node, job.dispatched_at = "queued", None, None
+        if job is None or job.status != "running" or job.driver_node != driver:
+            return None
+        job.status, job.driver_node, job.dispatched_at = "queued", None, None
+        job.attempts += 1
+        return job
+
+
+# --- updates from drivers ------------------------------------------------------------------
 
 
 async def _relay(ctx: NodeContext, source: Source, message: JobUpdate) -> None:
-    update = message.update
+    update_ = message.update
     async with ctx.store.reading() as session:
-        job = await session.get(RoutedJob, update.job_id)
+        job = await session.get(RoutedJob, update_.job_id)
     if job is None:
-        raise unknown_job(update.job_id)
+        raise unknown_job(update_.job_id)
     if job.driver_node != source.node:
-        raise HandlerError(403, "not_the_jobs_driver", f"job {update.job_id} was not given to {source.node}")
-    update.driver = source.node
-    try:
-        await ctx.transport.send("router", job.client_node, "driver", message)
-    except PeerError as error:
-        log.warning("job %s: client node %s did not take update %d: %s", job.id, job.client_node, update.seq, error.message)
-    if update.is_final:
-        async with ctx.store.writing() as session:
-            row = await session.get(RoutedJob, update.job_id)
-            if row is not None:
-                row.status, row.finished_at = update.status or "failed", time.time()
+        raise HandlerError(403, "not_the_jobs_driver", f"job {update_.job_id} was not given to {source.node}")
+    if job.status in FINAL_STATUSES:
+        raise HandlerError(409, "job_finished", f"job {job.id} already ended: {job.status}")
+    update_.driver = source.node
+    await _to_client(ctx, job.client_node, message)
+    if update_.is_final:
+        await _finish(ctx, job.id, update_.status or "failed")
         ctx.spawn(dispatch(ctx, job.model), name=f"dispatch-{job.model}")
+    elif not job.streamed:
+        async with ctx.store.writing() as session:
+            await session.execute(update(RoutedJob).where(RoutedJob.id == job.id).values(streamed=True))
+            await session.execute(
+                update(DriverRegistration).where(DriverRegistration.node == source.node, DriverRegistration.failures > 0).values(failures=0)
+            )
+
+
+async def _to_client(ctx: NodeContext, client_node: str, message: JobUpdate) -> None:
+    try:
+        await ctx.transport.send("router", client_node, "driver", message)
+    except PeerError as error:
+        log.warning("job %s: client node %s did not take update %d: %s", message.update.job_id, client_node, message.update.seq, error.message)
+
+
+async def _finish(ctx: NodeContext, job_id: str, status: str) -> None:
+    async with ctx.store.writing() as session:
+        row = await session.get(RoutedJob, job_id)
+        if row is not None and row.status not in FINAL_STATUSES:
+            row.status, row.finished_at = status, time.time()
+
+
+async def _end(ctx: NodeContext, job: RoutedJob, status: str, error: str) -> None:
+    """End a job from the router: the client hears it as the job's final update."""
+    await _finish(ctx, job.id, status)
+    final = Update(job_id=job.id, seq=0, is_final=True, status=status, driver=job.driver_node, error=error)  # type: ignore[arg-type]
+    await _to_client(ctx, job.client_node, JobUpdate(update=final))
+
+
+async def _released(ctx: NodeContext, source: Source, job_id: str, reason: str) -> None:
+    job = await _requeue(ctx, job_id, source.node, count_failure=True)
+    if job is None:
+        raise HandlerError(409, "not_running_there", f"job {job_id} is not running on {source.node}")
+    if job.attempts >= ctx.settings.max_attempts:
+        await _end(ctx, job, "failed", f"gave up after {job.attempts} attempts; last: {reason}")
+        return
+    log.info("job %s released by %s (%s); retry %d", job_id, source.node, reason, job.attempts)
+    backoff = RETRY_BACKOFF_S * 2 ** (job.attempts - 1)
+    ctx.spawn(_dispatch_later(ctx, job.model, backoff), name=f"retry-{job_id}")
+
+
+async def _dispatch_later(ctx: NodeContext, model: str, delay: float) -> None:
+    # The job waits in the stored queue meanwhile: a restart dispatches it at boot.
+    await asyncio.sleep(delay)
+    await dispatch(ctx, model)
+
+
+async def _cancel(ctx: NodeContext, source: Source, job_id: str) -> None:
+    async with ctx.store.writing() as session:
+        job = await session.get(RoutedJob, job_id)
+        if job is None:
+            raise unknown_job(job_id)
+        if job.client_node != source.node:
+            raise HandlerError(403, "not_the_jobs_client", f"job {job_id} is not {source.node}'s")
+        if job.status in FINAL_STATUSES:
+            return
+        was_running, driver = job.status == "running", job.driver_node
+        job.status, job.finished_at = "cancelled", time.time()
+    if was_running and driver is not None:
+        try:
+            await ctx.transport.send("router", driver, "driver", CancelJob(job_id=job_id))
+        except PeerError as error:
+            log.warning("job %s: driver %s not told of the cancellation: %s", job_id, driver, error.message)
+        ctx.spawn(dispatch(ctx, job.model), name=f"dispatch-{job.model}")
+
+
+# --- upkeep ------------------------------------------------------------------------------------
+
+
+async def expire(ctx: NodeContext, now: float) -> None:
+    """End jobs past their deadline, and take jobs back from drivers that went silent."""
+    async with ctx.store.reading() as session:
+        if not (await read_config(session)).is_router:
+            return
+        late = (
+            await session.scalars(
+                select(RoutedJob).where(
+                    ((RoutedJob.status == "queued") & (RoutedJob.deadline < now))
+                    | ((RoutedJob.status == "running") & (RoutedJob.deadline < now - RUNNING_GRACE_S))
+                )
+            )
+        ).all()
+        silent = (await session.scalars(select(DriverRegistration.node).where(DriverRegistration.last_seen < now - DRIVER_TTL_S).distinct())).all()
+    for job in late:
+        await _end(ctx, job, "timed_out", "the job ran past its deadline" + (" while queued" if job.status == "queued" else ""))
+        if job.status == "running":
+            ctx.spawn(dispatch(ctx, job.model), name=f"dispatch-{job.model}")
+    for node in silent:
+        await _driver_lost(ctx, node)
+
+
+async def _driver_lost(ctx: NodeContext, node: str) -> None:
+    log.warning("driver %s has not been heard from in %.0f s; deregistered", node, DRIVER_TTL_S)
+    async with ctx.store.writing() as session:
+        await session.execute(delete(DriverRegistration).where(DriverRegistration.node == node))
+        stranded = (await session.scalars(select(RoutedJob).where(RoutedJob.driver_node == node, RoutedJob.status == "running"))).all()
+    for job in stranded:
+        if job.streamed:
+            await _end(ctx, job, "failed", f"driver {node} went silent mid-job")
+        elif (requeued := await _requeue(ctx, job.id, node, count_failure=False)) is not None:
+            ctx.spawn(dispatch(ctx, requeued.model), name=f"dispatch-{requeued.model}")

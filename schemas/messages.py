@@ -81,6 +81,21 @@ class RegisterDriver(Message):
     capacity: int = Field(default=1, ge=1, le=1024)
 
 
+class CancelJob(Message):
+    """Client's driver → router → serving driver: stop this job, its client has gone."""
+
+    type: Literal["CancelJob"] = "CancelJob"
+    job_id: str
+
+
+class ReleaseJob(Message):
+    """Serving driver → router: I sent nothing of this job and cannot serve it; give it to another driver."""
+
+    type: Literal["ReleaseJob"] = "ReleaseJob"
+    job_id: str
+    reason: str
+
+
 class ListModels(Message):
     """Any node → router: which models would you serve me?"""
 
@@ -91,8 +106,8 @@ def _union(*models: type[Message]) -> Any:
     return Annotated[Union[models], Field(discriminator="type")]  # type: ignore[valid-type]
 
 
-RouterMessage = _union(StartRouter, RunJob, JobUpdate, RegisterDriver, ListModels)
-DriverMessage = _union(SetRouter, SetLocalDriver, RunJob, JobUpdate)
+RouterMessage = _union(StartRouter, RunJob, JobUpdate, RegisterDriver, ListModels, CancelJob, ReleaseJob)
+DriverMessage = _union(SetRouter, SetLocalDriver, RunJob, JobUpdate, CancelJob)
 OpenAiMessage = _union(RegisterOaiProviderEndpoint)
 
 ADMIN_MESSAGES: tuple[type[Message], ...] = (StartRouter, SetRouter, SetLocalDriver, RegisterOaiProviderEndpoint)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, false, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -38,6 +38,8 @@ class DriverRegistration(Base):
     is_public: Mapped[bool] = mapped_column(Boolean)
     capacity: Mapped[int] = mapped_column(Integer)
     last_seen: Mapped[float] = mapped_column(Float)
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    cooldown_until: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))
 
     __table_args__ = (Index("ix_driver_registrations_model", "model"),)
 
@@ -49,6 +51,7 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     client: Mapped[str] = mapped_column(String(255))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
     model: Mapped[str] = mapped_column(String(255))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16))
@@ -63,7 +66,11 @@ class Job(Base):
     usage: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
 
-    __table_args__ = (Index("ix_jobs_status_deadline", "status", "deadline"),)
+    __table_args__ = (
+        Index("ix_jobs_status_deadline", "status", "deadline"),
+        Index("ix_jobs_finished_at", "finished_at"),
+        Index("ux_jobs_idempotency", "client", "idempotency_key", unique=True),
+    )
 
 
 class JobChunk(Base):
@@ -85,6 +92,8 @@ class RoutedJob(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16))
     driver_node: Mapped[str | None] = mapped_column(String(255))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    streamed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[float] = mapped_column(Float)
     dispatched_at: Mapped[float | None] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float)
@@ -93,6 +102,7 @@ class RoutedJob(Base):
     __table_args__ = (
         Index("ix_routed_jobs_queue", "model", "status", "created_at"),
         Index("ix_routed_jobs_driver", "driver_node", "status"),
+        Index("ix_routed_jobs_status_deadline", "status", "deadline"),
     )
 
 
@@ -105,6 +115,9 @@ class ServedJob(Base):
     origin_node: Mapped[str] = mapped_column(String(255))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16))
+    streamed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[float] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float)
     deadline: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_served_jobs_status", "status"),)

@@ -1,0 +1,65 @@
+"""What a node does on its own, not in answer to an event: recover at boot, then keep time."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from sqlalchemy import delete, select
+
+from handlers import driver, router
+from handlers.context import NodeContext, log
+from schemas.jobs import FINAL_STATUSES, JobUpdate
+from store.models import Job, RoutedJob, ServedJob
+
+SWEEP_INTERVAL_S = 0.5
+PRUNE_INTERVAL_S = 60.0
+CLIENT_GRACE_S = 1.0  # the serving driver's own timed_out update, richer, normally arrives first
+ACTIVE = ("queued", "running")
+
+
+async def boot(ctx: NodeContext) -> None:
+    await sweep(ctx)
+    await prune(ctx)
+    await router.boot(ctx)
+    await driver.boot(ctx)
+
+
+async def run(ctx: NodeContext) -> None:
+    """Sweep deadlines often, re-register with the router now and then, prune rarely."""
+    every = [(SWEEP_INTERVAL_S, sweep), (router.HEARTBEAT_S, driver.heartbeat), (PRUNE_INTERVAL_S, prune)]
+    due = [time.monotonic() + interval for interval, _ in every]
+    while True:
+        await asyncio.sleep(SWEEP_INTERVAL_S)
+        for i, (interval, chore) in enumerate(every):
+            if time.monotonic() < due[i]:
+                continue
+            due[i] = time.monotonic() + interval
+            try:
+                await chore(ctx)
+            except Exception:
+                log.exception("upkeep: %s failed; it runs again in %.1f s", chore.__name__, interval)
+
+
+async def sweep(ctx: NodeContext) -> None:
+    now = time.time()
+    await _expire_client_jobs(ctx, now)
+    await router.expire(ctx, now)
+
+
+async def _expire_client_jobs(ctx: NodeContext, now: float) -> None:
+    async with ctx.store.reading() as session:
+        late = (await session.scalars(select(Job.id).where(Job.status.in_(ACTIVE), Job.deadline < now - CLIENT_GRACE_S))).all()
+    for job_id in late:
+        final = JobUpdate(job_id=job_id, seq=0, is_final=True, status="timed_out", error="no answer before the job's deadline")
+        await driver.record_update(ctx, final)
+
+
+async def prune(ctx: NodeContext) -> None:
+    """Finished jobs older than the retention period go, with their chunks."""
+    before = time.time() - ctx.settings.retention
+    final = tuple(FINAL_STATUSES)
+    async with ctx.store.writing() as session:
+        await session.execute(delete(Job).where(Job.status.in_(final), Job.finished_at < before))
+        await session.execute(delete(RoutedJob).where(RoutedJob.status.in_(final), RoutedJob.finished_at < before))
+        await session.execute(delete(ServedJob).where(ServedJob.status.in_(final + ("failed",)), ServedJob.finished_at < before))

@@ -1,0 +1,123 @@
+"""Shared helpers for the integration tests: submitting jobs, reading errors and rows, a recording upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from sqlalchemy import func, select
+
+from emulator.fake_llm import STATS, ChatRequest, FakeLlmSettings, FakeLlmStats, create_app, generate_completion
+from store.database import Store
+from tests.conftest import RunningNode, Upstream, free_port
+from tests.sse_client import job_updates
+
+# A guard against hangs only: every awaited outcome arrives in milliseconds on loopback when the code works.
+GUARD_S = 5.0
+
+MODEL = "llama3"
+
+
+def store_of(node: RunningNode) -> Store:
+    assert node.node.ctx is not None, "node is not running"
+    return node.node.ctx.store
+
+
+async def count_rows(node: RunningNode, table: type[Any]) -> int:
+    """Rows of an ORM table in the node's SQLite file, read through its own store."""
+    async with store_of(node).reading() as session:
+        return int(await session.scalar(select(func.count()).select_from(table)) or 0)
+
+
+async def submit(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """POST /jobs and return the 202 body."""
+    async with http.post(f"{url}/jobs", json=body) as response:
+        text = await response.text()
+        assert response.status == 202, text
+        created: dict[str, Any] = json.loads(text)
+    return created
+
+
+async def run_job(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Submit a job and read its events to the final one: (202 body, updates)."""
+    created = await submit(http, url, body)
+    async with asyncio.timeout(GUARD_S):
+        updates = await job_updates(http, url, created["job_id"])
+    return created, updates
+
+
+async def get_json(http: aiohttp.ClientSession, url: str, expected_status: int = 200) -> dict[str, Any]:
+    async with http.get(url) as response:
+        text = await response.text()
+        assert response.status == expected_status, text
+        body: dict[str, Any] = json.loads(text)
+    return body
+
+
+def assert_error_body(body: Any, code: str | None = None) -> dict[str, Any]:
+    """The one error shape: {"error": {"message", "type", "code"}}; the inner object is returned."""
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    error = body["error"]
+    assert isinstance(error, dict), body
+    assert isinstance(error.get("message"), str) and error["message"], body
+    assert isinstance(error.get("type"), str) and error["type"], body
+    assert "code" in error, body
+    if code is not None:
+        assert error["code"] == code, body
+    return error
+
+
+def expected_completion(messages: list[dict[str, Any]], seed: int | None = None, max_tokens: int | None = None) -> tuple[list[str], str]:
+    """The fake LLM's tokens and finish_reason for a request, computed without a server."""
+    completion = generate_completion(
+        ChatRequest(model=MODEL, messages=messages, seed=seed, max_tokens=max_tokens), FakeLlmSettings()
+    )
+    return completion.tokens, completion.finish_reason
+
+
+@dataclass
+class RecordedRequest:
+    started: float  # time.perf_counter() when the upstream began handling the request
+    body: Any
+
+
+@dataclass
+class RecordingUpstream(Upstream):
+    requests: list[RecordedRequest] = field(default_factory=list)
+
+
+@asynccontextmanager
+async def recording_upstream(**settings: Any) -> AsyncIterator[RecordingUpstream]:
+    """The fake LLM with a middleware that records each chat request's body and start time."""
+    app = create_app(FakeLlmSettings(**settings))
+    recorded: list[RecordedRequest] = []
+
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method == "POST" and request.path.endswith("/chat/completions"):
+            started = time.perf_counter()
+            try:
+                body = json.loads(await request.read())
+            except ValueError:
+                body = None
+            recorded.append(RecordedRequest(started=started, body=body))
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    app.middlewares.append(record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    stats: FakeLlmStats = app[STATS]
+    try:
+        yield RecordingUpstream(url=f"http://127.0.0.1:{port}/v1", stats=stats, requests=recorded)
+    finally:
+        await runner.cleanup()
