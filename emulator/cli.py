@@ -13,7 +13,7 @@ from emulator import fake_llm
 from emulator.client import CommandError, parse_message_arg, run_job, send_admin
 from emulator.directory import parse_peer
 from emulator.homes import Home, default_root, find_home
-from emulator.node import NodeOptions, serve_forever
+from emulator.node import JobLimits, NodeOptions, serve_forever
 from emulator.up import UpOptions, up
 from handlers.context import DEFAULT_JOB_TIMEOUT
 
@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="llama3")
     p.add_argument("--no-wire", dest="wire", action="store_false", help="start the nodes, configure nothing")
     p.add_argument("--fresh", action="store_true", help="delete the nodes' homes first")
-    p.add_argument("--job-timeout", type=float, default=DEFAULT_JOB_TIMEOUT)
+    _add_job_limits(p)
     p.add_argument("--verbose", action="store_true")
 
     p = commands.add_parser("node", help="run one node in the foreground")
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--directory", type=Path, default=None, help="JSON file of node names to URLs")
     p.add_argument("--peer", action="append", default=[], metavar="NAME=URL")
     p.add_argument("--database-url", default=None, help="SQLAlchemy async URL (default: SQLite in the home)")
-    p.add_argument("--job-timeout", type=float, default=DEFAULT_JOB_TIMEOUT)
+    _add_job_limits(p)
     p.add_argument("--verbose", action="store_true")
 
     for name, help_text in (("admin", "send an admin command to a node"), ("message", "send a message to one process of a node")):
@@ -70,6 +70,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tps", type=float, default=50.0)
     p.add_argument("--tokens", type=int, default=24)
     return parser
+
+
+def _add_job_limits(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--job-timeout", type=float, default=DEFAULT_JOB_TIMEOUT, help="seconds from submission to a job's deadline")
+    parser.add_argument("--first-token-timeout", type=float, default=None, help="seconds allowed until the first token (default: off)")
+    parser.add_argument("--idle-timeout", type=float, default=None, help="longest silence between chunks (default: off)")
+    parser.add_argument("--drain-grace", type=float, default=10.0, help="on SIGTERM, seconds running jobs may take to finish")
+    parser.add_argument("--retention", type=float, default=24 * 3600.0, help="seconds finished jobs are kept")
+
+
+def _job_limits(args: argparse.Namespace) -> JobLimits:
+    return JobLimits(
+        job_timeout=args.job_timeout, first_token_timeout=args.first_token_timeout, idle_timeout=args.idle_timeout,
+        drain_grace=args.drain_grace, retention=args.retention,
+    )
 
 
 def _add_auth(parser: argparse.ArgumentParser) -> None:
@@ -121,7 +136,7 @@ async def _dispatch(args: argparse.Namespace) -> int | None:
                 UpOptions(
                     nodes=args.nodes, base_port=args.base_port, root=root, llm=args.llm, llm_port=args.llm_port,
                     ttft=args.ttft, tps=args.tps, model=args.model, wire=args.wire, fresh=args.fresh,
-                    verbose=args.verbose, job_timeout=args.job_timeout,
+                    verbose=args.verbose, limits=_job_limits(args),
                 )
             )
         case "node":
@@ -129,7 +144,7 @@ async def _dispatch(args: argparse.Namespace) -> int | None:
             await serve_forever(
                 NodeOptions(
                     name=args.name, port=args.port, home=args.home, host=args.host, directory_file=args.directory,
-                    peers=peers, database_url=args.database_url, job_timeout=args.job_timeout, verbose=args.verbose,
+                    peers=peers, database_url=args.database_url, limits=_job_limits(args), verbose=args.verbose,
                 )
             )
         case "admin":

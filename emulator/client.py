@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import time
@@ -56,28 +57,18 @@ class JobSummary:
 async def run_job(url: str, request: dict[str, Any], out: TextIO = sys.stdout) -> JobSummary:
     """Submit a job, print its text as it streams, and sum it up."""
     started = time.perf_counter()
-    first_token: float | None = None
-    final: dict[str, Any] = {}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=60)) as session:
         async with session.post(url + "/jobs", json=request) as response:
             body = await response.json(content_type=None)
             if response.status != 202:
                 raise CommandError(f"HTTP {response.status}: {body.get('error', {}).get('message', body)}")
         job_id = body["job_id"]
-        async with session.get(url + body["events_url"]) as events:
-            decoder = SSEDecoder()
-            async for raw in events.content:
-                event = decoder.feed_line(raw.decode())
-                if event is None or event.event != "job_update":
-                    continue
-                update = json.loads(event.data)
-                if update.get("delta"):
-                    first_token = first_token or time.perf_counter() - started
-                    out.write(update["delta"])
-                    out.flush()
-                if update.get("is_final"):
-                    final = update
-                    break
+        try:
+            final, first_token = await _print_stream(session, url + body["events_url"], out, started)
+        except asyncio.CancelledError:  # Ctrl-C: the job is not wanted any more
+            async with session.delete(f"{url}/jobs/{job_id}"):
+                pass
+            raise
     out.write("\n")
     return JobSummary(
         job_id=job_id,
@@ -87,3 +78,24 @@ async def run_job(url: str, request: dict[str, Any], out: TextIO = sys.stdout) -
         total_s=time.perf_counter() - started,
         error=final.get("error"),
     )
+
+
+async def _print_stream(
+    session: aiohttp.ClientSession, events_url: str, out: TextIO, started: float
+) -> tuple[dict[str, Any], float | None]:
+    """Print deltas as they come; the final update, and the seconds to the first token."""
+    first_token: float | None = None
+    decoder = SSEDecoder()
+    async with session.get(events_url) as events:
+        async for raw in events.content:
+            event = decoder.feed_line(raw.decode())
+            if event is None or event.event != "job_update":
+                continue
+            update = json.loads(event.data)
+            if update.get("delta"):
+                first_token = first_token or time.perf_counter() - started
+                out.write(update["delta"])
+                out.flush()
+            if update.get("is_final"):
+                return update, first_token
+    return {"status": "lost", "error": "the stream ended without a final update"}, first_token

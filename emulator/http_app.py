@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import Awaitable, Callable
@@ -76,8 +77,16 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def submit_job(request: web.Request) -> web.Response:
     job_request = JobRequest.model_validate(await read_json(request))
-    created = await driver.submit(request.app[CONTEXT], client_of(request), job_request)
+    key = request.headers.get("Idempotency-Key")
+    created = await driver.submit(request.app[CONTEXT], client_of(request), job_request, key)
     return reply(created, status=202)
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    job_id = request.match_info["job_id"]
+    await driver.cancel(ctx, job_id)
+    return reply(await jobs.record(ctx, job_id))
 
 
 async def get_job(request: web.Request) -> web.Response:
@@ -121,18 +130,33 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if not completion_request.stream:
         return reply(await chat.complete(ctx, job_id, created, completion_request))
     response = web.StreamResponse(headers=SSE_HEADERS)
-    await response.prepare(request)
+    finished = False
     try:
+        await response.prepare(request)
         async for payload in chat.stream(ctx, job_id, created, completion_request):
             if payload is None:
                 await response.write(encode_comment("heartbeat"))
             else:
                 await response.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
+        finished = True
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
     except ConnectionResetError:
-        pass
+        # An OpenAI stream cannot be resumed: a client that hangs up has given up on the job.
+        if not finished:
+            await _cancel_quietly(ctx, job_id)
+    except asyncio.CancelledError:
+        if not finished:
+            await asyncio.shield(_cancel_quietly(ctx, job_id))
+        raise
     return response
+
+
+async def _cancel_quietly(ctx: NodeContext, job_id: str) -> None:
+    try:
+        await driver.cancel(ctx, job_id)
+    except HandlerError:
+        pass  # it ended meanwhile
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -166,6 +190,7 @@ def create_app(ctx: NodeContext, admin_token: str) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_post("/jobs", submit_job)
     app.router.add_get("/jobs/{job_id}", get_job)
+    app.router.add_delete("/jobs/{job_id}", cancel_job)
     app.router.add_get("/jobs/{job_id}/events", job_events)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)

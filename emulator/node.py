@@ -27,6 +27,25 @@ from store.database import Store, sqlite_url
 UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
 
 
+@dataclass(frozen=True)
+class JobLimits:
+    job_timeout: float = DEFAULT_JOB_TIMEOUT
+    first_token_timeout: float | None = None
+    idle_timeout: float | None = None
+    drain_grace: float = 10.0
+    retention: float = 24 * 3600.0
+
+    def flags(self) -> list[str]:
+        """The same limits as `emulator node` options."""
+        pairs = [
+            ("--job-timeout", self.job_timeout), ("--first-token-timeout", self.first_token_timeout),
+            ("--idle-timeout", self.idle_timeout), ("--drain-grace", self.drain_grace), ("--retention", self.retention),
+        ]
+        defaults = JobLimits()
+        return [item for flag, value in pairs if value is not None and value != getattr(defaults, flag[2:].replace("-", "_"))
+                for item in (flag, f"{value:g}")]
+
+
 @dataclass
 class NodeOptions:
     name: str
@@ -36,8 +55,7 @@ class NodeOptions:
     directory_file: Path | None = None
     peers: dict[str, str] = field(default_factory=dict)
     database_url: str | None = None
-    job_timeout: float = DEFAULT_JOB_TIMEOUT
-    drain_grace: float = 10.0
+    limits: JobLimits = field(default_factory=JobLimits)
     verbose: bool = False
 
 
@@ -73,7 +91,13 @@ class Node:
             store=store,
             transport=self._transport,
             http=aiohttp.ClientSession(timeout=UPSTREAM_TIMEOUT),
-            settings=Settings(job_timeout=options.job_timeout, drain_grace=options.drain_grace),
+            settings=Settings(
+                job_timeout=options.limits.job_timeout,
+                first_token_timeout=options.limits.first_token_timeout,
+                idle_timeout=options.limits.idle_timeout,
+                drain_grace=options.limits.drain_grace,
+                retention=options.limits.retention,
+            ),
         )
         self._runner = web.AppRunner(create_app(self.ctx, token), access_log=None if not options.verbose else logging.getLogger("aiohttp.access"))
         await self._runner.setup()

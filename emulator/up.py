@@ -20,6 +20,7 @@ import aiohttp
 from emulator.client import send_admin
 from emulator.directory import write_directory
 from emulator.homes import Home
+from emulator.node import JobLimits
 
 STARTUP_TIMEOUT_S = 30.0
 STOP_GRACE_S = 10.0
@@ -38,7 +39,7 @@ class UpOptions:
     wire: bool
     fresh: bool
     verbose: bool
-    job_timeout: float
+    limits: JobLimits
 
 
 @dataclass
@@ -77,7 +78,7 @@ def plan(options: UpOptions) -> list[NodePlan]:
 
 def node_command(node: NodePlan, options: UpOptions) -> list[str]:
     command = ["--name", node.name, "--port", str(node.port), "--home", str(node.home.path)]
-    command += ["--directory", str(options.root / "directory.json"), "--job-timeout", str(options.job_timeout)]
+    command += ["--directory", str(options.root / "directory.json"), *options.limits.flags()]
     return ["emulator", "node", *command] + (["--verbose"] if options.verbose else [])
 
 

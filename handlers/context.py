@@ -29,6 +29,8 @@ class Transport(Protocol):
 class Settings:
     job_timeout: float = DEFAULT_JOB_TIMEOUT
     max_job_timeout: float = 3600.0
+    first_token_timeout: float | None = None
+    idle_timeout: float | None = None
     retention: float = 24 * 3600.0
     max_attempts: int = 3
     drain_grace: float = 10.0

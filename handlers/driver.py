@@ -39,6 +39,7 @@ from schemas.messages import (
     RegisterDriver,
     ReleaseJob,
     RunJob,
+    SetJobTimeout,
     SetLocalDriver,
     SetRouter,
     Source,
@@ -57,7 +58,7 @@ async def submit(ctx: NodeContext, client: str, request: JobRequest, idempotency
         return earlier
     async with ctx.store.reading() as session:
         config = await read_config(session)
-    spec = _new_spec(ctx, request)
+    spec = _new_spec(ctx, request, config)
     if spec.model in config.driver_models:
         return await _accept_local(ctx, client, spec, idempotency_key)
     if config.router_node is None:
@@ -95,6 +96,9 @@ async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | Jo
                 ctx, driver_models=message.model_names(), driver_is_public=message.is_public, driver_capacity=message.capacity
             )
             return Ack(note=await _register(ctx, config))
+        case SetJobTimeout(seconds=seconds):
+            await _update_config(ctx, job_timeout=seconds)
+            return Ack()
         case RunJob(job=spec):
             return await _accept_from_router(ctx, source, spec)
         case CancelJob(job_id=job_id):
@@ -157,9 +161,10 @@ async def models(ctx: NodeContext) -> list[ModelInfo]:
 # --- submission -------------------------------------------------------------------
 
 
-def _new_spec(ctx: NodeContext, request: JobRequest) -> JobSpec:
+def _new_spec(ctx: NodeContext, request: JobRequest, config: NodeConfig) -> JobSpec:
     now = time.time()
-    timeout = min(request.timeout or ctx.settings.job_timeout, ctx.settings.max_job_timeout)
+    default = config.job_timeout or ctx.settings.job_timeout
+    timeout = min(request.timeout or default, max(default, ctx.settings.max_job_timeout))
     return JobSpec(
         job_id=uuid.uuid4().hex,
         client_node=ctx.name,
@@ -168,6 +173,8 @@ def _new_spec(ctx: NodeContext, request: JobRequest) -> JobSpec:
         params=request.sampling(),
         created_at=now,
         deadline=now + timeout,
+        first_token_timeout=request.first_token_timeout or ctx.settings.first_token_timeout,
+        idle_timeout=request.idle_timeout or ctx.settings.idle_timeout,
     )
 
 
@@ -332,7 +339,10 @@ class _Serving:
         self.usage = None
 
     async def stream(self) -> None:
-        async with asyncio.timeout(max(0.0, self.spec.deadline - time.time())):
+        """Raises TimeoutError at the deadline, or when the LLM is silent longer than the job allows."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, self.spec.deadline - time.time())
+        async with asyncio.timeout_at(self._limit(deadline, self.spec.first_token_timeout)) as timer:
             async for pieces in batches(openai.stream_chat(self.ctx, self.spec)):
                 for piece in pieces:
                     self.finish_reason = piece.finish_reason or self.finish_reason
@@ -340,6 +350,18 @@ class _Serving:
                 delta = "".join(piece.delta for piece in pieces)
                 if delta:
                     await self.deliver(Update(job_id=self.job_id, seq=self.seq, delta=delta, driver=self.ctx.name))
+                    timer.reschedule(self._limit(deadline, self.spec.idle_timeout))
+
+    @staticmethod
+    def _limit(deadline: float, allowed: float | None) -> float:
+        return deadline if allowed is None else min(deadline, asyncio.get_running_loop().time() + allowed)
+
+    def timeout_reason(self) -> str:
+        if time.time() >= self.spec.deadline:
+            return "the job ran past its deadline"
+        if self.seq == 0:
+            return f"no first token within {self.spec.first_token_timeout} s"
+        return f"the LLM was silent for more than {self.spec.idle_timeout} s"
 
     async def deliver(self, update: Update) -> None:
         await _deliver(self.ctx, self.origin, update)
@@ -365,7 +387,7 @@ async def serve(ctx: NodeContext, job_id: str) -> None:
         await job.stream()
         final = job.final("succeeded")
     except TimeoutError:
-        final = job.final("timed_out", "the job ran past its deadline")
+        final = job.final("timed_out", job.timeout_reason())
     except UpstreamError as error:
         if job.seq == 0 and job.origin != ctx.name:
             await _release(ctx, job, str(error))

@@ -37,7 +37,9 @@ class JobRequest(SamplingParams):
     model: str = Field(min_length=1, max_length=200)
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
-    timeout: float | None = Field(default=None, gt=0)
+    timeout: float | None = Field(default=None, gt=0, description="seconds until the job's deadline")
+    first_token_timeout: float | None = Field(default=None, gt=0, description="seconds allowed until the first token")
+    idle_timeout: float | None = Field(default=None, gt=0, description="longest silence allowed between chunks")
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> JobRequest:
@@ -64,6 +66,8 @@ class JobSpec(BaseModel):
     params: SamplingParams = SamplingParams()
     created_at: float
     deadline: float
+    first_token_timeout: float | None = None
+    idle_timeout: float | None = None
 
 
 class Usage(BaseModel):

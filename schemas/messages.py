@@ -49,6 +49,13 @@ class SetLocalDriver(Message):
         return list(dict.fromkeys(names))
 
 
+class SetJobTimeout(Message):
+    """Default seconds from submission to a job's deadline, for jobs submitted here."""
+
+    type: Literal["SetJobTimeout"] = "SetJobTimeout"
+    seconds: float = Field(gt=0, le=24 * 3600)
+
+
 class RegisterOaiProviderEndpoint(Message):
     type: Literal["RegisterOaiProviderEndpoint"] = "RegisterOaiProviderEndpoint"
     endpoint: str = Field(pattern=r"^https?://")
@@ -107,14 +114,15 @@ def _union(*models: type[Message]) -> Any:
 
 
 RouterMessage = _union(StartRouter, RunJob, JobUpdate, RegisterDriver, ListModels, CancelJob, ReleaseJob)
-DriverMessage = _union(SetRouter, SetLocalDriver, RunJob, JobUpdate, CancelJob)
+DriverMessage = _union(SetRouter, SetLocalDriver, SetJobTimeout, RunJob, JobUpdate, CancelJob)
 OpenAiMessage = _union(RegisterOaiProviderEndpoint)
 
-ADMIN_MESSAGES: tuple[type[Message], ...] = (StartRouter, SetRouter, SetLocalDriver, RegisterOaiProviderEndpoint)
+ADMIN_MESSAGES: tuple[type[Message], ...] = (StartRouter, SetRouter, SetLocalDriver, SetJobTimeout, RegisterOaiProviderEndpoint)
 ADMIN_TARGET: dict[str, Process] = {
     "StartRouter": "router",
     "SetRouter": "driver",
     "SetLocalDriver": "driver",
+    "SetJobTimeout": "driver",
     "RegisterOaiProviderEndpoint": "openai",
 }
 

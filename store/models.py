@@ -26,6 +26,7 @@ class NodeConfig(Base):
     driver_capacity: Mapped[int] = mapped_column(Integer, default=1)
     llm_endpoint: Mapped[str | None] = mapped_column(String(2048))
     llm_api_key: Mapped[str | None] = mapped_column(String(2048))
+    job_timeout: Mapped[float | None] = mapped_column(Float)
 
 
 class DriverRegistration(Base):

@@ -1,4 +1,4 @@
-"""idempotency keys, dispatch attempts, streamed flags, driver cool-down
+"""idempotency keys, dispatch attempts, streamed flags, driver cool-down, job timeout setting
 
 Revision ID: 0002
 Revises: 0001
@@ -18,6 +18,9 @@ depends_on: str | None = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table('node_config', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('job_timeout', sa.Float(), nullable=True))
+
     with op.batch_alter_table('driver_registrations', schema=None) as batch_op:
         batch_op.add_column(sa.Column('failures', sa.Integer(), server_default=sa.text('0'), nullable=False))
         batch_op.add_column(sa.Column('cooldown_until', sa.Float(), server_default=sa.text('0'), nullable=False))
@@ -38,6 +41,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('node_config', schema=None) as batch_op:
+        batch_op.drop_column('job_timeout')
+
     with op.batch_alter_table('served_jobs', schema=None) as batch_op:
         batch_op.drop_index('ix_served_jobs_status')
         batch_op.drop_column('streamed')
