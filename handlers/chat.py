@@ -39,8 +39,7 @@ def job_request(request: ChatCompletionRequest) -> JobRequest:
 async def start(ctx: NodeContext, client: str, request: ChatCompletionRequest) -> tuple[str, int]:
     """Submit the job; its id and creation time (seconds) for the completion's `id` and `created`."""
     created = await driver.submit(ctx, client, job_request(request))
-    record = await jobs.record(ctx, created.job_id)
-    return created.job_id, int(record.created_at)
+    return created.job_id, int(created.created_at)
 
 
 def completion_id(job_id: str) -> str:

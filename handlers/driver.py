@@ -18,7 +18,10 @@ import asyncio
 import time
 import uuid
 
-from sqlalchemy import select
+from typing import Any
+
+from sqlalchemy import func, insert, select
+from sqlalchemy import update as sa_update
 from sqlalchemy.exc import IntegrityError
 
 from handlers import openai
@@ -178,14 +181,15 @@ def _new_spec(ctx: NodeContext, request: JobRequest, config: NodeConfig) -> JobS
     )
 
 
-def _created(job_id: str, status: str) -> JobCreated:
-    return JobCreated(job_id=job_id, events_url=f"/jobs/{job_id}/events", status=status)  # type: ignore[arg-type]
+def _created(job: JobSpec | Job, status: str) -> JobCreated:
+    job_id = job.job_id if isinstance(job, JobSpec) else job.id
+    return JobCreated(job_id=job_id, events_url=f"/jobs/{job_id}/events", status=status, created_at=job.created_at)  # type: ignore[arg-type]
 
 
 async def _earlier_submission(ctx: NodeContext, client: str, key: str) -> JobCreated | None:
     async with ctx.store.reading() as session:
         job = await session.scalar(select(Job).where(Job.client == client, Job.idempotency_key == key))
-    return None if job is None else _created(job.id, job.status)
+    return None if job is None else _created(job, job.status)
 
 
 def _job_row(client: str, spec: JobSpec, status: str, router: str | None, driver: str | None, key: str | None) -> Job:
@@ -235,8 +239,8 @@ async def _accept_local(ctx: NodeContext, client: str, spec: JobSpec, key: str |
     rows: list[Job | ServedJob] = [_job_row(client, spec, "running", None, ctx.name, key), _served_row(ctx.name, spec)]
     if earlier := await _insert_job(ctx, client, key, rows):
         return earlier
-    _start_serving(ctx, spec.job_id)
-    return _created(spec.job_id, "running")
+    _start_serving(ctx, spec, ctx.name)
+    return _created(spec, "running")
 
 
 async def _forward(ctx: NodeContext, client: str, spec: JobSpec, router: str, key: str | None) -> JobCreated:
@@ -254,7 +258,7 @@ async def _forward(ctx: NodeContext, client: str, spec: JobSpec, router: str, ke
         if error.status == 503:
             raise HandlerError(503, "router_unreachable", f"router {router} is unreachable: {error.message}") from error
         raise
-    return _created(spec.job_id, JobAccepted.model_validate(reply).status)
+    return _created(spec, JobAccepted.model_validate(reply).status)
 
 
 # --- configuration ------------------------------------------------------------------
@@ -297,12 +301,13 @@ async def _accept_from_router(ctx: NodeContext, source: Source, spec: JobSpec) -
             session.add(_served_row(source.node, spec))
     except IntegrityError:
         return JobAccepted(job_id=spec.job_id, status="running")  # a repeated RunJob: already serving it
-    _start_serving(ctx, spec.job_id)
+    _start_serving(ctx, spec, source.node)
     return JobAccepted(job_id=spec.job_id, status="running")
 
 
-def _start_serving(ctx: NodeContext, job_id: str) -> None:
-    task = ctx.spawn(serve(ctx, job_id), name=f"serve-{job_id}")
+def _start_serving(ctx: NodeContext, spec: JobSpec, origin: str) -> None:
+    job_id = spec.job_id
+    task = ctx.spawn(serve(ctx, spec, origin), name=f"serve-{job_id}")
     ctx.serving[job_id] = task
     task.add_done_callback(lambda _: ctx.serving.pop(job_id, None))
 
@@ -329,11 +334,11 @@ async def _cancel_served(ctx: NodeContext, source: Source, job_id: str) -> None:
 class _Serving:
     """One job being streamed from the LLM to its origin; counts what was delivered."""
 
-    def __init__(self, ctx: NodeContext, served: ServedJob) -> None:
+    def __init__(self, ctx: NodeContext, spec: JobSpec, origin: str) -> None:
         self.ctx = ctx
-        self.job_id = served.id
-        self.origin = served.origin_node
-        self.spec = JobSpec.model_validate(served.spec)
+        self.job_id = spec.job_id
+        self.origin = origin
+        self.spec = spec
         self.seq = 0
         self.finish_reason: str | None = None
         self.usage = None
@@ -365,8 +370,8 @@ class _Serving:
 
     async def deliver(self, update: Update) -> None:
         await _deliver(self.ctx, self.origin, update)
-        if self.seq == 0:
-            await _set_served(self.ctx, self.job_id, streamed=True)
+        if self.seq == 0 and self.origin != self.ctx.name:
+            await _set_served(self.ctx, self.job_id, streamed=True)  # from now on, no other driver may take it over
         self.seq += 1
 
     def final(self, status: str, error: str | None = None) -> Update:
@@ -376,13 +381,10 @@ class _Serving:
         )
 
 
-async def serve(ctx: NodeContext, job_id: str) -> None:
-    """Stream the job from our LLM to where it came from, then record how it ended."""
-    async with ctx.store.reading() as session:
-        served = await session.get(ServedJob, job_id)
-    if served is None or served.status != "running":
-        return
-    job = _Serving(ctx, served)
+async def serve(ctx: NodeContext, spec: JobSpec, origin: str) -> None:
+    """Stream the job from our LLM to `origin` (this node, or the router), then record how it ended."""
+    job_id = spec.job_id
+    job = _Serving(ctx, spec, origin)
     try:
         await job.stream()
         final = job.final("succeeded")
@@ -424,20 +426,20 @@ async def _release(ctx: NodeContext, job: _Serving, reason: str) -> None:
 
 
 async def _set_served(ctx: NodeContext, job_id: str, status: str | None = None, streamed: bool | None = None) -> None:
+    values: dict[str, Any] = {}
+    if streamed is not None:
+        values["streamed"] = streamed
+    if status is not None:
+        values |= {"status": status, "finished_at": time.time()}
+    statement = sa_update(ServedJob).where(ServedJob.id == job_id, ServedJob.status == "running").values(values)
     async with ctx.store.writing() as session:
-        row = await session.get(ServedJob, job_id)
-        if row is None:
-            return
-        if streamed is not None:
-            row.streamed = streamed
-        if status is not None and row.status == "running":
-            row.status, row.finished_at = status, time.time()
+        await session.execute(statement.execution_options(synchronize_session=False))
 
 
 async def _settle_orphan(ctx: NodeContext, served: ServedJob) -> None:
     """A job the previous process was serving when it died."""
     if not served.streamed and served.origin_node != ctx.name:
-        job = _Serving(ctx, served)
+        job = _Serving(ctx, JobSpec.model_validate(served.spec), served.origin_node)
         await _release(ctx, job, "the driver restarted before it sent anything")
         return
     final = Update(job_id=served.id, seq=0, is_final=True, status="failed", driver=ctx.name, error="the driver restarted mid-job")
@@ -455,36 +457,49 @@ async def _deliver(ctx: NodeContext, origin: str, update: Update) -> None:
 
 
 async def _record_remote_update(ctx: NodeContext, source: Source, update: Update) -> None:
+    if await record_update(ctx, update, router=source.node):
+        return
     async with ctx.store.reading() as session:
-        job = await session.get(Job, update.job_id)
-    if job is None:
+        router = await session.scalar(select(Job.router_node).where(Job.id == update.job_id))
+        exists = router is not None or await session.get(Job, update.job_id) is not None
+    if not exists:
         raise unknown_job(update.job_id)
-    if source.node != job.router_node:
+    if router != source.node:
         raise HandlerError(403, "not_the_jobs_router", f"{source.node} is not the router of job {update.job_id}")
-    await record_update(ctx, update)
+    # otherwise a repeat, or news of a job that already ended: nothing to do
 
 
-async def record_update(ctx: NodeContext, update: Update) -> None:
-    """Store one chunk for the job's readers and wake them.  Repeats and anything after the end are ignored."""
+async def record_update(ctx: NodeContext, update: Update, router: str | None = None) -> bool:
+    """Store one chunk for the job's readers and wake them; False if it changed nothing.
+
+    Repeats and anything after the job's end change nothing; with `router`, neither does an
+    update for a job that was not given to that router.  A final update always takes the
+    sequence number right after the last chunk.
+    """
     now = time.time()
+    conditions = [Job.id == update.job_id, Job.status.not_in(FINAL_STATUSES)]
+    if not update.is_final:
+        conditions.append(Job.next_seq <= update.seq)
+    if router is not None:
+        conditions.append(Job.router_node == router)
+    values: dict[str, Any] = {"next_seq": Job.next_seq + 1 if update.is_final else update.seq + 1, "status": "running"}
+    if update.driver:
+        values["driver_node"] = update.driver
+    if update.delta:
+        values["first_token_at"] = func.coalesce(Job.first_token_at, now)
+    if update.is_final:
+        values |= {
+            "status": update.status or "failed",
+            "finished_at": now,
+            "finish_reason": update.finish_reason,
+            "usage": update.usage.model_dump() if update.usage else None,
+            "error": update.error,
+        }
+    statement = sa_update(Job).where(*conditions).values(values).returning(Job.next_seq)
     async with ctx.store.writing() as session:
-        job = await session.get(Job, update.job_id)
-        if job is None:
-            raise unknown_job(update.job_id)
-        if job.status in FINAL_STATUSES or (update.seq < job.next_seq and not update.is_final):
-            return
-        seq = job.next_seq if update.is_final else update.seq  # a final update always directly follows the last chunk
-        session.add(JobChunk(job_id=job.id, seq=seq, delta=update.delta))
-        job.next_seq = seq + 1
-        job.driver_node = update.driver or job.driver_node
-        if update.delta and job.first_token_at is None:
-            job.first_token_at = now
-        if update.is_final:
-            job.status = update.status or "failed"
-            job.finished_at = now
-            job.finish_reason = update.finish_reason
-            job.usage = update.usage.model_dump() if update.usage else None
-            job.error = update.error
-        else:
-            job.status = "running"
+        next_seq = await session.scalar(statement.execution_options(synchronize_session=False))
+        if next_seq is None:
+            return False
+        await session.execute(insert(JobChunk).values(job_id=update.job_id, seq=next_seq - 1, delta=update.delta))
     ctx.signals.notify(update.job_id)
+    return True

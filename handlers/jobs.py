@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 from sqlalchemy import select
 
@@ -43,10 +44,11 @@ async def follow(ctx: NodeContext, job_id: str, after_seq: int = -1, idle: float
     Yields None after `idle` seconds without news, so a transport can send a heartbeat.
     """
     last = after_seq
+    columns = (Job.id, Job.status, Job.next_seq, Job.driver_node, Job.finish_reason, Job.usage, Job.error)
     while True:
         wake = ctx.signals.watch(job_id)
         async with ctx.store.reading() as session:
-            job = await session.get(Job, job_id)
+            job = (await session.execute(select(*columns).where(Job.id == job_id))).first()
             if job is None:
                 raise unknown_job(job_id)
             chunks = (
@@ -65,7 +67,7 @@ async def follow(ctx: NodeContext, job_id: str, after_seq: int = -1, idle: float
             yield None
 
 
-def _final_update(job: Job, chunk: JobChunk) -> JobUpdate:
+def _final_update(job: Any, chunk: JobChunk) -> JobUpdate:
     return JobUpdate(
         job_id=job.id,
         seq=chunk.seq,

@@ -52,8 +52,12 @@ FAILURES_BEFORE_COOLDOWN = 2
 RETRY_BACKOFF_S = 0.2
 
 
+# Messages about a job need no check: only a router holds routed jobs.
+_NEED_ROUTER = (RegisterDriver, RunJob, ListModels)
+
+
 async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | JobAccepted | ModelList:
-    if not isinstance(message, StartRouter):
+    if isinstance(message, _NEED_ROUTER):
         await _require_router(ctx)
     match message:
         case StartRouter():
@@ -215,8 +219,9 @@ async def _requeue(ctx: NodeContext, job_id: str, driver: str, count_failure: bo
 
 async def _relay(ctx: NodeContext, source: Source, message: JobUpdate) -> None:
     update_ = message.update
+    columns = (RoutedJob.id, RoutedJob.driver_node, RoutedJob.client_node, RoutedJob.status, RoutedJob.streamed, RoutedJob.model)
     async with ctx.store.reading() as session:
-        job = await session.get(RoutedJob, update_.job_id)
+        job = (await session.execute(select(*columns).where(RoutedJob.id == update_.job_id))).first()
     if job is None:
         raise unknown_job(update_.job_id)
     if job.driver_node != source.node:
@@ -230,9 +235,14 @@ async def _relay(ctx: NodeContext, source: Source, message: JobUpdate) -> None:
         ctx.spawn(dispatch(ctx, job.model), name=f"dispatch-{job.model}")
     elif not job.streamed:
         async with ctx.store.writing() as session:
-            await session.execute(update(RoutedJob).where(RoutedJob.id == job.id).values(streamed=True))
             await session.execute(
-                update(DriverRegistration).where(DriverRegistration.node == source.node, DriverRegistration.failures > 0).values(failures=0)
+                update(RoutedJob).where(RoutedJob.id == job.id).values(streamed=True).execution_options(synchronize_session=False)
+            )
+            await session.execute(
+                update(DriverRegistration)
+                .where(DriverRegistration.node == source.node, DriverRegistration.failures > 0)
+                .values(failures=0)
+                .execution_options(synchronize_session=False)
             )
 
 

@@ -96,6 +96,7 @@ class JobCreated(BaseModel):
     job_id: str
     events_url: str
     status: JobStatus
+    created_at: float
 
 
 class JobRecord(BaseModel):
