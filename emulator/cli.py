@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from emulator import fake_llm
-from emulator.client import CommandError, parse_message_arg, run_job, send_admin
+from emulator.client import CommandError, format_router_state, parse_message_arg, run_job, send_admin
 from emulator.directory import parse_peer
 from emulator.homes import Home, default_root, find_home
 from emulator.node import JobLimits, NodeOptions, serve_forever
@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("process", choices=["driver", "router", "openai"])
         p.add_argument("body", help='e.g. StartRouter or \'{"SetRouter": {"node": "fake.dev"}}\'')
         _add_auth(p)
+
+    p = commands.add_parser("status", help="a router's drivers and queues")
+    p.add_argument("-p", "--port", type=int, required=True)
+    _add_auth(p)
 
     p = commands.add_parser("run-job", help="run a job and print its answer as it streams")
     p.add_argument("-p", "--port", type=int, required=True)
@@ -153,6 +157,9 @@ async def _dispatch(args: argparse.Namespace) -> int | None:
             await _admin(args, args.process)
         case "run-job":
             return await _run_job(args)
+        case "status":
+            state = await send_admin(f"http://127.0.0.1:{args.port}", _admin_token(args), "RouterStatus")
+            print(format_router_state(state))
         case "fake-llm":
             settings = fake_llm.FakeLlmSettings(ttft=args.ttft, tokens_per_second=args.tps, default_tokens=args.tokens)
             await fake_llm.serve(args.host, args.port, settings)

@@ -99,3 +99,20 @@ async def _print_stream(
             if update.get("is_final"):
                 return update, first_token
     return {"status": "lost", "error": "the stream ended without a final update"}, first_token
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def format_router_state(state: dict[str, Any]) -> str:
+    """`emulator status`: a router's drivers, then its queues."""
+    now = time.time()
+    drivers: list[tuple[str, ...]] = [("DRIVER", "MODELS", "PUBLIC", "LOAD", "LAST SEEN", "COOLED DOWN")]
+    for d in state["drivers"]:
+        cooled = f"{d['cooled_down_until'] - now:.0f} s more" if d.get("cooled_down_until") else "-"
+        drivers.append((d["node"], ",".join(d["models"]), "yes" if d["is_public"] else "no",
+                        f"{d['load']}/{d['capacity']}", f"{now - d['last_seen']:.0f} s ago", cooled))
+    queues: list[tuple[str, ...]] = [("MODEL", "QUEUED")] + [(m, str(n)) for m, n in sorted(state["queues"].items())]
+    return _table(drivers) + "\n\n" + (_table(queues) if len(queues) > 1 else "no job waits")

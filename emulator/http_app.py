@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from handlers import chat, driver, jobs, node
+from handlers import api_keys, chat, driver, jobs, node
 from handlers.context import NodeContext
 from handlers.errors import HandlerError
 from schemas.jobs import ErrorBody, ErrorResponse, JobRequest
@@ -40,7 +40,10 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     try:
         return await handler(request)
     except HandlerError as error:
-        return error_response(error.status, error.code, error.message, error.details)
+        response = error_response(error.status, error.code, error.message, error.details)
+        if error.retry_after is not None:
+            response.headers["Retry-After"] = f"{error.retry_after:.0f}"
+        return response
     except ValidationError as error:
         details = error.errors(include_url=False, include_context=False, include_input=False)
         return error_response(422, "invalid_fields", "the request does not match its schema", details)
@@ -64,8 +67,11 @@ def reply(model: BaseModel, status: int = 200) -> web.Response:
     return web.Response(body=model.model_dump_json(exclude_none=True), status=status, content_type="application/json")
 
 
-def client_of(request: web.Request) -> str:
-    return f"http:{request.remote}"
+async def client_of(request: web.Request) -> str:
+    """The HTTP client, by API key where the node has keys; 401 where it requires one and got none."""
+    authorization = request.headers.get("Authorization", "")
+    bearer = authorization.removeprefix("Bearer ").strip() if authorization.startswith("Bearer ") else None
+    return await api_keys.client_identity(request.app[CONTEXT], bearer, anonymous=f"http:{request.remote}")
 
 
 # --- client API -----------------------------------------------------------------------
@@ -78,11 +84,12 @@ async def healthz(request: web.Request) -> web.Response:
 async def submit_job(request: web.Request) -> web.Response:
     job_request = JobRequest.model_validate(await read_json(request))
     key = request.headers.get("Idempotency-Key")
-    created = await driver.submit(request.app[CONTEXT], client_of(request), job_request, key)
+    created = await driver.submit(request.app[CONTEXT], await client_of(request), job_request, key)
     return reply(created, status=202)
 
 
 async def cancel_job(request: web.Request) -> web.Response:
+    await client_of(request)
     ctx = request.app[CONTEXT]
     job_id = request.match_info["job_id"]
     await driver.cancel(ctx, job_id)
@@ -90,7 +97,8 @@ async def cancel_job(request: web.Request) -> web.Response:
 
 
 async def get_job(request: web.Request) -> web.Response:
-    return reply(await jobs.record(request.app[CONTEXT], request.match_info["job_id"]))
+    await client_of(request)
+    return reply(await jobs.record(request.app[CONTEXT], request.match_info["job_id"], with_queue_position=True))
 
 
 def _last_event_id(request: web.Request) -> int:
@@ -104,6 +112,7 @@ def _last_event_id(request: web.Request) -> int:
 
 
 async def job_events(request: web.Request) -> web.StreamResponse:
+    await client_of(request)
     ctx = request.app[CONTEXT]
     job_id = request.match_info["job_id"]
     after = _last_event_id(request)
@@ -126,7 +135,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
     completion_request = ChatCompletionRequest.model_validate(await read_json(request))
-    job_id, created = await chat.start(ctx, client_of(request), completion_request)
+    job_id, created = await chat.start(ctx, await client_of(request), completion_request)
     if not completion_request.stream:
         return reply(await chat.complete(ctx, job_id, created, completion_request))
     response = web.StreamResponse(headers=SSE_HEADERS)
@@ -160,6 +169,7 @@ async def _cancel_quietly(ctx: NodeContext, job_id: str) -> None:
 
 
 async def list_models(request: web.Request) -> web.Response:
+    await client_of(request)
     return reply(await chat.models(request.app[CONTEXT]))
 
 

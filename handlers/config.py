@@ -10,7 +10,10 @@ CONFIG_ID = 1
 
 
 def _defaults() -> NodeConfig:
-    return NodeConfig(id=CONFIG_ID, is_router=False, driver_models=[], driver_is_public=True, driver_capacity=1)
+    return NodeConfig(
+        id=CONFIG_ID, is_router=False, driver_models=[], driver_is_public=True, driver_capacity=1,
+        deny_clients=[], max_queue=1000, require_api_keys=False,
+    )
 
 
 async def read_config(session: AsyncSession) -> NodeConfig:

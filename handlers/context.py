@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from handlers.gating import Gate, lists_and_limits
 from handlers.signals import JobSignals
 from schemas.messages import Message, Process
 from store.database import Store
@@ -43,6 +44,7 @@ class NodeContext:
     transport: Transport
     http: aiohttp.ClientSession
     settings: Settings = field(default_factory=Settings)
+    gate: Gate = lists_and_limits
     signals: JobSignals = field(default_factory=JobSignals)
     serving: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
     draining: bool = False

@@ -24,7 +24,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy import update as sa_update
 from sqlalchemy.exc import IntegrityError
 
-from handlers import openai
+from handlers import api_keys, openai
 from handlers.coalesce import batches
 from handlers.config import config_for_update, read_config
 from handlers.context import NodeContext, log
@@ -42,6 +42,10 @@ from schemas.messages import (
     RegisterDriver,
     ReleaseJob,
     RunJob,
+    ApiKeyCreated,
+    CreateApiKey,
+    RequireApiKeys,
+    RevokeApiKey,
     SetJobTimeout,
     SetLocalDriver,
     SetRouter,
@@ -89,7 +93,7 @@ async def cancel(ctx: NodeContext, job_id: str) -> None:
         log.warning("job %s: router %s not told of the cancellation: %s", job_id, job.router_node, error.message)
 
 
-async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | JobAccepted:
+async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | JobAccepted | ApiKeyCreated:
     match message:
         case SetRouter(node=node):
             config = await _update_config(ctx, router_node=node)
@@ -101,6 +105,14 @@ async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | Jo
             return Ack(note=await _register(ctx, config))
         case SetJobTimeout(seconds=seconds):
             await _update_config(ctx, job_timeout=seconds)
+            return Ack()
+        case RequireApiKeys(required=required):
+            await _update_config(ctx, require_api_keys=required)
+            return Ack()
+        case CreateApiKey(label=label):
+            return await api_keys.create(ctx, label)
+        case RevokeApiKey(label=label):
+            await api_keys.revoke(ctx, label)
             return Ack()
         case RunJob(job=spec):
             return await _accept_from_router(ctx, source, spec)

@@ -8,12 +8,13 @@ from typing import Any
 class HandlerError(Exception):
     """A refusal with an HTTP status, a stable code and a message for people."""
 
-    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+    def __init__(self, status: int, code: str, message: str, details: Any = None, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.details = details
+        self.retry_after = retry_after
 
 
 class PeerError(HandlerError):

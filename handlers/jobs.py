@@ -9,12 +9,13 @@ from typing import Any
 from sqlalchemy import select
 
 from handlers.context import NodeContext
-from handlers.errors import unknown_job
+from handlers.errors import PeerError, unknown_job
+from schemas.messages import QueuePlace, QueuePosition
 from schemas.jobs import FINAL_STATUSES, JobRecord, JobUpdate, Usage
 from store.models import Job, JobChunk
 
 
-async def record(ctx: NodeContext, job_id: str) -> JobRecord:
+async def record(ctx: NodeContext, job_id: str, with_queue_position: bool = False) -> JobRecord:
     async with ctx.store.reading() as session:
         job = await session.get(Job, job_id)
         if job is None:
@@ -35,7 +36,18 @@ async def record(ctx: NodeContext, job_id: str) -> JobRecord:
         finish_reason=job.finish_reason,
         usage=Usage.model_validate(job.usage) if job.usage else None,
         error=job.error,
+        queue_position=await _queue_position(ctx, job) if with_queue_position else None,
     )
+
+
+async def _queue_position(ctx: NodeContext, job: Job) -> int | None:
+    if job.status != "queued" or job.router_node is None:
+        return None
+    try:
+        reply = await ctx.transport.send("driver", job.router_node, "router", QueuePosition(job_id=job.id))
+    except PeerError:
+        return None
+    return QueuePlace.model_validate(reply).position
 
 
 async def follow(ctx: NodeContext, job_id: str, after_seq: int = -1, idle: float = 15.0) -> AsyncIterator[JobUpdate | None]:

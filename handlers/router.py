@@ -33,12 +33,18 @@ from schemas.messages import (
     JobAccepted,
     JobUpdate,
     ListModels,
+    DriverState,
     Message,
     ModelInfo,
     ModelList,
+    QueuePlace,
+    QueuePosition,
     RegisterDriver,
     ReleaseJob,
+    RouterState,
+    RouterStatus,
     RunJob,
+    SetGate,
     Source,
     StartRouter,
 )
@@ -50,13 +56,14 @@ RUNNING_GRACE_S = 2.0  # the serving driver ends a job at its deadline; the rout
 COOLDOWN_S = 30.0
 FAILURES_BEFORE_COOLDOWN = 2
 RETRY_BACKOFF_S = 0.2
+QUEUE_FULL_RETRY_S = 1.0
 
 
 # Messages about a job need no check: only a router holds routed jobs.
-_NEED_ROUTER = (RegisterDriver, RunJob, ListModels)
+_NEED_ROUTER = (RegisterDriver, RunJob, ListModels, SetGate, RouterStatus)
 
 
-async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | JobAccepted | ModelList:
+async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | JobAccepted | ModelList | QueuePlace | RouterState:
     if isinstance(message, _NEED_ROUTER):
         await _require_router(ctx)
     match message:
@@ -64,6 +71,16 @@ async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | Jo
             async with ctx.store.writing() as session:
                 (await config_for_update(session)).is_router = True
             return Ack()
+        case SetGate():
+            async with ctx.store.writing() as session:
+                config = await config_for_update(session)
+                config.allow_clients, config.deny_clients = message.allow, message.deny
+                config.max_in_flight_per_client, config.max_queue = message.max_in_flight_per_client, message.max_queue
+            return Ack()
+        case RouterStatus():
+            return await _state(ctx)
+        case QueuePosition(job_id=job_id):
+            return await _queue_position(ctx, source, job_id)
         case RegisterDriver():
             await _register(ctx, source.node, message)
             return Ack()
@@ -133,6 +150,9 @@ async def _enqueue(ctx: NodeContext, source: Source, spec: JobSpec) -> JobAccept
         offered = [info.id for info in await _offered(session, source.node)]
         if spec.model not in offered:
             raise unknown_model(spec.model, offered)
+        if (refusal := await ctx.gate(spec, source.node, session)) is not None:
+            raise HandlerError(403, "refused_by_gate", refusal)
+        await _check_queue_room(session, spec.model)
         if await session.get(RoutedJob, spec.job_id) is not None:
             raise HandlerError(409, "duplicate_job", f"job {spec.job_id} was already submitted")
         session.add(
@@ -150,6 +170,55 @@ async def _enqueue(ctx: NodeContext, source: Source, spec: JobSpec) -> JobAccept
         )
     ctx.spawn(dispatch(ctx, spec.model), name=f"dispatch-{spec.model}")
     return JobAccepted(job_id=spec.job_id, status="queued")
+
+
+async def _check_queue_room(session: AsyncSession, model: str) -> None:
+    limit = (await read_config(session)).max_queue
+    waiting = await session.scalar(select(func.count()).where(RoutedJob.model == model, RoutedJob.status == "queued")) or 0
+    if waiting >= limit:
+        raise HandlerError(429, "queue_full", f"the queue for {model} is full ({waiting} jobs waiting)", retry_after=QUEUE_FULL_RETRY_S)
+
+
+async def _queue_position(ctx: NodeContext, source: Source, job_id: str) -> QueuePlace:
+    async with ctx.store.reading() as session:
+        job = await session.get(RoutedJob, job_id)
+        if job is None:
+            raise unknown_job(job_id)
+        if job.client_node != source.node:
+            raise HandlerError(403, "not_the_jobs_client", f"job {job_id} is not {source.node}'s")
+        if job.status != "queued":
+            return QueuePlace(position=None)
+        ahead = await session.scalar(
+            select(func.count()).where(RoutedJob.model == job.model, RoutedJob.status == "queued", RoutedJob.created_at < job.created_at)
+        )
+    return QueuePlace(position=ahead or 0)
+
+
+async def _state(ctx: NodeContext) -> RouterState:
+    async with ctx.store.reading() as session:
+        registrations = (await session.scalars(select(DriverRegistration).order_by(DriverRegistration.node))).all()
+        loads = dict(
+            (await session.execute(
+                select(RoutedJob.driver_node, func.count()).where(RoutedJob.status == "running").group_by(RoutedJob.driver_node)
+            )).all()
+        )
+        queues = dict(
+            (await session.execute(
+                select(RoutedJob.model, func.count()).where(RoutedJob.status == "queued").group_by(RoutedJob.model)
+            )).all()
+        )
+    now = time.time()
+    drivers: dict[str, DriverState] = {}
+    for row in registrations:
+        state = drivers.setdefault(
+            row.node,
+            DriverState(
+                node=row.node, models=[], is_public=row.is_public, capacity=row.capacity, load=loads.get(row.node, 0),
+                last_seen=row.last_seen, cooled_down_until=row.cooldown_until if row.cooldown_until > now else None,
+            ),
+        )
+        state.models.append(row.model)
+    return RouterState(drivers=list(drivers.values()), queues=queues)
 
 
 # --- dispatch ----------------------------------------------------------------------------

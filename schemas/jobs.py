@@ -116,6 +116,7 @@ class JobRecord(BaseModel):
     finish_reason: str | None
     usage: Usage | None
     error: str | None
+    queue_position: int | None = None
 
 
 class ErrorBody(BaseModel):

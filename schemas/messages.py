@@ -56,6 +56,41 @@ class SetJobTimeout(Message):
     seconds: float = Field(gt=0, le=24 * 3600)
 
 
+class SetGate(Message):
+    """Router: who may be served.  Each call replaces the last; `allow` None lets everyone in."""
+
+    type: Literal["SetGate"] = "SetGate"
+    allow: list[str] | None = None
+    deny: list[str] = []
+    max_in_flight_per_client: int | None = Field(default=None, ge=1)
+    max_queue: int = Field(default=1000, ge=1)
+
+
+class RouterStatus(Message):
+    """Router: its drivers and queues, for `emulator status`."""
+
+    type: Literal["RouterStatus"] = "RouterStatus"
+
+
+class CreateApiKey(Message):
+    """Driver: a new key for HTTP clients of this node; the reply shows it once."""
+
+    type: Literal["CreateApiKey"] = "CreateApiKey"
+    label: str = Field(min_length=1, max_length=255)
+
+
+class RevokeApiKey(Message):
+    type: Literal["RevokeApiKey"] = "RevokeApiKey"
+    label: str
+
+
+class RequireApiKeys(Message):
+    """Driver: whether HTTP clients must present a key (`Authorization: Bearer ...`)."""
+
+    type: Literal["RequireApiKeys"] = "RequireApiKeys"
+    required: bool = True
+
+
 class RegisterOaiProviderEndpoint(Message):
     type: Literal["RegisterOaiProviderEndpoint"] = "RegisterOaiProviderEndpoint"
     endpoint: str = Field(pattern=r"^https?://")
@@ -103,6 +138,13 @@ class ReleaseJob(Message):
     reason: str
 
 
+class QueuePosition(Message):
+    """Client's driver → router: how many jobs wait before this one?"""
+
+    type: Literal["QueuePosition"] = "QueuePosition"
+    job_id: str
+
+
 class ListModels(Message):
     """Any node → router: which models would you serve me?"""
 
@@ -113,18 +155,31 @@ def _union(*models: type[Message]) -> Any:
     return Annotated[Union[models], Field(discriminator="type")]  # type: ignore[valid-type]
 
 
-RouterMessage = _union(StartRouter, RunJob, JobUpdate, RegisterDriver, ListModels, CancelJob, ReleaseJob)
-DriverMessage = _union(SetRouter, SetLocalDriver, SetJobTimeout, RunJob, JobUpdate, CancelJob)
+RouterMessage = _union(
+    StartRouter, SetGate, RouterStatus, RunJob, JobUpdate, RegisterDriver, ListModels, CancelJob, ReleaseJob, QueuePosition
+)
+DriverMessage = _union(
+    SetRouter, SetLocalDriver, SetJobTimeout, CreateApiKey, RevokeApiKey, RequireApiKeys, RunJob, JobUpdate, CancelJob
+)
 OpenAiMessage = _union(RegisterOaiProviderEndpoint)
 
-ADMIN_MESSAGES: tuple[type[Message], ...] = (StartRouter, SetRouter, SetLocalDriver, SetJobTimeout, RegisterOaiProviderEndpoint)
 ADMIN_TARGET: dict[str, Process] = {
     "StartRouter": "router",
+    "SetGate": "router",
+    "RouterStatus": "router",
+    "CreateApiKey": "driver",
+    "RevokeApiKey": "driver",
+    "RequireApiKeys": "driver",
     "SetRouter": "driver",
     "SetLocalDriver": "driver",
     "SetJobTimeout": "driver",
     "RegisterOaiProviderEndpoint": "openai",
 }
+
+ADMIN_MESSAGES: tuple[type[Message], ...] = (
+    StartRouter, SetGate, RouterStatus, SetRouter, SetLocalDriver, SetJobTimeout,
+    CreateApiKey, RevokeApiKey, RequireApiKeys, RegisterOaiProviderEndpoint,
+)
 
 _ADAPTERS: dict[str, TypeAdapter[Any]] = {
     "router": TypeAdapter(RouterMessage),
@@ -194,6 +249,30 @@ class ModelInfo(BaseModel):
 
 class ModelList(BaseModel):
     models: list[ModelInfo]
+
+
+class QueuePlace(BaseModel):
+    position: int | None
+
+
+class DriverState(BaseModel):
+    node: str
+    models: list[str]
+    is_public: bool
+    capacity: int
+    load: int
+    last_seen: float
+    cooled_down_until: float | None
+
+
+class RouterState(BaseModel):
+    drivers: list[DriverState]
+    queues: dict[str, int]
+
+
+class ApiKeyCreated(BaseModel):
+    label: str
+    key: str
 
 
 def json_schemas() -> dict[str, Any]:

@@ -27,6 +27,21 @@ class NodeConfig(Base):
     llm_endpoint: Mapped[str | None] = mapped_column(String(2048))
     llm_api_key: Mapped[str | None] = mapped_column(String(2048))
     job_timeout: Mapped[float | None] = mapped_column(Float)
+    allow_clients: Mapped[list[str] | None] = mapped_column(JSON)
+    deny_clients: Mapped[list[str]] = mapped_column(JSON, default=list, server_default=text("'[]'"))
+    max_in_flight_per_client: Mapped[int | None] = mapped_column(Integer)
+    max_queue: Mapped[int] = mapped_column(Integer, default=1000, server_default=text("1000"))
+    require_api_keys: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+
+class ApiKey(Base):
+    """A key HTTP clients present as `Authorization: Bearer ...`; only its SHA-256 is kept."""
+
+    __tablename__ = "api_keys"
+
+    label: Mapped[str] = mapped_column(String(255), primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[float] = mapped_column(Float)
 
 
 class DriverRegistration(Base):

@@ -1,0 +1,52 @@
+"""Keys for HTTP clients of a node.  Only a key's SHA-256 is stored; the key is shown once, at creation."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+
+from handlers.config import read_config
+from handlers.context import NodeContext
+from handlers.errors import HandlerError
+from schemas.messages import ApiKeyCreated
+from store.models import ApiKey
+
+KEY_PREFIX = "llmp-"
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+async def create(ctx: NodeContext, label: str) -> ApiKeyCreated:
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    try:
+        async with ctx.store.writing() as session:
+            session.add(ApiKey(label=label, key_hash=_digest(key), created_at=time.time()))
+    except IntegrityError as error:
+        raise HandlerError(409, "key_exists", f"an API key labelled {label!r} exists; revoke it first") from error
+    return ApiKeyCreated(label=label, key=key)
+
+
+async def revoke(ctx: NodeContext, label: str) -> None:
+    async with ctx.store.writing() as session:
+        result = await session.execute(delete(ApiKey).where(ApiKey.label == label))
+    if not result.rowcount:  # type: ignore[attr-defined]
+        raise HandlerError(404, "key_not_found", f"no API key labelled {label!r}")
+
+
+async def client_identity(ctx: NodeContext, bearer: str | None, anonymous: str) -> str:
+    """Who an HTTP client is: `key:<label>` for a valid key; `anonymous` where keys are not required
+    (OpenAI clients always send some key, so an unknown one is no error there)."""
+    async with ctx.store.reading() as session:
+        label = await session.scalar(select(ApiKey.label).where(ApiKey.key_hash == _digest(bearer))) if bearer else None
+        required = label is None and (await read_config(session)).require_api_keys
+    if label is not None:
+        return f"key:{label}"
+    if required:
+        raise HandlerError(401, "invalid_api_key", "this node needs a valid API key: Authorization: Bearer <key>")
+    return anonymous
