@@ -32,6 +32,10 @@ class Home:
         return self.path / "admin_token"
 
     @property
+    def key_file(self) -> Path:
+        return self.path / "node_key.pem"
+
+    @property
     def info_file(self) -> Path:
         return self.path / "node.json"
 

@@ -11,6 +11,8 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from emulator import signing
+from emulator.directory import Directory
 from handlers import api_keys, chat, driver, jobs, node
 from handlers.context import NodeContext
 from handlers.errors import HandlerError
@@ -21,6 +23,8 @@ from schemas.sse import encode_comment, encode_event
 
 CONTEXT = web.AppKey("context", NodeContext)
 ADMIN_TOKEN = web.AppKey("admin_token", str)
+DIRECTORY = web.AppKey("directory", Directory)
+REPLAY_GUARD = web.AppKey("replay_guard", signing.ReplayGuard)
 
 MAX_BODY_BYTES = 1024 * 1024
 SSE_RETRY_MS = 2000
@@ -178,7 +182,13 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def node_message(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
+    raw = await request.read()
     envelope = Envelope.model_validate(await read_json(request))
+    peer = request.app[DIRECTORY].peer(envelope.source.node)
+    signing.authenticate(
+        peer.public_key if peer else None, envelope.source.node, raw, request.headers.get(signing.SIGNATURE_HEADER),
+        request.app[REPLAY_GUARD], envelope.sent_at, envelope.nonce,
+    )
     return reply(await node.receive(ctx, envelope))
 
 
@@ -193,10 +203,12 @@ async def admin_message(request: web.Request) -> web.Response:
     return reply(await node.admin(request.app[CONTEXT], process, await read_json(request)))
 
 
-def create_app(ctx: NodeContext, admin_token: str) -> web.Application:
+def create_app(ctx: NodeContext, admin_token: str, directory: Directory) -> web.Application:
     app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BODY_BYTES)
     app[CONTEXT] = ctx
     app[ADMIN_TOKEN] = admin_token
+    app[DIRECTORY] = directory
+    app[REPLAY_GUARD] = signing.ReplayGuard()
     app.router.add_get("/healthz", healthz)
     app.router.add_post("/jobs", submit_job)
     app.router.add_get("/jobs/{job_id}", get_job)

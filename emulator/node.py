@@ -14,7 +14,8 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel
 
-from emulator.directory import Directory
+from emulator.directory import Directory, Peer
+from emulator.signing import NodeKey
 from emulator.homes import Home
 from emulator.http_app import create_app
 from emulator.transport import HttpTransport
@@ -53,7 +54,7 @@ class NodeOptions:
     home: Path
     host: str = "127.0.0.1"
     directory_file: Path | None = None
-    peers: dict[str, str] = field(default_factory=dict)
+    peers: dict[str, Peer] = field(default_factory=dict)
     database_url: str | None = None
     limits: JobLimits = field(default_factory=JobLimits)
     verbose: bool = False
@@ -76,16 +77,19 @@ class Node:
         self.home = Home(options.home)
         self.url = f"http://{options.host}:{options.port}"
         self.ctx: NodeContext | None = None
+        self.public_key: str | None = None
         self._runner: web.AppRunner | None = None
         self._transport: HttpTransport | None = None
 
     async def __aenter__(self) -> Node:
         options = self.options
         token = self.home.admin_token()
+        key = NodeKey.load_or_create(self.home.key_file)
+        self.public_key = key.public_key
         store = Store.open(options.database_url or sqlite_url(self.home.database))
         await store.migrate()
         directory = Directory(options.peers, options.directory_file)
-        self._transport = HttpTransport(options.name, directory, self._deliver_local)
+        self._transport = HttpTransport(options.name, key, directory, self._deliver_local)
         self.ctx = NodeContext(
             name=options.name,
             store=store,
@@ -99,12 +103,14 @@ class Node:
                 retention=options.limits.retention,
             ),
         )
-        self._runner = web.AppRunner(create_app(self.ctx, token), access_log=None if not options.verbose else logging.getLogger("aiohttp.access"))
+        self._runner = web.AppRunner(create_app(self.ctx, token, directory), access_log=None if not options.verbose else logging.getLogger("aiohttp.access"))
         await self._runner.setup()
         await web.TCPSite(self._runner, options.host, options.port, reuse_address=True).start()
         self.home.write_info(options.name, self.url)
         self.ctx.spawn(self._upkeep(self.ctx), name="upkeep")
-        logging.getLogger("llm_provider").info("node %s listening on %s (home %s)", options.name, self.url, self.home.path)
+        logging.getLogger("llm_provider").info(
+            "node %s listening on %s (home %s); public key %s", options.name, self.url, self.home.path, key.public_key
+        )
         return self
 
     @staticmethod

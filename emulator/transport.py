@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -11,6 +13,7 @@ import aiohttp
 from pydantic import BaseModel
 
 from emulator.directory import Directory
+from emulator.signing import SIGNATURE_HEADER, NodeKey
 from handlers.errors import HandlerError, PeerError
 from schemas.messages import Message, Process, Source, to_wire
 
@@ -21,8 +24,9 @@ LocalDelivery = Callable[[Source, Process, Message], Awaitable[BaseModel]]
 
 
 class HttpTransport:
-    def __init__(self, name: str, directory: Directory, deliver_local: LocalDelivery) -> None:
+    def __init__(self, name: str, key: NodeKey, directory: Directory, deliver_local: LocalDelivery) -> None:
         self.name = name
+        self.key = key
         self.directory = directory
         self._deliver_local = deliver_local
         self._sessions: dict[str, aiohttp.ClientSession] = {}
@@ -30,12 +34,21 @@ class HttpTransport:
     async def send(self, source: Process, node: str, target: Process, message: Message) -> dict[str, Any]:
         if node == self.name:
             return await self._send_to_self(source, target, message)
-        url = self.directory.url(node)
-        if url is None:
+        peer = self.directory.peer(node)
+        if peer is None:
             raise PeerError(503, "unknown_node", f"no URL for node {node!r} in the directory")
-        envelope = {"source": {"node": self.name, "process": source}, "target": target, "body": to_wire(message)}
+        url = peer.url
+        envelope = {
+            "source": {"node": self.name, "process": source},
+            "target": target,
+            "sent_at": time.time(),
+            "nonce": secrets.token_hex(16),
+            "body": to_wire(message),
+        }
+        data = json.dumps(envelope, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: self.key.sign(data)}
         try:
-            async with self._session(node).post(url + MESSAGE_PATH, data=json.dumps(envelope), headers={"Content-Type": "application/json"}) as response:
+            async with self._session(node).post(url + MESSAGE_PATH, data=data, headers=headers) as response:
                 body = await response.json(content_type=None)
                 if response.status >= 400:
                     error = body.get("error", {}) if isinstance(body, dict) else {}

@@ -18,7 +18,8 @@ from typing import Any
 import aiohttp
 
 from emulator.client import send_admin
-from emulator.directory import write_directory
+from emulator.directory import Peer, write_directory
+from emulator.signing import NodeKey
 from emulator.homes import Home
 from emulator.node import JobLimits
 
@@ -138,7 +139,9 @@ async def up(options: UpOptions) -> int:
         shutil.rmtree(options.root)
     options.root.mkdir(parents=True, exist_ok=True)
     nodes = plan(options)
-    write_directory(options.root / "directory.json", {n.name: n.url for n in nodes})
+    # Keys are made before the nodes start, so the directory can carry every public key.
+    keys = {n.name: NodeKey.load_or_create(n.home.key_file).public_key for n in nodes}
+    write_directory(options.root / "directory.json", {n.name: Peer(n.url, keys[n.name]) for n in nodes})
     processes: dict[str, asyncio.subprocess.Process] = {}
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

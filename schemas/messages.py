@@ -225,6 +225,8 @@ class Envelope(BaseModel):
 
     source: Source
     target: Process
+    sent_at: float
+    nonce: str = Field(min_length=16, max_length=64)
     body: Any
 
 

@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from emulator.client import send_admin
+from emulator.directory import Peer
 from emulator.fake_llm import STATS, FakeLlmSettings, FakeLlmStats, create_app
 from emulator.node import Node, NodeOptions
 
@@ -80,14 +81,14 @@ async def start_node(tmp_path: Path) -> AsyncIterator[StartNode]:
 
     Every node started by one test shares a directory (peers), so names resolve.
     """
-    peers: dict[str, str] = {}
+    peers: dict[str, Peer] = {}
     async with AsyncExitStack() as stack:
 
         async def start(name: str, **options: Any) -> RunningNode:
             port = options.pop("port", None) or free_port()
-            peers[name] = f"http://127.0.0.1:{port}"
             home = tmp_path / name
             node = await stack.enter_async_context(Node(NodeOptions(name=name, port=port, home=home, peers=peers, **options)))
+            peers[name] = Peer(url=node.url, public_key=node.public_key)
             return RunningNode(name=name, url=node.url, home=home, node=node)
 
         yield start
