@@ -179,13 +179,19 @@ async def _check_queue_room(session: AsyncSession, model: str) -> None:
         raise HandlerError(429, "queue_full", f"the queue for {model} is full ({waiting} jobs waiting)", retry_after=QUEUE_FULL_RETRY_S)
 
 
+async def _clients_job(session: AsyncSession, source: Source, job_id: str) -> RoutedJob:
+    """The job, if it is the asking node's."""
+    job = await session.get(RoutedJob, job_id)
+    if job is None:
+        raise unknown_job(job_id)
+    if job.client_node != source.node:
+        raise HandlerError(403, "not_the_jobs_client", f"job {job_id} is not {source.node}'s")
+    return job
+
+
 async def _queue_position(ctx: NodeContext, source: Source, job_id: str) -> QueuePlace:
     async with ctx.store.reading() as session:
-        job = await session.get(RoutedJob, job_id)
-        if job is None:
-            raise unknown_job(job_id)
-        if job.client_node != source.node:
-            raise HandlerError(403, "not_the_jobs_client", f"job {job_id} is not {source.node}'s")
+        job = await _clients_job(session, source, job_id)
         if job.status != "queued":
             return QueuePlace(position=None)
         ahead = await session.scalar(
@@ -356,11 +362,7 @@ async def _dispatch_later(ctx: NodeContext, model: str, delay: float) -> None:
 
 async def _cancel(ctx: NodeContext, source: Source, job_id: str) -> None:
     async with ctx.store.writing() as session:
-        job = await session.get(RoutedJob, job_id)
-        if job is None:
-            raise unknown_job(job_id)
-        if job.client_node != source.node:
-            raise HandlerError(403, "not_the_jobs_client", f"job {job_id} is not {source.node}'s")
+        job = await _clients_job(session, source, job_id)
         if job.status in FINAL_STATUSES:
             return
         was_running, driver = job.status == "running", job.driver_node
