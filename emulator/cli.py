@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from emulator import fake_llm
 from emulator.client import CommandError, format_router_state, parse_message_arg, run_job, send_admin
 from emulator.directory import parse_peer
@@ -127,6 +129,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(asyncio.run(_dispatch(args)) or 0)
     except CommandError as error:
         print(f"emulator: {error}", file=sys.stderr)
+        sys.exit(1)
+    except (aiohttp.ClientConnectionError, TimeoutError) as error:
+        where = f"127.0.0.1:{args.port}" if getattr(args, "port", None) else "the node"
+        print(f"emulator: cannot reach a node at {where} ({error.__class__.__name__}); is it running?", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

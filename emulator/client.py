@@ -29,13 +29,23 @@ def parse_message_arg(text: str) -> Any:
     return stripped
 
 
+def refusal(status: int, body: Any) -> CommandError:
+    """An error answer as one readable line, with the fields at fault where the node named them."""
+    error = body.get("error", {}) if isinstance(body, dict) else {}
+    text = f"HTTP {status}: {error.get('message', body)}"
+    details = error.get("details")
+    if isinstance(details, list):
+        text += "".join(f"; {'.'.join(map(str, d.get('loc', ())))}: {d.get('msg')}" for d in details if isinstance(d, dict))
+    return CommandError(text)
+
+
 async def send_admin(url: str, token: str, message: Any, process: str | None = None) -> dict[str, Any]:
     path = "/admin" if process is None else f"/admin/{process}"
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
         async with session.post(url + path, json=message, headers={"Authorization": f"Bearer {token}"}) as response:
             body = await response.json(content_type=None)
             if response.status >= 400:
-                raise CommandError(f"HTTP {response.status}: {body.get('error', {}).get('message', body)}")
+                raise refusal(response.status, body)
             return body  # type: ignore[no-any-return]
 
 
@@ -61,7 +71,7 @@ async def run_job(url: str, request: dict[str, Any], out: TextIO = sys.stdout) -
         async with session.post(url + "/jobs", json=request) as response:
             body = await response.json(content_type=None)
             if response.status != 202:
-                raise CommandError(f"HTTP {response.status}: {body.get('error', {}).get('message', body)}")
+                raise refusal(response.status, body)
         job_id = body["job_id"]
         try:
             final, first_token = await _print_stream(session, url + body["events_url"], out, started)

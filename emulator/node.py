@@ -142,7 +142,7 @@ async def serve_forever(options: NodeOptions) -> None:
     configure_logging(Home(options.home), options.verbose)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, stop.set)
     async with Node(options) as node:
         await stop.wait()

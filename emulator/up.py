@@ -7,9 +7,11 @@ is a client of the router; nodes 4 and up are more drivers on the same LLM.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import shlex
 import shutil
 import signal
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +19,14 @@ from typing import Any
 
 import aiohttp
 
-from emulator.client import send_admin
+from emulator.client import CommandError, send_admin
 from emulator.directory import Peer, write_directory
 from emulator.signing import NodeKey
 from emulator.homes import Home
 from emulator.node import JobLimits
 
 STARTUP_TIMEOUT_S = 30.0
+PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 10.0
 
 
@@ -88,19 +91,35 @@ def _argv(command: list[str]) -> list[str]:
     return [sys.executable, "-m", "emulator.cli", *command[1:]]
 
 
-async def _wait_healthy(session: aiohttp.ClientSession, url: str, process: asyncio.subprocess.Process) -> None:
+async def _wait_healthy(session: aiohttp.ClientSession, name: str, url: str, process: asyncio.subprocess.Process, log: Path) -> None:
     deadline = asyncio.get_running_loop().time() + STARTUP_TIMEOUT_S
     while asyncio.get_running_loop().time() < deadline:
         if process.returncode is not None:
-            raise RuntimeError(f"{url} exited with code {process.returncode} while starting")
+            raise CommandError(f"{name} exited with code {process.returncode} while starting; see {log}")
         try:
-            async with session.get(url + "/healthz") as response:
+            async with session.get(url + "/healthz", timeout=aiohttp.ClientTimeout(total=2)) as response:
                 if response.status == 200:
                     return
-        except aiohttp.ClientError:
+        except (aiohttp.ClientError, TimeoutError):
             pass
         await asyncio.sleep(0.05)  # polling a port that is not open yet: there is no event to await
-    raise RuntimeError(f"{url} did not answer within {STARTUP_TIMEOUT_S:.0f} s")
+    raise CommandError(f"{name} did not answer at {url} within {STARTUP_TIMEOUT_S:.0f} s; see {log}")
+
+
+def _check_ports_free(ports: dict[int, str]) -> None:
+    for port, owner in ports.items():
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError as error:
+                raise CommandError(f"port {port} ({owner}) is taken: {error.strerror}; stop what uses it or pick --base-port") from error
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM when `up` dies, even by SIGKILL (Linux)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _wiring(nodes: list[NodePlan], llm: str, model: str) -> list[tuple[NodePlan, Any]]:
@@ -139,13 +158,15 @@ async def up(options: UpOptions) -> int:
         shutil.rmtree(options.root)
     options.root.mkdir(parents=True, exist_ok=True)
     nodes = plan(options)
+    ports = {n.port: n.name for n in nodes} | ({} if options.llm else {options.llm_port: "the fake LLM"})
+    _check_ports_free(ports)
     # Keys are made before the nodes start, so the directory can carry every public key.
     keys = {n.name: NodeKey.load_or_create(n.home.key_file).public_key for n in nodes}
     write_directory(options.root / "directory.json", {n.name: Peer(n.url, keys[n.name]) for n in nodes})
     processes: dict[str, asyncio.subprocess.Process] = {}
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, stop.set)
     try:
         llm, llm_command = options.llm, None
@@ -156,19 +177,20 @@ async def up(options: UpOptions) -> int:
                 log_path = options.root / "fake-llm.log"
                 with log_path.open("ab") as log:
                     processes["fake-llm"] = await asyncio.create_subprocess_exec(
-                        *_argv(llm_args), stdout=log, stderr=log, start_new_session=True
+                        *_argv(llm_args), stdout=log, stderr=log, start_new_session=True, preexec_fn=_die_with_parent
                     )
                 llm_root = f"http://127.0.0.1:{options.llm_port}"
-                await _wait_healthy(session, llm_root, processes["fake-llm"])
+                await _wait_healthy(session, "the fake LLM", llm_root, processes["fake-llm"], log_path)
                 llm = llm_root + "/v1"
             for node in nodes:
                 node.home.path.mkdir(parents=True, exist_ok=True)
                 with node.home.log_file.open("ab") as log:
                     processes[node.name] = await asyncio.create_subprocess_exec(
-                        *_argv(node_command(node, options)), stdout=log, stderr=log, start_new_session=True
+                        *_argv(node_command(node, options)), stdout=log, stderr=log, start_new_session=True,
+                        preexec_fn=_die_with_parent,
                     )
             for node in nodes:
-                await _wait_healthy(session, node.url, processes[node.name])
+                await _wait_healthy(session, node.name, node.url, processes[node.name], node.home.log_file)
             if options.wire:
                 for node, message in _wiring(nodes, llm, options.model):
                     await send_admin(node.url, node.home.admin_token(), message)

@@ -132,15 +132,15 @@ async def boot(ctx: NodeContext) -> None:
     for served in orphans:
         if served.id not in ctx.serving:
             await _settle_orphan(ctx, served)
-    await heartbeat(ctx)
+    await heartbeat(ctx, restarted=True)
 
 
-async def heartbeat(ctx: NodeContext) -> None:
+async def heartbeat(ctx: NodeContext, restarted: bool = False) -> None:
     """Re-register with the router, so it knows this driver is alive."""
     async with ctx.store.reading() as session:
         config = await read_config(session)
     if config.driver_models:
-        note = await _register(ctx, config)
+        note = await _register(ctx, config, restarted)
         if note:
             log.warning("%s", note)
 
@@ -284,11 +284,13 @@ async def _update_config(ctx: NodeContext, **values: object) -> NodeConfig:
     return config
 
 
-async def _register(ctx: NodeContext, config: NodeConfig) -> str | None:
+async def _register(ctx: NodeContext, config: NodeConfig, restarted: bool = False) -> str | None:
     """Tell the router what we serve; a note for the admin when that failed."""
     if config.router_node is None:
         return None
-    message = RegisterDriver(models=config.driver_models, is_public=config.driver_is_public, capacity=config.driver_capacity)
+    message = RegisterDriver(
+        models=config.driver_models, is_public=config.driver_is_public, capacity=config.driver_capacity, restarted=restarted
+    )
     try:
         await ctx.transport.send("driver", config.router_node, "router", message)
     except PeerError as error:

@@ -116,7 +116,7 @@ async def _require_router(ctx: NodeContext) -> None:
 
 
 async def _register(ctx: NodeContext, node: str, message: RegisterDriver) -> None:
-    """Replace what `node` serves, keeping its failure count across heartbeats."""
+    """Replace what `node` serves, keeping its failure count across heartbeats (not across restarts)."""
     now = time.time()
     models = list(dict.fromkeys(message.models))
     async with ctx.store.writing() as session:
@@ -127,6 +127,8 @@ async def _register(ctx: NodeContext, node: str, message: RegisterDriver) -> Non
         for model in models:
             row = known.get(model) or DriverRegistration(node=node, model=model, failures=0, cooldown_until=0.0)
             row.is_public, row.capacity, row.last_seen = message.is_public, message.capacity, now
+            if message.restarted:
+                row.failures, row.cooldown_until = 0, 0.0
             session.add(row)
     for model in models:
         ctx.spawn(dispatch(ctx, model), name=f"dispatch-{model}")

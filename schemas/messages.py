@@ -121,6 +121,7 @@ class RegisterDriver(Message):
     models: list[str]
     is_public: bool = True
     capacity: int = Field(default=1, ge=1, le=1024)
+    restarted: bool = False  # a fresh process: what failed before it started is forgiven
 
 
 class CancelJob(Message):

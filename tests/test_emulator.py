@@ -1,0 +1,606 @@
+"""The `emulator` command end to end: real processes from the installed console script, real HTTP on loopback.
+
+Every process a test starts is killed in teardown, by its id, even when the test fails: the `up` process
+(its own session) and the node and fake-LLM processes it spawned (each in a session of its own, so they
+are found as `up`'s children, or by command lines naming the test's root or fake-LLM port once `up` is
+gone, and killed one by one), and any node started by hand.  Nothing sleeps to synchronise: tests wait
+for `up`'s `ready` line and other lines it prints, for processes to exit, and poll /healthz only where a
+port opening has no event to wait on.  Every wait is bounded, so a hang fails the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from tests.conftest import free_port
+from tests.sse_client import job_updates
+
+EMULATOR = Path(sys.executable).parent / "emulator"
+TIMEOUT_S = 60.0  # the most any one step may take before the test fails instead of hanging
+MODEL = "llama3"
+WOODCHUCK = "How much wood could a woodchuck chuck? Be concise.".split()
+SUMMARY = re.compile(
+    r"^job (?P<job_id>[0-9a-f]{16,}) · (?P<status>\w+) · driver (?P<driver>\S+) · first token (?P<ttft>\d+ ms|-) · total (?P<total>\d+) ms"
+)
+TABLE_ROW = re.compile(
+    r"^(?P<name>fake\d*\.dev)\s+(?P<role>router \+ driver|router|driver|client)\s+(?P<url>http://\S+)\s+(?P<home>\S+)\s+(?P<log>\S+)$"
+)
+
+
+# --- ports and processes ------------------------------------------------------------------
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def is_listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return False
+    return True
+
+
+def pick_ports(nodes: int) -> tuple[int, int]:
+    """A base port with `nodes` free ports from it, and a free port for the fake LLM outside that range."""
+    for _ in range(200):
+        base, llm = free_port(), free_port()
+        span = range(base, base + nodes)
+        if base + nodes <= 65535 and llm not in span and all(port_is_free(p) for p in [*span, llm]):
+            return base, llm
+    raise AssertionError(f"found no {nodes} consecutive free ports")
+
+
+def children_of(pid: int) -> set[int]:
+    """The processes whose parent is `pid`, from /proc."""
+    found: set[int] = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def is_running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def started_for(root: Path, llm_port: int) -> set[int]:
+    """Running processes of one network, found by their command lines: nodes name its root, the fake LLM its port."""
+    found: set[int] = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        is_node = "emulator.cli" in argv and any(arg.startswith(str(root)) for arg in argv)
+        is_llm = "emulator.cli" in argv and "fake-llm" in argv and str(llm_port) in argv
+        if (is_node or is_llm) and is_running(int(cmdline.parent.name)):
+            found.add(int(cmdline.parent.name))
+    return found
+
+
+def is_ours(pid: int, marker: str) -> bool:
+    """Still the process we started (pid not reused): its command line names the emulator."""
+    try:
+        return marker in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL a process started in a session of its own (its group id is its pid)."""
+    if not is_ours(pid, "emulator"):
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def wait_gone(pids: set[int], timeout: float = 10.0) -> set[int]:
+    """The pids still running after `timeout`; processes we are not the parent of cannot be waited for."""
+    deadline = time.monotonic() + timeout
+    while (alive := {p for p in pids if is_running(p)}) and time.monotonic() < deadline:
+        time.sleep(0.05)  # another process's child: no event to wait on
+    return alive
+
+
+@dataclass
+class Up:
+    """A running `emulator up`, its output read line by line on a thread."""
+
+    proc: subprocess.Popen[str]
+    root: Path
+    base: int
+    llm_port: int
+    nodes: int
+    output: list[str] = field(default_factory=list)
+    lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
+    children: set[int] = field(default_factory=set)
+    table: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output.append(line.rstrip("\n"))
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def transcript(self) -> str:
+        return "\n".join(self.output)
+
+    def expect(self, pattern: str, timeout: float = TIMEOUT_S) -> tuple[re.Match[str], list[str]]:
+        """Read output until a line matches; the match and the lines read before it."""
+        deadline = time.monotonic() + timeout
+        seen: list[str] = []
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no line matching {pattern!r} within {timeout:.0f} s; output:\n{self.transcript()}")
+            try:
+                line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                self.lines.put(None)  # keep the end visible to later reads
+                raise AssertionError(f"`emulator up` ended (code {self.proc.poll()}) before {pattern!r}; output:\n{self.transcript()}")
+            if match := re.search(pattern, line):
+                return match, seen
+            seen.append(line)
+
+    def wait_exit(self, timeout: float = TIMEOUT_S) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self.expect_end()
+        return code
+
+    def expect_end(self) -> None:
+        """Every line `up` printed is in `output` once this returns."""
+        deadline = time.monotonic() + TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.lines.get(timeout=max(0.0, deadline - time.monotonic())) is None:
+                self.lines.put(None)
+                return
+        raise AssertionError("the output of `emulator up` did not end")
+
+    def url(self, index: int) -> str:
+        return f"http://127.0.0.1:{self.base + index - 1}"
+
+    def home(self, name: str) -> Path:
+        return self.root / name
+
+    def pid_of(self, name: str) -> int:
+        return int(json.loads((self.home(name) / "node.json").read_text())["pid"])
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "LLM_PROVIDER_ROOT": str(self.root)}
+
+    def cli(self, *args: str, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args, env=self.env(), timeout=timeout)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(EMULATOR), *args], capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+class Processes:
+    """What a test started; all of it is killed at teardown."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.ups: list[Up] = []
+        self.others: list[subprocess.Popen[Any]] = []
+
+    def up(self, nodes: int = 3, *extra: str, ready: bool = True, ports: tuple[int, int] | None = None) -> Up:
+        base, llm_port = ports or pick_ports(nodes)
+        root = self.tmp_path / f"net{len(self.ups) + 1}"
+        argv = [str(EMULATOR), "up", "--nodes", str(nodes), "--base-port", str(base), "--llm-port", str(llm_port), "--root", str(root)]
+        proc = subprocess.Popen(
+            [*argv, *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "LLM_PROVIDER_ROOT": str(root), "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+        )
+        running = Up(proc=proc, root=root, base=base, llm_port=llm_port, nodes=nodes)
+        self.ups.append(running)
+        if ready:
+            _, running.table = running.expect(r"^ready$")
+            running.children = children_of(proc.pid)
+        return running
+
+    def start(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        proc = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL, **kwargs)
+        self.others.append(proc)
+        return proc
+
+    def kill_all(self) -> None:
+        for running in self.ups:
+            pids = running.children | started_for(running.root, running.llm_port)
+            if running.proc.poll() is None:
+                pids |= children_of(running.proc.pid)
+            kill_group(running.proc.pid)
+            for pid in pids:
+                kill_group(pid)
+            running.proc.wait(timeout=TIMEOUT_S)
+            if running.proc.stdout is not None:
+                running.proc.stdout.close()
+        for proc in self.others:
+            kill_group(proc.pid)
+            proc.wait(timeout=TIMEOUT_S)
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    started = Processes(tmp_path)
+    try:
+        yield started
+    finally:
+        started.kill_all()
+
+
+async def wait_healthy(http: aiohttp.ClientSession, url: str, proc: subprocess.Popen[Any] | None = None) -> None:
+    """Poll /healthz: a port that is not open yet has no event to wait on."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{url}: the process exited with code {proc.returncode} while starting")
+        try:
+            async with http.get(url + "/healthz", timeout=aiohttp.ClientTimeout(total=2)) as response:
+                if response.status == 200:
+                    return
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{url} did not answer /healthz within {TIMEOUT_S:.0f} s")
+
+
+async def get_json(http: aiohttp.ClientSession, url: str) -> Any:
+    async with http.get(url) as response:
+        assert response.status == 200, f"GET {url}: {response.status} {await response.text()}"
+        return await response.json()
+
+
+async def cli(up: Up, *args: str, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(up.cli, *args, timeout=timeout)
+
+
+def summary_of(result: subprocess.CompletedProcess[str]) -> tuple[str, re.Match[str]]:
+    """run-job's output: the answer as it streamed, then a summary line."""
+    answer, _, last = result.stdout.rstrip("\n").rpartition("\n")
+    match = SUMMARY.match(last)
+    assert match, f"no summary line in run-job's output:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return answer, match
+
+
+def assert_job_ran(result: subprocess.CompletedProcess[str], driver: str) -> tuple[str, str]:
+    """A run-job that succeeded on `driver`: its answer and job id."""
+    assert result.returncode == 0, f"run-job failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in result.stderr, result.stderr
+    answer, summary = summary_of(result)
+    assert answer.strip(), f"run-job printed no answer:\n{result.stdout}"
+    assert summary["status"] == "succeeded", summary.string
+    assert summary["driver"] == driver, summary.string
+    assert summary["ttft"] != "-", summary.string
+    return answer, summary["job_id"]
+
+
+def assert_readable_failure(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode != 0, f"expected a failure:\n{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("emulator: "), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for needle in needles:
+        assert needle.lower() in result.stderr.lower(), result.stderr
+
+
+def table_rows(up: Up) -> list[tuple[str, ...]]:
+    return [tuple(m.groups()) for line in up.table if (m := TABLE_ROW.match(line))]
+
+
+def hand_commands(up: Up) -> dict[str, list[str]]:
+    """The `emulator node ...` lines of the table, by node name."""
+    commands: dict[str, list[str]] = {}
+    for line in up.table:
+        if line.strip().startswith("emulator node "):
+            argv = shlex.split(line)
+            commands[argv[argv.index("--name") + 1]] = argv
+    return commands
+
+
+def expected_row(up: Up, index: int, name: str, role: str) -> tuple[str, ...]:
+    home = up.root / name
+    return (name, role, up.url(index), str(home), str(home / "node.log"))
+
+
+# --- 1. the seed's whole flow ------------------------------------------------------------------
+
+
+async def test_up_runs_the_seed_network_and_stops_it_on_ctrl_c(processes: Processes, http: aiohttp.ClientSession) -> None:
+    up = processes.up(3)
+    names = ["fake.dev", "fake2.dev", "fake3.dev"]
+
+    # the table: names, roles, URLs, homes, logs; the hand-start commands; the suggested run-job
+    assert table_rows(up) == [
+        expected_row(up, 1, "fake.dev", "router"),
+        expected_row(up, 2, "fake2.dev", "driver"),
+        expected_row(up, 3, "fake3.dev", "client"),
+    ], up.transcript()
+    commands = hand_commands(up)
+    assert sorted(commands) == sorted(names), up.transcript()
+    for index, name in enumerate(names, start=1):
+        argv = commands[name]
+        assert argv[:2] == ["emulator", "node"]
+        assert argv[argv.index("--port") + 1] == str(up.base + index - 1)
+        assert argv[argv.index("--home") + 1] == str(up.root / name)
+    assert f"emulator run-job -p {up.base + 2} {MODEL} How much wood" in up.transcript()
+    assert f"LLM: http://127.0.0.1:{up.llm_port}/v1" in up.transcript()
+
+    # one home and one OS process per node, all children of `up`
+    pids = {}
+    for index, name in enumerate(names, start=1):
+        home = up.home(name)
+        assert (home / "node.db").is_file() and (home / "node.log").is_file(), sorted(p.name for p in home.iterdir())
+        info = json.loads((home / "node.json").read_text())
+        assert info["name"] == name and info["url"] == up.url(index)
+        pids[name] = int(info["pid"])
+    assert len(set(pids.values())) == 3
+    assert set(pids.values()) <= up.children, (pids, up.children)
+    assert all(is_running(pid) for pid in pids.values())
+    directory = json.loads((up.root / "directory.json").read_text())
+    assert sorted(directory) == sorted(names), directory
+    for index, name in enumerate(names, start=1):  # an entry is the node's URL, or an object with it
+        assert (directory[name] if isinstance(directory[name], str) else directory[name]["url"]) == up.url(index), directory
+
+    # the seed's job, through the CLI
+    result = await cli(up, "run-job", "-p", str(up.base + 2), MODEL, *WOODCHUCK)
+    answer, job_id = assert_job_ran(result, driver="fake2.dev")
+
+    # the same network over plain HTTP, and through the official OpenAI client
+    models = await get_json(http, f"{up.url(3)}/v1/models")
+    assert MODEL in [m["id"] for m in models["data"]], models
+    record = await get_json(http, f"{up.url(3)}/jobs/{job_id}")
+    assert record["status"] == "succeeded" and record["driver"] == "fake2.dev", record
+    assert record["text"].strip() == answer.strip()
+
+    def openai_stream() -> list[Any]:
+        client = openai.OpenAI(base_url=f"{up.url(3)}/v1", api_key="x", timeout=TIMEOUT_S, max_retries=0)
+        try:
+            stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], stream=True)
+            return list(stream)
+        finally:
+            client.close()
+
+    chunks = await asyncio.to_thread(openai_stream)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content.strip(), chunks
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2, "the completion did not stream in chunks"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"], chunks
+
+    # Ctrl-C: every process goes, and `up` says so
+    fake_llm = up.children - set(pids.values())
+    assert len(fake_llm) == 1, up.children
+    up.proc.send_signal(signal.SIGINT)
+    assert up.wait_exit() == 0, up.transcript()
+    assert "stopped all processes" in up.output, up.transcript()
+    assert not wait_gone(up.children), "processes left running after Ctrl-C"
+    for port in (up.base, up.base + 1, up.base + 2, up.llm_port):
+        assert not is_listening(port), f"something still listens on port {port}"
+
+
+# --- 2. wiring by hand -------------------------------------------------------------------------
+
+
+async def test_no_wire_then_the_seeds_admin_commands_by_hand(processes: Processes) -> None:
+    up = processes.up(3, "--no-wire")
+    b, llm = up.base, up.llm_port
+
+    # unwired, the client node has nowhere to send a job; and mistakes a user makes typing admin commands
+    refused, bad_json, unknown, unknown_json, wrong_token = await asyncio.gather(
+        cli(up, "run-job", "-p", str(b + 2), MODEL, *WOODCHUCK),
+        cli(up, "admin", "-p", str(b), '{"SetRouter": {"node": "fake.dev"}'),
+        cli(up, "admin", "-p", str(b), "Bogus"),
+        cli(up, "admin", "-p", str(b), '{"Bogus": {}}'),
+        cli(up, "admin", "-p", str(b), "--token", "wrong", "StartRouter"),
+    )
+    assert_readable_failure(refused, "no router")
+    assert refused.stdout == ""
+    assert_readable_failure(bad_json, "JSON")
+    assert_readable_failure(unknown, "not an admin message", "StartRouter")
+    assert_readable_failure(unknown_json, "not an admin message")
+    assert_readable_failure(wrong_token, "401", "admin token")
+
+    # the seed's commands, exactly as typed
+    seed = [
+        ("admin", "-p", str(b), "StartRouter"),
+        ("admin", "-p", str(b + 1), '{"SetRouter": {"node": "fake.dev"}}'),
+        ("message", "-p", str(b + 1), "openai", f'{{"RegisterOaiProviderEndpoint": {{"endpoint": "http://127.0.0.1:{llm}/v1"}}}}'),
+        ("admin", "-p", str(b + 1), '{"SetLocalDriver": {"model": "llama3", "is_public": true}}'),
+        ("admin", "-p", str(b + 2), '{"SetRouter": {"node": "fake.dev"}}'),
+    ]
+    for command in seed:
+        result = await cli(up, *command)
+        assert result.returncode == 0, f"{shlex.join(command)}:\n{result.stdout}\n{result.stderr}"
+        assert json.loads(result.stdout)["ok"] is True, result.stdout
+
+    assert_job_ran(await cli(up, "run-job", "-p", str(b + 2), MODEL, *WOODCHUCK), driver="fake2.dev")
+
+    # SIGTERM stops everything too
+    up.proc.send_signal(signal.SIGTERM)
+    assert up.wait_exit() == 0, up.transcript()
+    assert "stopped all processes" in up.output
+    assert not wait_gone(up.children)
+
+
+# --- 3. a node that dies -----------------------------------------------------------------------
+
+
+async def test_a_killed_node_is_reported_and_can_be_started_again_by_hand(processes: Processes, http: aiohttp.ClientSession) -> None:
+    up = processes.up(3)
+    dead = up.pid_of("fake2.dev")
+    os.kill(dead, signal.SIGKILL)
+
+    up.expect(r"fake2\.dev exited with code -9")
+    match, _ = up.expect(r"start it again with: (emulator node .*)$")
+    command = shlex.split(match[1])
+    assert command[command.index("--name") + 1] == "fake2.dev"
+    assert command[command.index("--port") + 1] == str(up.base + 1)
+    assert command[command.index("--home") + 1] == str(up.home("fake2.dev"))
+
+    # `up` goes on, and so do the others
+    assert up.proc.poll() is None, up.transcript()
+    for index in (1, 3):
+        health = await get_json(http, f"{up.url(index)}/healthz")
+        assert health["status"] == "ok"
+
+    # the printed command, run as a user would (the installed script in place of `emulator`)
+    hand = processes.start([str(EMULATOR), *command[1:]], env=up.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    await wait_healthy(http, up.url(2), hand)
+    assert up.pid_of("fake2.dev") == hand.pid
+    assert_job_ran(await cli(up, "run-job", "-p", str(up.base + 2), MODEL, *WOODCHUCK), driver="fake2.dev")
+
+    hand.send_signal(signal.SIGTERM)
+    assert hand.wait(timeout=TIMEOUT_S) == 0
+    up.proc.send_signal(signal.SIGINT)
+    assert up.wait_exit() == 0, up.transcript()
+    assert "fake2.dev exited" in up.transcript() and "stopped all processes" in up.output
+
+
+# --- 4. other sizes ----------------------------------------------------------------------------
+
+
+async def test_a_single_node_routes_and_drives(processes: Processes) -> None:
+    up = processes.up(1)
+    assert table_rows(up) == [expected_row(up, 1, "fake.dev", "router + driver")], up.transcript()
+    assert f"emulator run-job -p {up.base} {MODEL}" in up.transcript()
+    assert_job_ran(await cli(up, "run-job", "-p", str(up.base), MODEL, *WOODCHUCK), driver="fake.dev")
+
+
+async def test_four_nodes_share_jobs_between_two_drivers(processes: Processes, http: aiohttp.ClientSession) -> None:
+    up = processes.up(4, "--tps", "200")
+    assert table_rows(up) == [
+        expected_row(up, 1, "fake.dev", "router"),
+        expected_row(up, 2, "fake2.dev", "driver"),
+        expected_row(up, 3, "fake3.dev", "client"),
+        expected_row(up, 4, "fake4.dev", "driver"),
+    ], up.transcript()
+
+    async def one_job(n: int) -> list[dict[str, Any]]:
+        async with http.post(f"{up.url(3)}/jobs", json={"model": MODEL, "prompt": f"job {n}"}) as response:
+            assert response.status == 202, await response.text()
+            created = await response.json()
+        return await job_updates(http, up.url(3), created["job_id"])
+
+    results = await asyncio.wait_for(asyncio.gather(*(one_job(n) for n in range(8))), TIMEOUT_S)
+    for updates in results:
+        final = updates[-1]
+        assert final["status"] == "succeeded", final
+        assert "".join(u.get("delta", "") for u in updates).strip()
+    assert {updates[-1]["driver"] for updates in results} == {"fake2.dev", "fake4.dev"}
+
+
+# --- bugs found ----------------------------------------------------------------------------------
+
+
+def test_cli_against_a_node_that_is_not_running_says_so(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "LLM_PROVIDER_ROOT": str(tmp_path)}
+    assert_readable_failure(run_cli("run-job", "-p", str(port), MODEL, "hi", env=env), str(port))
+    assert_readable_failure(run_cli("admin", "-p", str(port), "--token", "x", "StartRouter", env=env), str(port))
+
+
+def test_up_with_a_taken_port_fails_readably_and_leaves_nothing_running(processes: Processes) -> None:
+    base, llm_port = pick_ports(3)
+    # the node on base+1 cannot bind; this socket is bound but not listening, so nothing answers there either
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", base + 1))
+        up = processes.up(3, ready=False, ports=(base, llm_port))
+        code = up.wait_exit()
+    transcript = up.transcript()
+    assert not started_for(up.root, up.llm_port), "`up` left processes running"
+    assert code != 0, transcript
+    assert "ready" not in up.output
+    assert "Traceback" not in transcript, transcript
+    # refused before anything starts: the message names the port and the node that needs it
+    assert f"port {base + 1} (fake2.dev) is taken" in transcript, transcript
+
+
+def test_up_with_a_port_held_by_a_silent_listener_gives_up_promptly(processes: Processes) -> None:
+    base, llm_port = pick_ports(3)
+    with socket.socket() as silent:  # accepts connections (the kernel does, from the backlog), never answers
+        silent.bind(("127.0.0.1", base + 1))
+        silent.listen(16)
+        up = processes.up(3, ready=False, ports=(base, llm_port))
+        code = up.wait_exit(timeout=8)  # the node cannot bind and exits within a second or so
+    assert code != 0, up.transcript()
+    assert "ready" not in up.output
+    assert not started_for(up.root, up.llm_port), "`up` left processes running"
+
+
+def test_up_stops_its_processes_when_its_terminal_hangs_up(processes: Processes) -> None:
+    up = processes.up(3)
+    assert len(up.children) == 4, up.children  # three nodes and the fake LLM
+    up.proc.send_signal(signal.SIGHUP)
+    up.wait_exit()
+    # `up` waits for its children before it exits, so none may be left by now
+    assert not {pid for pid in up.children if is_running(pid)}, "processes orphaned by SIGHUP:\n" + up.transcript()
+    assert "stopped all processes" in up.output, up.transcript()
+
+
+async def test_a_restarted_driver_takes_jobs_at_once_even_after_failed_hand_offs(
+    processes: Processes, http: aiohttp.ClientSession
+) -> None:
+    up = processes.up(3)
+    os.kill(up.pid_of("fake2.dev"), signal.SIGKILL)
+    match, _ = up.expect(r"start it again with: (emulator node .*)$")
+
+    # a job while fake2.dev is down: the router cannot hand it over (twice) and cools the driver down
+    async with http.post(f"{up.url(3)}/jobs", json={"model": MODEL, "prompt": "hi", "timeout": 1}) as response:
+        assert response.status == 202, await response.text()
+        created = await response.json()
+    updates = await job_updates(http, up.url(3), created["job_id"])
+    assert updates[-1]["status"] == "timed_out", updates[-1]
+    assert "cooled down" in (up.home("fake.dev") / "node.log").read_text()
+
+    hand = processes.start([str(EMULATOR), *shlex.split(match[1])[1:]], env=up.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    await wait_healthy(http, up.url(2), hand)
+    # a job takes about a second here, CLI start included; 6 s is plenty unless the router still shuns the driver
+    assert_job_ran(await cli(up, "run-job", "-p", str(up.base + 2), MODEL, *WOODCHUCK, timeout=6), driver="fake2.dev")
