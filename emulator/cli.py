@@ -69,12 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
 
-    p = commands.add_parser("fake-llm", help="run the embedded fake OpenAI-compatible LLM")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--ttft", type=float, default=0.05)
-    p.add_argument("--tps", type=float, default=50.0)
-    p.add_argument("--tokens", type=int, default=24)
+    commands.add_parser("fake-llm", help="run the embedded fake OpenAI-compatible LLM (see emulator fake-llm --help)")
     return parser
 
 
@@ -124,6 +119,10 @@ async def _run_job(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fake-llm"]:
+        fake_llm.main(argv[1:])
+        return
     args = _parser().parse_args(argv)
     try:
         sys.exit(asyncio.run(_dispatch(args)) or 0)
@@ -166,9 +165,6 @@ async def _dispatch(args: argparse.Namespace) -> int | None:
         case "status":
             state = await send_admin(f"http://127.0.0.1:{args.port}", _admin_token(args), "RouterStatus")
             print(format_router_state(state))
-        case "fake-llm":
-            settings = fake_llm.FakeLlmSettings(ttft=args.ttft, tokens_per_second=args.tps, default_tokens=args.tokens)
-            await fake_llm.serve(args.host, args.port, settings)
     return None
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import hashlib
 import json
 import math
@@ -76,6 +77,7 @@ class FakeLlmSettings:
     tokens_per_second: float = 50.0
     default_tokens: int = 24
     model: str = "fake-llm"
+    stamp: bool = False
 
     def __post_init__(self) -> None:
         if self.ttft < 0:
@@ -372,6 +374,8 @@ async def stream_completion(
                 await asyncio.sleep(settings.token_interval)
             if client_gone(request):
                 return response
+            if settings.stamp:
+                token = f" {time.time():.6f}"  # the send time, so a benchmark can measure each chunk's relay delay
             delta = {"role": "assistant", "content": token} if index == 0 else {"content": token}
             await response.write(sse_event(chunk(ident, created, chat.model, delta, None)))
         await response.write(sse_event(chunk(ident, created, chat.model, {}, completion.finish_reason)))
@@ -474,7 +478,7 @@ async def serve(host: str, port: int, settings: FakeLlmSettings | None = None) -
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Fake OpenAI-compatible LLM server.")
+    parser = argparse.ArgumentParser(prog="emulator fake-llm", description="Fake OpenAI-compatible LLM server.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--ttft", type=float, default=0.05, help="seconds before the first token")
@@ -483,14 +487,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--tokens", type=int, default=24, help="tokens per completion")
     parser.add_argument("--model", default="fake-llm", help="model id listed by /v1/models")
+    parser.add_argument("--stamp", action="store_true", help="each token is its send time (for relay benchmarks)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     settings = FakeLlmSettings(
-        ttft=args.ttft, tokens_per_second=args.tps, default_tokens=args.tokens, model=args.model
+        ttft=args.ttft, tokens_per_second=args.tps, default_tokens=args.tokens, model=args.model, stamp=args.stamp
     )
+    # SIGTERM ends it like Ctrl-C, so `emulator up` can stop it cleanly
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         asyncio.run(serve(args.host, args.port, settings))
     except KeyboardInterrupt:
