@@ -54,6 +54,11 @@ from schemas.messages import (
 from store.models import Job, JobChunk, NodeConfig, ServedJob
 
 
+DELIVERY_BACKOFF_S = 0.1
+DELIVERY_BACKOFF_MAX_S = 2.0
+FINAL_DELIVERY_GRACE_S = 5.0  # a timed_out update is sent at the deadline, and still needs a moment to arrive
+
+
 # --- events ---------------------------------------------------------------------
 
 
@@ -131,7 +136,7 @@ async def boot(ctx: NodeContext) -> None:
         orphans = (await session.scalars(select(ServedJob).where(ServedJob.status == "running"))).all()
     for served in orphans:
         if served.id not in ctx.serving:
-            await _settle_orphan(ctx, served)
+            ctx.spawn(_settle_orphan(ctx, served), name=f"settle-{served.id}")
     await heartbeat(ctx, restarted=True)
 
 
@@ -289,7 +294,8 @@ async def _register(ctx: NodeContext, config: NodeConfig, restarted: bool = Fals
     if config.router_node is None:
         return None
     message = RegisterDriver(
-        models=config.driver_models, is_public=config.driver_is_public, capacity=config.driver_capacity, restarted=restarted
+        models=config.driver_models, is_public=config.driver_is_public, capacity=config.driver_capacity, restarted=restarted,
+        serving=sorted(ctx.serving), as_of=time.time(),
     )
     try:
         await ctx.transport.send("driver", config.router_node, "router", message)
@@ -310,11 +316,14 @@ async def _accept_from_router(ctx: NodeContext, source: Source, spec: JobSpec) -
         raise HandlerError(503, "shutting_down", f"{ctx.name} is shutting down and takes no new jobs")
     if spec.model not in config.driver_models:
         raise unknown_model(spec.model, config.driver_models)
-    try:
-        async with ctx.store.writing() as session:
-            session.add(_served_row(source.node, spec))
-    except IntegrityError:
-        return JobAccepted(job_id=spec.job_id, status="running")  # a repeated RunJob: already serving it
+    async with ctx.store.writing() as session:
+        earlier = await session.get(ServedJob, spec.job_id)
+        if earlier is not None and earlier.status == "running":
+            return JobAccepted(job_id=spec.job_id, status="running")  # a repeated RunJob: already serving it
+        if earlier is not None:  # a new attempt at a job this driver had before
+            await session.delete(earlier)
+            await session.flush()
+        session.add(_served_row(source.node, spec))
     _start_serving(ctx, spec, source.node)
     return JobAccepted(job_id=spec.job_id, status="running")
 
@@ -383,9 +392,10 @@ class _Serving:
         return f"the LLM was silent for more than {self.spec.idle_timeout} s"
 
     async def deliver(self, update: Update) -> None:
-        await _deliver(self.ctx, self.origin, update)
         if self.seq == 0 and self.origin != self.ctx.name:
-            await _set_served(self.ctx, self.job_id, streamed=True)  # from now on, no other driver may take it over
+            # Written before the chunk leaves: after a crash, a job that may have reached its client is never handed over.
+            await _set_served(self.ctx, self.job_id, streamed=True)
+        await _deliver(self.ctx, self.origin, update, self.spec.deadline)
         self.seq += 1
 
     def final(self, status: str, error: str | None = None) -> Update:
@@ -419,12 +429,12 @@ async def serve(ctx: NodeContext, spec: JobSpec, origin: str) -> None:
             await _set_served(ctx, job_id, status="cancelled")
             raise
         final = job.final("failed", reason)
-    await _finish(ctx, job.origin, final)
+    await _finish(ctx, job.origin, final, job.spec.deadline + FINAL_DELIVERY_GRACE_S)
 
 
-async def _finish(ctx: NodeContext, origin: str, final: Update) -> None:
+async def _finish(ctx: NodeContext, origin: str, final: Update, deadline: float) -> None:
     try:
-        await _deliver(ctx, origin, final)
+        await _deliver(ctx, origin, final, deadline)
     except PeerError as error:
         log.warning("job %s: final update not delivered to %s: %s", final.job_id, origin, error.message)
     await _set_served(ctx, final.job_id, status=final.status or "failed")
@@ -457,14 +467,26 @@ async def _settle_orphan(ctx: NodeContext, served: ServedJob) -> None:
         await _release(ctx, job, "the driver restarted before it sent anything")
         return
     final = Update(job_id=served.id, seq=0, is_final=True, status="failed", driver=ctx.name, error="the driver restarted mid-job")
-    await _finish(ctx, served.origin_node, final)
+    await _finish(ctx, served.origin_node, final, served.deadline)
 
 
-async def _deliver(ctx: NodeContext, origin: str, update: Update) -> None:
+async def _deliver(ctx: NodeContext, origin: str, update: Update, deadline: float) -> None:
+    """To this node's own client, or to the router; a router that is down (restarting) is tried
+    again with backoff until the job's deadline.  Repeats are safe: receivers ignore known seqs."""
     if origin == ctx.name:
         await record_update(ctx, update)
-    else:
-        await ctx.transport.send("driver", origin, "router", JobUpdate(update=update))
+        return
+    backoff = DELIVERY_BACKOFF_S
+    while True:
+        try:
+            await ctx.transport.send("driver", origin, "router", JobUpdate(update=update))
+            return
+        except PeerError as error:
+            if error.status != 503 or time.time() + backoff > deadline:
+                raise
+            log.info("job %s: router %s unreachable, update %d retried in %.1f s", update.job_id, origin, update.seq, backoff)
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, DELIVERY_BACKOFF_MAX_S)
 
 
 # --- updates for our clients ----------------------------------------------------------------

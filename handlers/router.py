@@ -57,6 +57,7 @@ COOLDOWN_S = 30.0
 FAILURES_BEFORE_COOLDOWN = 2
 RETRY_BACKOFF_S = 0.2
 QUEUE_FULL_RETRY_S = 1.0
+RECONCILE_MARGIN_S = 2.0  # a RunJob may still be on its way when a driver lists what it serves
 
 
 # Messages about a job need no check: only a router holds routed jobs.
@@ -130,6 +131,18 @@ async def _register(ctx: NodeContext, node: str, message: RegisterDriver) -> Non
             if message.restarted:
                 row.failures, row.cooldown_until = 0, 0.0
             session.add(row)
+        lost = (
+            await session.scalars(
+                select(RoutedJob).where(
+                    RoutedJob.driver_node == node,
+                    RoutedJob.status == "running",
+                    RoutedJob.dispatched_at < message.as_of - RECONCILE_MARGIN_S,
+                    RoutedJob.id.not_in(message.serving),
+                )
+            )
+        ).all()
+    for job in lost:
+        await _take_back(ctx, job, node, f"driver {node} no longer has the job")
     for model in models:
         ctx.spawn(dispatch(ctx, model), name=f"dispatch-{model}")
 
@@ -338,13 +351,20 @@ async def _finish(ctx: NodeContext, job_id: str, status: str) -> None:
 
 
 async def _end(ctx: NodeContext, job: RoutedJob, status: str, error: str) -> None:
-    """End a job from the router: the client hears it as the job's final update."""
+    """End a job from the router: the client hears it as the job's final update; its slot goes to the queue."""
     await _finish(ctx, job.id, status)
     final = Update(job_id=job.id, seq=0, is_final=True, status=status, driver=job.driver_node, error=error)  # type: ignore[arg-type]
     await _to_client(ctx, job.client_node, JobUpdate(update=final))
+    ctx.spawn(dispatch(ctx, job.model), name=f"dispatch-{job.model}")
 
 
 async def _released(ctx: NodeContext, source: Source, job_id: str, reason: str) -> None:
+    async with ctx.store.reading() as session:
+        current = await session.get(RoutedJob, job_id)
+    if current is not None and current.streamed and current.driver_node == source.node:
+        # Some of it reached the client: a second generation would not continue the same text.
+        await _end(ctx, current, "failed", f"{reason} (after part of the answer was sent)")
+        return
     job = await _requeue(ctx, job_id, source.node, count_failure=True)
     if job is None:
         raise HandlerError(409, "not_running_there", f"job {job_id} is not running on {source.node}")
@@ -396,8 +416,6 @@ async def expire(ctx: NodeContext, now: float) -> None:
         silent = (await session.scalars(select(DriverRegistration.node).where(DriverRegistration.last_seen < now - DRIVER_TTL_S).distinct())).all()
     for job in late:
         await _end(ctx, job, "timed_out", "the job ran past its deadline" + (" while queued" if job.status == "queued" else ""))
-        if job.status == "running":
-            ctx.spawn(dispatch(ctx, job.model), name=f"dispatch-{job.model}")
     for node in silent:
         await _driver_lost(ctx, node)
 
@@ -408,7 +426,13 @@ async def _driver_lost(ctx: NodeContext, node: str) -> None:
         await session.execute(delete(DriverRegistration).where(DriverRegistration.node == node))
         stranded = (await session.scalars(select(RoutedJob).where(RoutedJob.driver_node == node, RoutedJob.status == "running"))).all()
     for job in stranded:
-        if job.streamed:
-            await _end(ctx, job, "failed", f"driver {node} went silent mid-job")
-        elif (requeued := await _requeue(ctx, job.id, node, count_failure=False)) is not None:
-            ctx.spawn(dispatch(ctx, requeued.model), name=f"dispatch-{requeued.model}")
+        await _take_back(ctx, job, node, f"driver {node} went silent mid-job")
+
+
+async def _take_back(ctx: NodeContext, job: RoutedJob, driver: str, reason: str) -> None:
+    """A job its driver lost: queued again if none of it reached the client, ended `failed` if some did."""
+    if job.streamed:
+        await _end(ctx, job, "failed", reason)
+    elif (requeued := await _requeue(ctx, job.id, driver, count_failure=False)) is not None:
+        log.info("job %s requeued: %s", job.id, reason)
+        ctx.spawn(dispatch(ctx, requeued.model), name=f"dispatch-{requeued.model}")

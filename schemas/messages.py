@@ -122,6 +122,8 @@ class RegisterDriver(Message):
     is_public: bool = True
     capacity: int = Field(default=1, ge=1, le=1024)
     restarted: bool = False  # a fresh process: what failed before it started is forgiven
+    serving: list[str] = []  # the jobs it is streaming now ...
+    as_of: float = 0.0  # ... as of this time: a job given to it earlier and not listed was lost
 
 
 class CancelJob(Message):

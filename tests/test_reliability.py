@@ -1,0 +1,635 @@
+"""Reliability with real OS processes: deadlines, cancellation, SSE resume, idempotency, crashes and drains.
+
+Every node and every fake LLM here is its own process (`python -m emulator.cli node|fake-llm`), started in a
+session of its own so teardown can kill its whole process group, even when the test fails.  Nodes find each
+other through one directory file written before any of them starts.  Nothing waits on a timer: each step
+awaits an HTTP answer, an SSE event or a process exit, under a bound (asyncio.timeout) so that a hang
+fails the test instead of stalling the run.  The only polling is GET /healthz, since nothing else tells
+when a port opens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from emulator.client import send_admin
+from emulator.directory import Peer, write_directory
+from emulator.homes import Home
+from emulator.signing import NodeKey
+from tests.conftest import free_port
+from tests.sse_client import events, job_updates
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "llama3"
+ROUTER, DRIVER, CLIENT, DRIVER2 = "fake.dev", "fake2.dev", "fake3.dev", "fake4.dev"
+NAMES = (ROUTER, DRIVER, CLIENT, DRIVER2)
+FINAL = {"succeeded", "failed", "timed_out", "cancelled"}
+
+READY_S = 20.0  # a process must answer /healthz within this
+STEP_S = 15.0  # any one awaited outcome (a reply, a final event, an exit) within this, or the test fails
+POLL_S = 0.05  # between /healthz attempts only: a port opening sends no event
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    name: str
+    args: list[str]
+    port: int
+    output: Path
+    home: Path | None = None
+    process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    async def admin(self, message: Any, process: str | None = None) -> dict[str, Any]:
+        assert self.home is not None
+        return await send_admin(self.url, Home(self.home).admin_token(), message, process)
+
+
+class Cluster:
+    """Node and fake-LLM processes for one test; `close()` kills every one still alive."""
+
+    def __init__(self, root: Path, http: aiohttp.ClientSession) -> None:
+        self.root = root
+        self.http = http
+        self.procs: dict[str, Proc] = {}
+        self.ports: dict[str, int] = {}
+        taken: set[int] = set()
+        for name in NAMES:
+            self.ports[name] = self._fresh_port(taken)
+        # Each node's key pair is made in its home before any node starts, so the directory carries every public key.
+        self.directory = root / "directory.json"
+        write_directory(
+            self.directory,
+            {name: Peer(f"http://127.0.0.1:{port}", NodeKey.load_or_create(Home(root / name).key_file).public_key) for name, port in self.ports.items()},
+        )
+        self._taken = taken
+
+    @staticmethod
+    def _fresh_port(taken: set[int]) -> int:
+        while (port := free_port()) in taken:
+            pass
+        taken.add(port)
+        return port
+
+    # starting and stopping
+
+    async def llm(self, name: str = "llm", *, ttft: float = 0.0, tps: float = 0.0, tokens: int = 24) -> str:
+        """Start a fake LLM process; its OpenAI base URL."""
+        port = self._fresh_port(self._taken)
+        args = ["fake-llm", "--port", str(port), "--ttft", f"{ttft:g}", "--tps", f"{tps:g}", "--tokens", str(tokens)]
+        proc = Proc(name=name, args=args, port=port, output=self.root / f"{name}.out")
+        self.procs[name] = proc
+        await self._spawn(proc)
+        return f"{proc.url}/v1"
+
+    async def node(self, name: str, *flags: str) -> Proc:
+        """Start node `name` (a fresh home the first time) with extra `emulator node` flags."""
+        home = self.root / name
+        args = ["node", "--name", name, "--port", str(self.ports[name]), "--home", str(home), "--directory", str(self.directory), *flags]
+        proc = Proc(name=name, args=args, port=self.ports[name], output=self.root / f"{name}.out", home=home)
+        self.procs[name] = proc
+        await self._spawn(proc)
+        return proc
+
+    async def restart(self, name: str) -> Proc:
+        """Start `name` again: same command, same home, same port."""
+        proc = self.procs[name]
+        assert not proc.alive(), f"{name} is still running"
+        await self._spawn(proc)
+        return proc
+
+    async def kill9(self, name: str) -> int:
+        proc = self.procs[name]
+        os.killpg(proc.pid, signal.SIGKILL)
+        return await self.exited(name)
+
+    async def exited(self, name: str, bound: float = STEP_S) -> int:
+        proc = self.procs[name]
+        assert proc.process is not None
+        async with asyncio.timeout(bound):
+            return await proc.process.wait()
+
+    async def _spawn(self, proc: Proc) -> None:
+        with proc.output.open("ab") as out:
+            proc.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "emulator.cli", *proc.args,
+                cwd=REPO, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+            )
+        await self._ready(proc)
+
+    async def _ready(self, proc: Proc) -> None:
+        assert proc.process is not None
+        try:
+            async with asyncio.timeout(READY_S):
+                while True:
+                    if proc.process.returncode is not None:
+                        raise AssertionError(f"{proc.name} exited with {proc.process.returncode} before it was ready")
+                    try:
+                        async with self.http.get(f"{proc.url}/healthz") as response:
+                            if response.status == 200:
+                                return
+                    except aiohttp.ClientConnectionError:
+                        pass
+                    await asyncio.sleep(POLL_S)
+        except (AssertionError, TimeoutError) as error:
+            raise AssertionError(f"{proc.name} never became ready: {error!r}\n{self.output_of(proc.name)}") from error
+
+    def output_of(self, name: str) -> str:
+        proc = self.procs[name]
+        parts = [proc.output.read_text(errors="replace")[-4000:] if proc.output.exists() else ""]
+        if proc.home is not None and Home(proc.home).log_file.exists():
+            parts.append(Home(proc.home).log_file.read_text(errors="replace")[-4000:])
+        return "\n".join(parts)
+
+    async def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.alive():
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for proc in self.procs.values():
+            if proc.process is not None and proc.process.returncode is None:
+                try:
+                    async with asyncio.timeout(STEP_S):
+                        await proc.process.wait()
+                except TimeoutError:
+                    pass
+
+    # the seed's network
+
+    async def network(
+        self,
+        *,
+        llm: dict[str, Any] | None = None,
+        drivers: tuple[str, ...] = (DRIVER,),
+        capacity: int = 1,
+        client_flags: tuple[str, ...] = (),
+        driver_flags: tuple[str, ...] = (),
+        router: bool = True,
+        client: bool = True,
+    ) -> dict[str, Proc]:
+        """A fake LLM, the router fake.dev, driver(s) serving llama3 from it, the client fake3.dev; wired."""
+        llm_url = await self.llm(**(llm or {}))
+        names = ([ROUTER] if router else []) + list(drivers) + ([CLIENT] if client else [])
+        flags = {name: (driver_flags if name in drivers else client_flags if name == CLIENT else ()) for name in names}
+        started = await asyncio.gather(*(self.node(name, *flags[name]) for name in names))
+        nodes = {proc.name: proc for proc in started}
+        if router:
+            await nodes[ROUTER].admin("StartRouter")
+        for name in drivers:
+            if router:
+                await nodes[name].admin({"SetRouter": {"node": ROUTER}})
+            await nodes[name].admin({"RegisterOaiProviderEndpoint": {"endpoint": llm_url}}, "openai")
+            await nodes[name].admin({"SetLocalDriver": {"model": MODEL, "is_public": True, "capacity": capacity}})
+        if client:
+            await nodes[CLIENT].admin({"SetRouter": {"node": ROUTER}})
+        return nodes
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    # No client-side timeouts: every wait in these tests is bounded by asyncio.timeout instead.
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+        yield session
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, http: aiohttp.ClientSession) -> AsyncIterator[Cluster]:
+    cluster = Cluster(tmp_path, http)
+    try:
+        yield cluster
+    finally:
+        await cluster.close()
+
+
+# --- HTTP -------------------------------------------------------------------------------------
+
+
+async def submit(http: aiohttp.ClientSession, url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
+    async with asyncio.timeout(STEP_S):
+        async with http.post(f"{url}/jobs", json=body, headers=headers or {}) as response:
+            text = await response.text()
+    assert response.status == 202, text
+    created: dict[str, Any] = json.loads(text)
+    return created
+
+
+async def record(http: aiohttp.ClientSession, url: str, job_id: str) -> dict[str, Any]:
+    async with asyncio.timeout(STEP_S):
+        async with http.get(f"{url}/jobs/{job_id}") as response:
+            text = await response.text()
+    assert response.status == 200, text
+    body: dict[str, Any] = json.loads(text)
+    return body
+
+
+async def follow(http: aiohttp.ClientSession, url: str, job_id: str, bound: float = STEP_S, last_event_id: int | None = None) -> list[dict[str, Any]]:
+    """Every update of the job (after `last_event_id`) up to the final one, within `bound` seconds."""
+    async with asyncio.timeout(bound):
+        return await job_updates(http, url, job_id, last_event_id)
+
+
+async def run_to_end(http: aiohttp.ClientSession, url: str, body: dict[str, Any], bound: float = STEP_S) -> list[dict[str, Any]]:
+    created = await submit(http, url, body)
+    return await follow(http, url, created["job_id"], bound)
+
+
+def final_of(updates: list[dict[str, Any]]) -> dict[str, Any]:
+    assert updates and updates[-1]["is_final"], updates
+    assert [u for u in updates if u["is_final"]] == [updates[-1]], "exactly one final update"
+    return updates[-1]
+
+
+def text_of(updates: list[dict[str, Any]]) -> str:
+    return "".join(u.get("delta", "") for u in updates)
+
+
+def assert_in_order(updates: list[dict[str, Any]], first_seq: int = 0) -> None:
+    assert [u["seq"] for u in updates] == list(range(first_seq, first_seq + len(updates))), [u["seq"] for u in updates]
+
+
+def job_body(prompt: str, **extra: Any) -> dict[str, Any]:
+    return {"model": MODEL, "prompt": prompt, **extra}
+
+
+def db_row(home: Path, sql: str, *params: Any) -> tuple[Any, ...] | None:
+    """One row from a node's SQLite file, read while the node runs (WAL lets readers in)."""
+    connection = sqlite3.connect(Home(home).database, timeout=STEP_S)
+    try:
+        row: tuple[Any, ...] | None = connection.execute(sql, params).fetchone()
+        return row
+    finally:
+        connection.close()
+
+
+async def first_updates(http: aiohttp.ClientSession, url: str, job_id: str, count: int = 1) -> list[dict[str, Any]]:
+    """The job's first `count` updates (the first names the serving driver), then hang up."""
+    seen: list[dict[str, Any]] = []
+    async with asyncio.timeout(STEP_S):
+        async with http.get(f"{url}/jobs/{job_id}/events") as response:
+            assert response.status == 200
+            async for event in events(response):
+                seen.append(json.loads(event.data))
+                if len(seen) == count:
+                    response.close()
+                    return seen
+    raise AssertionError(f"the event stream ended after {len(seen)} updates: {seen}")
+
+
+async def first_update(http: aiohttp.ClientSession, url: str, job_id: str) -> dict[str, Any]:
+    return (await first_updates(http, url, job_id))[0]
+
+
+# --- 1. deadlines ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["request", "node"])
+async def test_deadline_ends_a_slow_job_timed_out_and_frees_the_driver(cluster: Cluster, http: aiohttp.ClientSession, where: str) -> None:
+    client_flags = ("--job-timeout", "1.5") if where == "node" else ()
+    nodes = await cluster.network(llm={"ttft": 0, "tps": 2, "tokens": 100}, client_flags=client_flags)
+    client = nodes[CLIENT].url
+    body = job_body("slow", **({"timeout": 1.5} if where == "request" else {}))
+
+    created = await submit(http, client, body)
+    updates = await follow(http, client, created["job_id"])
+
+    final = final_of(updates)
+    assert final["status"] == "timed_out", final
+    assert "deadline" in (final.get("error") or ""), final
+    assert_in_order(updates)
+    job = await record(http, client, created["job_id"])
+    assert job["status"] == "timed_out"
+    assert job["text"], "the text produced before the deadline is kept"
+    assert job["text"] == text_of(updates)
+
+    # The driver (capacity 1) is free again: a short job runs to the end.
+    after = await run_to_end(http, client, job_body("short", max_tokens=2, timeout=10))
+    assert final_of(after)["status"] == "succeeded", after[-1]
+    assert text_of(after)
+    # The serving driver itself stopped the job at its deadline (not only the router's and client's bookkeeping).
+    assert db_row(nodes[DRIVER].home, "SELECT status FROM served_jobs WHERE id = ?", created["job_id"]) == ("timed_out",)
+
+
+async def test_a_job_queued_past_its_deadline_times_out_while_the_driver_is_busy(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    nodes = await cluster.network(llm={"ttft": 0, "tps": 2, "tokens": 100}, capacity=1)
+    client = nodes[CLIENT].url
+    long = await submit(http, client, job_body("long", timeout=10))
+    started = await first_update(http, client, long["job_id"])  # the only driver is now busy with it
+    assert started["driver"] == DRIVER
+
+    queued = await submit(http, client, job_body("waits", timeout=1))
+    assert queued["status"] == "queued"
+    updates = await follow(http, client, queued["job_id"])
+
+    final = final_of(updates)
+    assert final["status"] == "timed_out", final
+    job = await record(http, client, queued["job_id"])
+    assert job["status"] == "timed_out"
+    assert job.get("driver") is None and job["text"] == "" and job.get("first_token_at") is None, job
+    assert (await record(http, client, long["job_id"]))["status"] == "running", "the first job goes on"
+    # The router ended it in its queue (the client's own fallback comes a second later, and says otherwise),
+    # and no driver was ever given it.
+    assert "queued" in (final.get("error") or ""), final
+    assert db_row(nodes[ROUTER].home, "SELECT status, driver_node FROM routed_jobs WHERE id = ?", queued["job_id"]) == ("timed_out", None)
+    assert db_row(nodes[DRIVER].home, "SELECT count(*) FROM served_jobs WHERE id = ?", queued["job_id"]) == (0,)
+
+
+async def test_first_token_timeout_ends_the_job_timed_out(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    nodes = await cluster.network(llm={"ttft": 3, "tps": 0, "tokens": 5})
+    client = nodes[CLIENT].url
+
+    updates = await run_to_end(http, client, job_body("no first token soon", first_token_timeout=0.5, timeout=30))
+
+    final = final_of(updates)
+    assert final["status"] == "timed_out", final
+    assert "first token" in (final.get("error") or ""), final
+    job = await record(http, client, final["job_id"])
+    assert job["status"] == "timed_out" and job["text"] == "" and "first token" in (job["error"] or "")
+
+
+# --- 4. SSE resume ----------------------------------------------------------------------------
+
+
+async def test_sse_reader_resumes_with_last_event_id_and_late_readers_get_everything(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    nodes = await cluster.network(llm={"ttft": 0, "tps": 20, "tokens": 30})
+    client = nodes[CLIENT].url
+    created = await submit(http, client, job_body("resume me", timeout=30))
+    job_id = created["job_id"]
+
+    # Read three updates, then hang up mid-stream.
+    before: list[dict[str, Any]] = []
+    async with asyncio.timeout(STEP_S):
+        async with http.get(f"{client}/jobs/{job_id}/events") as response:
+            async for event in events(response):
+                update = json.loads(event.data)
+                assert event.id == str(update["seq"])
+                before.append(update)
+                if len(before) == 3:
+                    break
+            response.close()
+    assert not any(u["is_final"] for u in before), "the job should still be streaming"
+    assert_in_order(before)
+
+    after = await follow(http, client, job_id, last_event_id=before[-1]["seq"])
+    assert_in_order(after, first_seq=before[-1]["seq"] + 1)  # each remaining chunk once, in order
+    assert final_of(after)["status"] == "succeeded"
+    whole = before + after
+    job = await record(http, client, job_id)
+    assert text_of(whole) == job["text"] and job["text"]
+
+    # A reader that comes after the end gets the whole job, final included.
+    late = await follow(http, client, job_id)
+    assert [(u["seq"], u.get("delta", "")) for u in late] == [(u["seq"], u.get("delta", "")) for u in whole]
+    assert final_of(late)["status"] == "succeeded"
+
+
+async def test_two_concurrent_readers_each_get_the_full_ordered_stream(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    nodes = await cluster.network(llm={"ttft": 0, "tps": 40, "tokens": 20})
+    client = nodes[CLIENT].url
+    created = await submit(http, client, job_body("two readers", timeout=30))
+
+    first, second = await asyncio.gather(follow(http, client, created["job_id"]), follow(http, client, created["job_id"]))
+
+    for updates in (first, second):
+        assert_in_order(updates)
+        assert final_of(updates)["status"] == "succeeded"
+    assert [(u["seq"], u.get("delta", "")) for u in first] == [(u["seq"], u.get("delta", "")) for u in second]
+    assert text_of(first) == (await record(http, client, created["job_id"]))["text"]
+
+
+# --- 5. idempotency -----------------------------------------------------------------------------
+
+
+async def test_idempotency_key_returns_the_same_job(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    nodes = await cluster.network(llm={"ttft": 0, "tps": 0, "tokens": 3})
+    client = nodes[CLIENT].url
+    body = job_body("once", timeout=30)
+
+    one = await submit(http, client, body, headers={"Idempotency-Key": "key-1"})
+    again = await submit(http, client, body, headers={"Idempotency-Key": "key-1"})
+    other = await submit(http, client, body, headers={"Idempotency-Key": "key-2"})
+    racing = await asyncio.gather(*(submit(http, client, body, headers={"Idempotency-Key": "key-3"}) for _ in range(4)))
+
+    assert again["job_id"] == one["job_id"]
+    assert other["job_id"] != one["job_id"]
+    assert len({created["job_id"] for created in racing}) == 1, racing
+    assert racing[0]["job_id"] not in (one["job_id"], other["job_id"])
+    for job_id in (one["job_id"], other["job_id"], racing[0]["job_id"]):
+        assert final_of(await follow(http, client, job_id))["status"] == "succeeded"
+    assert db_row(nodes[ROUTER].home, "SELECT count(*) FROM routed_jobs") == (3,), "one job per key reached the router"
+
+
+# --- 6. cancellation ------------------------------------------------------------------------------
+
+
+async def test_delete_cancels_a_running_job_end_to_end_and_frees_the_driver(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    nodes = await cluster.network(llm={"ttft": 0, "tps": 5, "tokens": 200}, capacity=1)
+    client = nodes[CLIENT].url
+    created = await submit(http, client, job_body("cancel me", timeout=60))
+    job_id = created["job_id"]
+    reader = asyncio.create_task(follow(http, client, job_id))
+    try:
+        started = await first_update(http, client, job_id)
+        assert started["driver"] == DRIVER
+
+        async with asyncio.timeout(STEP_S):
+            async with http.delete(f"{client}/jobs/{job_id}") as response:
+                assert response.status == 200, await response.text()
+                cancelled = await response.json()
+        assert cancelled["status"] == "cancelled"
+
+        updates = await reader
+    finally:
+        reader.cancel()
+    assert final_of(updates)["status"] == "cancelled"
+    assert_in_order(updates)
+
+    # The router's and the serving driver's records ended too (both are written before DELETE answers).
+    assert db_row(nodes[ROUTER].home, "SELECT status FROM routed_jobs WHERE id = ?", job_id) == ("cancelled",)
+    assert db_row(nodes[DRIVER].home, "SELECT status FROM served_jobs WHERE id = ?", job_id) == ("cancelled",)
+
+    # The single driver is free: the next job runs to the end.
+    after = await run_to_end(http, client, job_body("next", max_tokens=2, timeout=10))
+    assert final_of(after)["status"] == "succeeded", after[-1]
+
+    async with asyncio.timeout(STEP_S):
+        async with http.delete(f"{client}/jobs/{job_id}") as response:
+            assert response.status == 409, await response.text()
+        async with http.delete(f"{client}/jobs/{after[-1]['job_id']}") as response:
+            assert response.status == 409, await response.text()
+        async with http.delete(f"{client}/jobs/no-such-job") as response:
+            assert response.status == 404, await response.text()
+
+
+# --- 7-9. crashes and drains -----------------------------------------------------------------------
+
+
+async def test_router_killed_with_jobs_queued_restarts_and_every_job_completes(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    nodes = await cluster.network(llm={"ttft": 0.2, "tps": 10, "tokens": 50}, capacity=1)
+    client = nodes[CLIENT].url
+    # Deadlines well past the ~3 s these four jobs need (restart included), short enough that a stuck job ends, not hangs.
+    created = [await submit(http, client, job_body(f"job {i}", max_tokens=5, timeout=8)) for i in range(4)]
+
+    assert await cluster.kill9(ROUTER) == -signal.SIGKILL
+    await cluster.restart(ROUTER)
+
+    results = await asyncio.gather(*(follow(http, client, job["job_id"], bound=30) for job in created))
+    statuses = [final_of(updates)["status"] for updates in results]
+    assert statuses == ["succeeded"] * 4, [final_of(updates) for updates in results]
+
+
+async def test_driver_killed_mid_job_the_job_ends_and_the_other_driver_serves_the_next(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    nodes = await cluster.network(llm={"ttft": 0, "tps": 5, "tokens": 200}, drivers=(DRIVER, DRIVER2), capacity=1)
+    client = nodes[CLIENT].url
+    created = await submit(http, client, job_body("long", timeout=60))
+    job_id = created["job_id"]
+    reader = asyncio.create_task(follow(http, client, job_id, bound=40))  # the router gives up on a silent driver after ~20 s
+    try:
+        serving = (await first_update(http, client, job_id))["driver"]
+        assert serving in (DRIVER, DRIVER2)
+        survivor = DRIVER2 if serving == DRIVER else DRIVER
+
+        assert await cluster.kill9(serving) == -signal.SIGKILL
+        updates = await reader
+    finally:
+        reader.cancel()
+
+    final = final_of(updates)
+    assert final["status"] in ("succeeded", "failed"), final
+    if final["status"] == "failed":
+        assert serving in (final.get("error") or ""), f"the error should name the lost driver: {final}"
+    job = await record(http, client, job_id)
+    assert job["status"] == final["status"] and job["text"] == text_of(updates)
+
+    after = await run_to_end(http, client, job_body("after", max_tokens=3, timeout=20))
+    assert final_of(after)["status"] == "succeeded", after[-1]
+    assert final_of(after)["driver"] == survivor
+
+
+async def test_driver_restarted_mid_job_ends_it_failed_and_serves_again(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    nodes = await cluster.network(llm={"ttft": 0, "tps": 5, "tokens": 200}, capacity=1)
+    client = nodes[CLIENT].url
+    created = await submit(http, client, job_body("long", timeout=60))
+    job_id = created["job_id"]
+    reader = asyncio.create_task(follow(http, client, job_id))  # no 20 s wait: the driver says so itself when it is back
+    try:
+        # Two chunks seen: the driver sends its second only after it recorded that it had sent the first.
+        assert (await first_updates(http, client, job_id, 2))[0]["driver"] == DRIVER
+        assert await cluster.kill9(DRIVER) == -signal.SIGKILL
+        await cluster.restart(DRIVER)
+        updates = await reader
+    finally:
+        reader.cancel()
+
+    final = final_of(updates)
+    assert final["status"] == "failed" and "restarted" in (final.get("error") or ""), final
+    assert_in_order(updates)
+    assert (await record(http, client, job_id))["text"] == text_of(updates)
+    after = await run_to_end(http, client, job_body("after", max_tokens=3, timeout=20))
+    assert final_of(after)["status"] == "succeeded", after[-1]
+    assert final_of(after)["driver"] == DRIVER
+
+
+async def test_a_job_whose_output_reached_the_client_is_not_handed_out_again(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    """A driver killed after its first chunk reached the client but before it recorded so (served_jobs.streamed
+    still 0) gives the job back at restart as if nothing had been sent.  Killing right after the client sees the
+    first chunk lands in that window about half the time; to make it certain, the driver's row is set to the
+    state such a crash leaves, while the driver is down."""
+    nodes = await cluster.network(llm={"ttft": 0, "tps": 5, "tokens": 200}, capacity=1)
+    client = nodes[CLIENT].url
+    created = await submit(http, client, job_body("long", timeout=8))
+    job_id = created["job_id"]
+    reader = asyncio.create_task(follow(http, client, job_id))
+    try:
+        assert (await first_update(http, client, job_id))["driver"] == DRIVER
+        assert await cluster.kill9(DRIVER) == -signal.SIGKILL
+        # the router notes that the job streamed right after relaying its first chunk
+        for _ in range(200):
+            if db_row(nodes[ROUTER].home, "SELECT streamed FROM routed_jobs WHERE id = ?", job_id) == (1,):
+                break
+            await asyncio.sleep(0.01)  # polling another process's database: there is no event to await
+        assert db_row(nodes[ROUTER].home, "SELECT streamed FROM routed_jobs WHERE id = ?", job_id) == (1,)
+        connection = sqlite3.connect(Home(nodes[DRIVER].home).database)
+        with connection:
+            connection.execute("UPDATE served_jobs SET streamed = 0 WHERE id = ?", (job_id,))
+        connection.close()
+        await cluster.restart(DRIVER)
+        updates = await reader
+    finally:
+        reader.cancel()
+
+    final = final_of(updates)
+    assert final["status"] == "failed", final  # not handed out again: its first chunk is already the client's
+    assert (await record(http, client, job_id))["text"] == text_of(updates)
+
+
+async def test_a_job_the_llm_keeps_refusing_is_retried_then_failed(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    # Two drivers: the job's 2nd or 3rd attempt always lands on a driver that already had it once.
+    # Whatever the draws, the rules say: 3 attempts (backoff 0.2 s, 0.4 s), then failed.
+    nodes = await cluster.network(llm={"ttft": 0, "tps": 0, "tokens": 5}, drivers=(DRIVER, DRIVER2), capacity=1)
+    client = nodes[CLIENT].url
+    updates = await run_to_end(http, client, job_body("FAIL", timeout=5))  # the fake LLM answers HTTP 500 to "FAIL"
+
+    final = final_of(updates)
+    assert final["status"] == "failed", final
+    assert "3 attempts" in (final.get("error") or ""), final
+
+
+async def test_sigterm_drains_the_running_job_refuses_new_ones_and_exits_zero(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    # One node, serving llama3 with its own LLM: jobs submitted to it are served locally.
+    nodes = await cluster.network(llm={"ttft": 0, "tps": 10, "tokens": 30}, router=False, client=False, driver_flags=("--drain-grace", "5"))
+    node = nodes[DRIVER]
+    created = await submit(http, node.url, job_body("drain me", timeout=30))
+    job_id = created["job_id"]
+    reader = asyncio.create_task(follow(http, node.url, job_id))
+    try:
+        await first_update(http, node.url, job_id)  # it is streaming now
+        node.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+
+        # The node takes no new job while it drains.  A probe that lands before the signal is handled
+        # is an ordinary short job (drained with the rest); the job above lasts ~3 s, ample for one to land after.
+        refused = None
+        async with asyncio.timeout(STEP_S):
+            while refused is None:
+                async with http.post(f"{node.url}/jobs", json=job_body("probe", max_tokens=1, timeout=30)) as response:
+                    body = await response.json()
+                    if response.status == 503:
+                        refused = body
+                    else:
+                        assert response.status == 202, body
+        assert refused["error"]["code"] == "shutting_down", refused
+
+        updates = await reader
+    finally:
+        reader.cancel()
+    final = final_of(updates)
+    assert final["status"] == "succeeded", final
+    assert_in_order(updates)
+    assert await cluster.exited(DRIVER) == 0, cluster.output_of(DRIVER)
