@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from emulator import signing
 from emulator.directory import Directory
 from handlers import api_keys, chat, driver, jobs, node
-from handlers.context import NodeContext
+from handlers.context import NodeContext, log
 from handlers.errors import HandlerError
 from schemas.jobs import ErrorBody, ErrorResponse, JobRequest
 from schemas.messages import Envelope, Process
@@ -57,18 +57,21 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         if error.status < 400:
             raise
         return error_response(error.status, error.reason.lower().replace(" ", "_"), error.reason)
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(500, "internal_error", "the node failed to handle this request; see its log")
 
 
 async def read_json(request: web.Request) -> Any:
     raw = await request.read()
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise HandlerError(400, "malformed_json", f"the body is not valid JSON: {error}") from error
 
 
 def reply(model: BaseModel, status: int = 200) -> web.Response:
-    return web.Response(body=model.model_dump_json(exclude_none=True), status=status, content_type="application/json")
+    return web.Response(body=model.model_dump_json(), status=status, content_type="application/json")
 
 
 async def client_of(request: web.Request) -> str:

@@ -128,6 +128,9 @@ class Node:
         return await node_handlers.deliver(self.ctx, source, target, message)
 
     async def __aexit__(self, *_exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
+        if self.ctx is not None:
+            self.ctx.closing = True  # open event streams end now; their readers reconnect with Last-Event-ID elsewhere
+            self.ctx.signals.notify_all()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.ctx is not None:

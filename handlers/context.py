@@ -48,6 +48,7 @@ class NodeContext:
     signals: JobSignals = field(default_factory=JobSignals)
     serving: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
     draining: bool = False
+    closing: bool = False  # the node is stopping: readers of job streams end
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def spawn(self, work: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:

@@ -67,12 +67,16 @@ async def follow(ctx: NodeContext, job_id: str, after_seq: int = -1, idle: float
                 await session.scalars(select(JobChunk).where(JobChunk.job_id == job_id, JobChunk.seq > last).order_by(JobChunk.seq))
             ).all()
         final_seq = job.next_seq - 1 if job.status in FINAL_STATUSES else None
+        if final_seq is not None and last >= final_seq:
+            return  # the reader already has the final update
         for chunk in chunks:
             if chunk.seq == final_seq:
                 yield _final_update(job, chunk)
                 return
             yield JobUpdate(job_id=job_id, seq=chunk.seq, delta=chunk.delta, driver=job.driver_node)
             last = chunk.seq
+        if ctx.closing:
+            return
         try:
             await asyncio.wait_for(wake.wait(), idle)
         except TimeoutError:

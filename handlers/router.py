@@ -54,7 +54,7 @@ DRIVER_TTL_S = 20.0  # a driver re-registers every HEARTBEAT_S; silent this long
 HEARTBEAT_S = 5.0
 RUNNING_GRACE_S = 2.0  # the serving driver ends a job at its deadline; the router waits this much longer
 COOLDOWN_S = 30.0
-FAILURES_BEFORE_COOLDOWN = 2
+FAILURES_BEFORE_COOLDOWN = 3
 RETRY_BACKOFF_S = 0.2
 QUEUE_FULL_RETRY_S = 1.0
 RECONCILE_MARGIN_S = 2.0  # a RunJob may still be on its way when a driver lists what it serves
@@ -371,9 +371,20 @@ async def _released(ctx: NodeContext, source: Source, job_id: str, reason: str) 
     if job.attempts >= ctx.settings.max_attempts:
         await _end(ctx, job, "failed", f"gave up after {job.attempts} attempts; last: {reason}")
         return
+    if not await _has_ready_driver(ctx, job.model):
+        await _end(ctx, job, "failed", f"no driver left to retry on; last: {reason}")
+        return
     log.info("job %s released by %s (%s); retry %d", job_id, source.node, reason, job.attempts)
     backoff = RETRY_BACKOFF_S * 2 ** (job.attempts - 1)
     ctx.spawn(_dispatch_later(ctx, job.model, backoff), name=f"retry-{job_id}")
+
+
+async def _has_ready_driver(ctx: NodeContext, model: str) -> bool:
+    async with ctx.store.reading() as session:
+        ready = await session.scalar(
+            select(func.count()).where(DriverRegistration.model == model, DriverRegistration.cooldown_until <= time.time())
+        )
+    return bool(ready)
 
 
 async def _dispatch_later(ctx: NodeContext, model: str, delay: float) -> None:

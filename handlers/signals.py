@@ -20,3 +20,9 @@ class JobSignals:
         event = self._events.pop(job_id, None)
         if event is not None:
             event.set()
+
+    def notify_all(self) -> None:
+        """Wake every reader, e.g. when the node shuts down."""
+        events, self._events = self._events, {}
+        for event in events.values():
+            event.set()

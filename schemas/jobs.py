@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "timed_out", "cancelled"]
 FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "timed_out", "cancelled"})
@@ -19,6 +19,16 @@ class Strict(BaseModel):
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, content: Any) -> Any:
+        """OpenAI clients may send content as a list of parts; text parts are joined, others refused."""
+        if not isinstance(content, list):
+            return content
+        if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in content):
+            raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are served")
+        return "".join(part["text"] for part in content)
 
 
 class SamplingParams(Strict):

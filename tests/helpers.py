@@ -4,25 +4,59 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
+from alembic import command
 from sqlalchemy import func, select
 
 from emulator.fake_llm import STATS, ChatRequest, FakeLlmSettings, FakeLlmStats, create_app, generate_completion
 from store.database import Store
-from tests.conftest import RunningNode, Upstream, free_port
+from store.migrate import alembic_config
+from tests.conftest import RunningNode, StartNode, Upstream, free_port
 from tests.sse_client import job_updates
 
 # A guard against hangs only: every awaited outcome arrives in milliseconds on loopback when the code works.
 GUARD_S = 5.0
 
 MODEL = "llama3"
+
+
+@pytest.fixture(scope="session")
+def migrated_database(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file brought to the Alembic head once per session, by the project's own migrations."""
+    path = tmp_path_factory.mktemp("template") / "node.db"
+    config = alembic_config()
+    config.set_main_option("sqlalchemy.url", f"sqlite:///{path}")
+    command.upgrade(config, "head")
+    return path
+
+
+@pytest.fixture
+def start_node(start_node: StartNode, tmp_path: Path, migrated_database: Path) -> StartNode:
+    """conftest's `start_node`, but each new home starts from a copy of an already migrated database.
+
+    Import it into a test module to use it there: it only saves the per-node migration time; the
+    node still runs `Store.migrate()` on the copy (a no-op at head).  Fresh-database migration
+    is tested on its own in test_store.py.
+    """
+
+    async def start(name: str, **options: Any) -> RunningNode:
+        home = tmp_path / name
+        if not (home / "node.db").exists():
+            home.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(migrated_database, home / "node.db")
+        return await start_node(name, **options)
+
+    return start
 
 
 def store_of(node: RunningNode) -> Store:
@@ -120,4 +154,58 @@ async def recording_upstream(**settings: Any) -> AsyncIterator[RecordingUpstream
     try:
         yield RecordingUpstream(url=f"http://127.0.0.1:{port}/v1", stats=stats, requests=recorded)
     finally:
+        await runner.cleanup()
+
+
+@dataclass
+class GatedUpstream(Upstream):
+    """An OpenAI-compatible upstream that streams `first`, then holds the request until `gate` is set."""
+
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@asynccontextmanager
+async def gated_upstream(first: str = "alpha", rest: str = " omega") -> AsyncIterator[GatedUpstream]:
+    """Jobs served by it stay running, with one chunk delivered, until the test sets `gate`."""
+    upstream: GatedUpstream
+
+    async def chat_completions(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        upstream.stats.requests += 1
+        upstream.arrived.set()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None) -> bytes:
+            payload = {
+                "id": "chatcmpl-gated", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            }
+            return f"data: {json.dumps(payload)}\n\n".encode()
+
+        try:
+            await response.write(chunk({"role": "assistant", "content": first}, None))
+            await upstream.gate.wait()
+            await response.write(chunk({"content": rest}, None))
+            await response.write(chunk({}, "stop"))
+            usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+            await response.write(f"data: {json.dumps({'id': 'chatcmpl-gated', 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage})}\n\n".encode())
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionResetError:
+            pass
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    upstream = GatedUpstream(url=f"http://127.0.0.1:{port}/v1", stats=FakeLlmStats())
+    try:
+        yield upstream
+    finally:
+        upstream.gate.set()
         await runner.cleanup()

@@ -1,0 +1,590 @@
+"""Refusals: every bad request answers the one JSON error shape with the right status, and stores nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from sqlalchemy import select
+
+from emulator.signing import SIGNATURE_HEADER, NodeKey
+from handlers.config import read_config
+from schemas.sse import ServerSentEvent
+from store.models import Job, JobChunk, RoutedJob, ServedJob
+from tests.conftest import Network, RunningNode, StartNode, wire
+from tests.helpers import (  # noqa: F401  (start_node, migrated_database: fixtures)
+    GUARD_S,
+    MODEL,
+    GatedUpstream,
+    assert_error_body,
+    count_rows,
+    gated_upstream,
+    get_json,
+    migrated_database,
+    run_job,
+    start_node,
+    store_of,
+    submit,
+)
+from tests.sse_client import events, job_updates
+
+ONE_MIB = 1024 * 1024
+
+
+async def post_raw(
+    http: aiohttp.ClientSession, url: str, data: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    """POST raw bytes; the status and the decoded JSON body (the error shape must be JSON)."""
+    async with http.post(url, data=data, headers={"Content-Type": "application/json", **(headers or {})}) as response:
+        assert response.content_type == "application/json", await response.text()
+        return response.status, await response.json()
+
+
+async def post_json(http: aiohttp.ClientSession, url: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    return await post_raw(http, url, json.dumps(body).encode(), headers)
+
+
+async def assert_no_jobs_anywhere(network: Network) -> None:
+    assert await count_rows(network.client, Job) == 0
+    assert await count_rows(network.client, JobChunk) == 0
+    assert await count_rows(network.driver, Job) == 0
+    assert await count_rows(network.driver, ServedJob) == 0
+    assert await count_rows(network.router, RoutedJob) == 0
+    assert network.upstream.stats.requests == 0
+
+
+def envelope(source_node: str, source_process: str, target: str, body: Any) -> dict[str, Any]:
+    return {
+        "source": {"node": source_node, "process": source_process},
+        "target": target,
+        "sent_at": time.time(),
+        "nonce": secrets.token_hex(16),
+        "body": body,
+    }
+
+
+def sign(signer: RunningNode, data: bytes) -> str:
+    """Sign with the Ed25519 key in the signer's home, as its transport does."""
+    return NodeKey.load_or_create(signer.node.home.key_file).sign(data)
+
+
+async def post_envelope(
+    http: aiohttp.ClientSession, to: RunningNode, raw: dict[str, Any], signer: RunningNode | None
+) -> tuple[int, Any]:
+    """POST /node/message, signed with `signer`'s key (None: unsigned) whatever node the envelope claims."""
+    data = json.dumps(raw).encode()
+    headers = {SIGNATURE_HEADER: sign(signer, data)} if signer is not None else {}
+    return await post_raw(http, f"{to.url}/node/message", data, headers)
+
+
+def job_spec(job_id: str, client_node: str, model: str = MODEL) -> dict[str, Any]:
+    now = time.time()
+    return {
+        "job_id": job_id,
+        "client_node": client_node,
+        "model": model,
+        "messages": [{"role": "user", "content": "hello"}],
+        "created_at": now,
+        "deadline": now + 60,
+    }
+
+
+async def node_config(node: RunningNode) -> dict[str, Any]:
+    async with store_of(node).reading() as session:
+        config = await read_config(session)
+        return {
+            "is_router": config.is_router,
+            "router_node": config.router_node,
+            "driver_models": list(config.driver_models),
+            "llm_endpoint": config.llm_endpoint,
+        }
+
+
+# --- POST /jobs --------------------------------------------------------------------------------
+
+
+MALFORMED = {
+    "unclosed-object": b"{",
+    "not-json": b"not json",
+    "trailing-comma": b'{"model": "llama3",}',
+    "not-utf8": b"\xff\xfe\x00",
+    "empty-body": b"",
+}
+
+WRONG_JOB_FIELDS: dict[str, Any] = {
+    "max_tokens-not-int": {"model": MODEL, "prompt": "hi", "max_tokens": "x"},
+    "missing-model": {"prompt": "hi"},
+    "prompt-and-messages": {"model": MODEL, "prompt": "hi", "messages": [{"role": "user", "content": "hi"}]},
+    "neither-prompt-nor-messages": {"model": MODEL},
+    "empty-messages": {"model": MODEL, "messages": []},
+    "bad-role": {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]},
+    "message-without-content": {"model": MODEL, "messages": [{"role": "user"}]},
+    "temperature-out-of-range": {"model": MODEL, "prompt": "hi", "temperature": 5},
+    "max_tokens-zero": {"model": MODEL, "prompt": "hi", "max_tokens": 0},
+    "negative-timeout": {"model": MODEL, "prompt": "hi", "timeout": -1},
+    "unknown-field": {"model": MODEL, "prompt": "hi", "stream": True},
+    "empty-model": {"model": "", "prompt": "hi"},
+    "prompt-not-string": {"model": MODEL, "prompt": 42},
+    "array-not-object": [{"model": MODEL, "prompt": "hi"}],
+    "null-body": None,
+}
+
+
+async def test_malformed_json_is_400_and_stores_nothing(network: Network, http: aiohttp.ClientSession, subtests: Any) -> None:
+    for name, raw in MALFORMED.items():
+        with subtests.test(msg=name):
+            status, body = await post_raw(http, f"{network.client.url}/jobs", raw)
+            assert status == 400
+            error = assert_error_body(body, "malformed_json")
+            assert error["type"] == "invalid_request_error"
+    await assert_no_jobs_anywhere(network)
+
+
+async def test_wrong_fields_are_422_and_store_nothing(network: Network, http: aiohttp.ClientSession, subtests: Any) -> None:
+    for name, job in WRONG_JOB_FIELDS.items():
+        with subtests.test(msg=name):
+            status, body = await post_json(http, f"{network.client.url}/jobs", job)
+            assert status == 422
+            error = assert_error_body(body, "invalid_fields")
+            assert isinstance(error["details"], list) and error["details"]
+    await assert_no_jobs_anywhere(network)
+
+
+async def test_deeply_nested_json_is_a_json_400(network: Network, http: aiohttp.ClientSession) -> None:
+    nested = b"[" * 100_000 + b"]" * 100_000  # well under 1 MiB
+    answers: dict[str, tuple[int, str]] = {}
+    for node, path in ((network.client, "/jobs"), (network.client, "/v1/chat/completions"), (network.driver, "/node/message")):
+        async with http.post(f"{node.url}{path}", data=nested, headers={"Content-Type": "application/json"}) as response:
+            answers[path] = (response.status, response.content_type)
+            if response.content_type == "application/json":
+                assert_error_body(await response.json(), "malformed_json")
+    assert answers == {path: (400, "application/json") for path in answers}
+    await assert_no_jobs_anywhere(network)
+
+
+async def test_body_over_one_mib_is_413_and_stores_nothing(network: Network, http: aiohttp.ClientSession) -> None:
+    huge = json.dumps({"model": MODEL, "prompt": "a" * (ONE_MIB + 10)}).encode()
+    status, body = await post_raw(http, f"{network.client.url}/jobs", huge)
+    assert status == 413
+    assert_error_body(body, "body_too_large")
+    await assert_no_jobs_anywhere(network)
+
+
+async def test_body_just_under_the_limit_is_accepted(network: Network, http: aiohttp.ClientSession) -> None:
+    filler = ONE_MIB - 200
+    _, updates = await run_job(http, network.driver.url, {"model": MODEL, "prompt": "a" * filler, "max_tokens": 1})
+    assert updates[-1]["status"] == "succeeded"
+
+
+async def test_unknown_model_is_404_listing_models_on_offer(network: Network, http: aiohttp.ClientSession) -> None:
+    status, body = await post_json(http, f"{network.client.url}/jobs", {"model": "gpt-99", "prompt": "hi"})
+    assert status == 404
+    error = assert_error_body(body, "model_not_found")
+    assert "gpt-99" in error["message"]
+    assert MODEL in error["details"]["models"]
+    await assert_no_jobs_anywhere(network)
+
+
+async def test_unknown_model_on_a_driver_node_is_404_and_stores_nothing(network: Network, http: aiohttp.ClientSession) -> None:
+    status, body = await post_json(http, f"{network.driver.url}/jobs", {"model": "gpt-99", "prompt": "hi"})
+    assert status == 404
+    assert MODEL in assert_error_body(body, "model_not_found")["details"]["models"]
+    await assert_no_jobs_anywhere(network)
+
+
+async def test_unknown_model_on_a_routerless_driver_lists_its_own_models(start_node: StartNode, http: aiohttp.ClientSession) -> None:
+    solo = await start_node("solo.dev")
+    await solo.admin({"SetLocalDriver": {"models": ["mistral", "qwen"]}})
+    status, body = await post_json(http, f"{solo.url}/jobs", {"model": "gpt-99", "prompt": "hi"})
+    assert status == 404
+    assert assert_error_body(body, "model_not_found")["details"]["models"] == ["mistral", "qwen"]
+    assert await count_rows(solo, Job) == 0
+    assert await count_rows(solo, ServedJob) == 0
+
+
+async def test_node_without_router_is_503_and_stores_nothing(start_node: StartNode, http: aiohttp.ClientSession) -> None:
+    lone = await start_node("lone.dev")
+    status, body = await post_json(http, f"{lone.url}/jobs", {"model": MODEL, "prompt": "hi"})
+    assert status == 503
+    error = assert_error_body(body, "no_router")
+    assert error["type"] == "server_error"
+    assert await count_rows(lone, Job) == 0
+
+
+async def test_unreachable_router_is_503_and_the_job_row_is_removed(start_node: StartNode, http: aiohttp.ClientSession) -> None:
+    lost = await start_node("lost.dev")
+    await lost.admin({"SetRouter": {"node": "nowhere.dev"}})
+    status, body = await post_json(http, f"{lost.url}/jobs", {"model": MODEL, "prompt": "hi"})
+    assert status == 503
+    assert_error_body(body, "router_unreachable")
+    assert await count_rows(lost, Job) == 0
+
+
+# --- unknown jobs and routes -----------------------------------------------------------------------
+
+
+async def test_unknown_job_is_404(network: Network, http: aiohttp.ClientSession) -> None:
+    for path in ("/jobs/x", "/jobs/x/events", "/jobs/0123456789abcdef0123456789abcdef"):
+        async with http.get(f"{network.client.url}{path}") as response:
+            assert response.status == 404, path
+            assert response.content_type == "application/json"
+            assert_error_body(await response.json(), "job_not_found")
+
+
+async def test_bad_last_event_id_is_400(network: Network, http: aiohttp.ClientSession) -> None:
+    created, _ = await run_job(http, network.client.url, {"model": MODEL, "prompt": "hi", "max_tokens": 1})
+    async with http.get(f"{network.client.url}{created['events_url']}", headers={"Last-Event-ID": "seven"}) as response:
+        assert response.status == 400
+        assert_error_body(await response.json(), "bad_last_event_id")
+
+
+async def test_unknown_route_and_wrong_method_answer_json_errors(network: Network, http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{network.client.url}/nowhere") as response:
+        assert response.status == 404
+        assert_error_body(await response.json())
+    async with http.get(f"{network.client.url}/jobs") as response:
+        assert response.status == 405
+        assert_error_body(await response.json())
+
+
+# --- POST /v1/chat/completions ----------------------------------------------------------------------
+
+
+async def test_chat_completions_malformed_json_is_400(network: Network, http: aiohttp.ClientSession) -> None:
+    status, body = await post_raw(http, f"{network.client.url}/v1/chat/completions", b'{"model": ')
+    assert status == 400
+    assert_error_body(body, "malformed_json")
+    await assert_no_jobs_anywhere(network)
+
+
+WRONG_CHAT_FIELDS: dict[str, Any] = {
+    "missing-messages": {"model": MODEL},
+    "missing-model": {"messages": [{"role": "user", "content": "hi"}]},
+    "max_tokens-not-int": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": "x"},
+    "messages-not-list": {"model": MODEL, "messages": "hi"},
+    "stream-not-bool": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": [1]},
+    "empty-messages": {"model": MODEL, "messages": []},
+}
+
+
+async def test_chat_completions_wrong_fields_are_422(network: Network, http: aiohttp.ClientSession, subtests: Any) -> None:
+    for name, request_body in WRONG_CHAT_FIELDS.items():
+        with subtests.test(msg=name):
+            status, body = await post_json(http, f"{network.client.url}/v1/chat/completions", request_body)
+            assert status == 422
+            assert_error_body(body, "invalid_fields")
+    await assert_no_jobs_anywhere(network)
+
+
+async def test_chat_completions_unknown_model_is_404(network: Network, http: aiohttp.ClientSession) -> None:
+    request_body = {"model": "gpt-99", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    status, body = await post_json(http, f"{network.client.url}/v1/chat/completions", request_body)
+    assert status == 404
+    assert MODEL in assert_error_body(body, "model_not_found")["details"]["models"]
+    await assert_no_jobs_anywhere(network)
+
+
+async def test_chat_completions_body_over_one_mib_is_413(network: Network, http: aiohttp.ClientSession) -> None:
+    huge = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "a" * (ONE_MIB + 10)}]}).encode()
+    status, body = await post_raw(http, f"{network.client.url}/v1/chat/completions", huge)
+    assert status == 413
+    assert_error_body(body, "body_too_large")
+    await assert_no_jobs_anywhere(network)
+
+
+# --- admin -----------------------------------------------------------------------------------------
+
+
+ADMIN_ATTEMPTS: list[tuple[str, Any]] = [
+    ("/admin", {"SetRouter": {"node": "evil.dev"}}),
+    ("/admin", "StartRouter"),
+    ("/admin/openai", {"RegisterOaiProviderEndpoint": {"endpoint": "http://evil.invalid/v1"}}),
+    ("/admin/driver", {"SetLocalDriver": {"model": "stolen"}}),
+]
+
+
+async def test_admin_without_the_right_token_is_401_and_changes_nothing(
+    network: Network, http: aiohttp.ClientSession, subtests: Any
+) -> None:
+    before = await node_config(network.client)
+    assert before["router_node"] == "fake.dev" and not before["is_router"]
+    for authorization in (None, "Bearer wrong-token", "wrong-token", "Bearer ", "Basic abc"):
+        headers = {} if authorization is None else {"Authorization": authorization}
+        for path, message in ADMIN_ATTEMPTS:
+            with subtests.test(msg=f"{authorization} {path} {message}"):
+                status, body = await post_json(http, f"{network.client.url}{path}", message, headers)
+                assert status == 401
+                assert_error_body(body, "admin_token_required")
+    assert await node_config(network.client) == before
+
+
+async def test_admin_token_of_another_node_is_refused(network: Network, http: aiohttp.ClientSession) -> None:
+    other = network.driver.node.home.admin_token()
+    status, body = await post_json(
+        http, f"{network.client.url}/admin", {"SetRouter": {"node": "evil.dev"}}, {"Authorization": f"Bearer {other}"}
+    )
+    assert status == 401
+    assert_error_body(body)
+    assert (await node_config(network.client))["router_node"] == "fake.dev"
+
+
+async def test_admin_message_in_a_signed_node_envelope_is_403(network: Network, http: aiohttp.ClientSession, subtests: Any) -> None:
+    before = await node_config(network.client)
+    attempts = [
+        ("router", "StartRouter"),
+        ("driver", {"SetRouter": {"node": "evil.dev"}}),
+        ("driver", {"SetLocalDriver": {"model": "stolen"}}),
+        ("driver", {"SetJobTimeout": {"seconds": 1}}),
+        ("openai", {"RegisterOaiProviderEndpoint": {"endpoint": "http://evil.invalid/v1"}}),
+    ]
+    # Properly signed by a peer, or even by the node itself: a node message is never an admin command.
+    for signer in (network.router, network.client):
+        for target, message in attempts:
+            with subtests.test(msg=f"{signer.name} → {target}: {message}"):
+                status, body = await post_envelope(http, network.client, envelope(signer.name, "driver", target, message), signer)
+                assert status == 403
+                assert_error_body(body, "admin_only")
+    assert await node_config(network.client) == before
+
+
+async def test_unsigned_or_forged_envelopes_are_401(network: Network, http: aiohttp.ClientSession, subtests: Any) -> None:
+    message = {"SetRouter": {"node": "evil.dev"}}
+    cases: dict[str, tuple[dict[str, Any], RunningNode | None, str]] = {
+        "unsigned": (envelope("fake.dev", "router", "driver", message), None, "bad_signature"),
+        "signed-by-another-peer": (envelope("fake.dev", "router", "driver", message), network.driver, "bad_signature"),
+        "unknown-sender": (envelope("evil.dev", "router", "driver", message), network.driver, "unknown_node"),
+    }
+    for name, (raw, signer, code) in cases.items():
+        with subtests.test(msg=name):
+            status, body = await post_envelope(http, network.client, raw, signer)
+            assert status == 401
+            assert_error_body(body, code)
+    assert (await node_config(network.client))["router_node"] == "fake.dev"
+
+
+async def test_replayed_envelope_is_401(network: Network, http: aiohttp.ClientSession) -> None:
+    raw = envelope("fake3.dev", "driver", "router", "ListModels")
+    data = json.dumps(raw).encode()
+    headers = {SIGNATURE_HEADER: sign(network.client, data)}
+    status, body = await post_raw(http, f"{network.router.url}/node/message", data, headers)
+    assert status == 200, body
+    assert MODEL in [model["id"] for model in body["models"]]
+    status, body = await post_raw(http, f"{network.router.url}/node/message", data, headers)
+    assert status == 401
+    assert_error_body(body, "replayed_message")
+
+
+async def test_malformed_envelope_is_422(network: Network, http: aiohttp.ClientSession, subtests: Any) -> None:
+    cases: dict[str, Any] = {
+        "bad-target": {**envelope("fake.dev", "router", "driver", "ListModels"), "target": "gpu"},
+        "no-process": {**envelope("fake.dev", "router", "driver", "ListModels"), "source": {"node": "fake.dev"}},
+        "no-nonce": {key: value for key, value in envelope("fake.dev", "router", "driver", "ListModels").items() if key != "nonce"},
+        "extra-field": {**envelope("fake.dev", "router", "driver", "ListModels"), "sig": "x"},
+        "unknown-message": envelope("fake.dev", "router", "driver", {"Nonsense": {}}),
+        "incomplete-runjob": envelope("fake.dev", "router", "driver", {"RunJob": {"job": {"job_id": "j"}}}),
+    }
+    for name, raw in cases.items():
+        with subtests.test(msg=name):
+            status, body = await post_envelope(http, network.driver, raw, network.router)
+            assert status == 422
+            assert_error_body(body, "invalid_fields")
+    await assert_no_jobs_anywhere(network)
+
+
+# --- spoofed senders (a job held running by a gated upstream) ------------------------------------------
+
+
+@pytest.fixture
+async def gated() -> AsyncIterator[GatedUpstream]:
+    async with gated_upstream(first="alpha", rest=" omega") as upstream:
+        yield upstream
+
+
+@pytest.fixture
+async def gated_network(start_node: StartNode, gated: GatedUpstream) -> Network:
+    router = await start_node("fake.dev")
+    driver = await start_node("fake2.dev")
+    client = await start_node("fake3.dev")
+    await wire(router, driver, client, gated)
+    return Network(router=router, driver=driver, client=client, upstream=gated)
+
+
+async def next_update(stream: AsyncIterator[ServerSentEvent]) -> dict[str, Any]:
+    event = await anext(stream)
+    assert event.event == "job_update"
+    update: dict[str, Any] = json.loads(event.data)
+    return update
+
+
+async def chunks_of(node: RunningNode, job_id: str) -> list[tuple[int, str]]:
+    async with store_of(node).reading() as session:
+        rows = await session.scalars(select(JobChunk).where(JobChunk.job_id == job_id).order_by(JobChunk.seq))
+        return [(row.seq, row.delta) for row in rows]
+
+
+async def test_job_update_to_client_from_a_node_not_its_router_is_403(gated_network: Network, http: aiohttp.ClientSession) -> None:
+    net, gate = gated_network, gated_network.upstream
+    assert isinstance(gate, GatedUpstream)
+    created = await submit(http, net.client.url, {"model": MODEL, "prompt": "hi"})
+    job_id = created["job_id"]
+    async with asyncio.timeout(GUARD_S), http.get(f"{net.client.url}{created['events_url']}") as response:
+        stream = aiter(events(response))
+        assert (await next_update(stream))["delta"] == "alpha"  # the job is running, one chunk in
+        # Its own driver, authenticated, is still not the job's router; nor can it pass for the router.
+        for claimed, signer, status_code, code in (
+            ("fake2.dev", net.driver, 403, "not_the_jobs_router"),
+            ("fake.dev", net.driver, 401, "bad_signature"),
+            ("fake.dev", None, 401, "bad_signature"),
+        ):
+            for update in (
+                {"job_id": job_id, "seq": 1, "delta": "EVIL"},
+                {"job_id": job_id, "seq": 1, "delta": "", "is_final": True, "status": "failed", "error": "spoofed"},
+            ):
+                raw = envelope(claimed, "router", "driver", {"JobUpdate": {"update": update}})
+                status, body = await post_envelope(http, net.client, raw, signer)
+                assert status == status_code
+                assert_error_body(body, code)
+        assert await chunks_of(net.client, job_id) == [(0, "alpha")]
+        record = await get_json(http, f"{net.client.url}/jobs/{job_id}")
+        assert record["status"] == "running"
+        gate.gate.set()
+        rest = [await next_update(stream)]
+        while not rest[-1]["is_final"]:
+            rest.append(await next_update(stream))
+    assert "".join(u["delta"] for u in rest) == " omega"
+    assert rest[-1]["status"] == "succeeded"
+
+
+async def test_job_update_to_router_from_a_node_not_the_jobs_driver_is_403(gated_network: Network, http: aiohttp.ClientSession) -> None:
+    net, gate = gated_network, gated_network.upstream
+    assert isinstance(gate, GatedUpstream)
+    created = await submit(http, net.client.url, {"model": MODEL, "prompt": "hi"})
+    job_id = created["job_id"]
+    async with asyncio.timeout(GUARD_S), http.get(f"{net.client.url}{created['events_url']}") as response:
+        stream = aiter(events(response))
+        assert (await next_update(stream))["delta"] == "alpha"
+        update = {"job_id": job_id, "seq": 1, "delta": "EVIL", "is_final": True, "status": "failed"}
+        for claimed, signer, status_code, code in (
+            ("fake3.dev", net.client, 403, "not_the_jobs_driver"),
+            ("fake2.dev", net.client, 401, "bad_signature"),
+        ):
+            raw = envelope(claimed, "driver", "router", {"JobUpdate": {"update": update}})
+            status, body = await post_envelope(http, net.router, raw, signer)
+            assert status == status_code
+            assert_error_body(body, code)
+        async with store_of(net.router).reading() as session:
+            routed = await session.get(RoutedJob, job_id)
+            assert routed is not None and routed.status == "running" and routed.driver_node == "fake2.dev"
+        assert await chunks_of(net.client, job_id) == [(0, "alpha")]
+        gate.gate.set()
+        final = await next_update(stream)
+        while not final["is_final"]:
+            final = await next_update(stream)
+    assert final["status"] == "succeeded"
+    assert (await get_json(http, f"{net.client.url}/jobs/{job_id}"))["text"] == "alpha omega"
+
+
+async def test_job_update_for_an_unknown_job_is_404(network: Network, http: aiohttp.ClientSession) -> None:
+    update = {"job_id": "nope", "seq": 0, "delta": "x"}
+    for to, signer, target in ((network.client, network.router, "driver"), (network.router, network.driver, "router")):
+        raw = envelope(signer.name, "router" if target == "driver" else "driver", target, {"JobUpdate": {"update": update}})
+        status, body = await post_envelope(http, to, raw, signer)
+        assert status == 404
+        assert_error_body(body, "job_not_found")
+    assert await count_rows(network.client, JobChunk) == 0
+
+
+async def test_run_job_to_a_driver_from_a_node_not_its_router_is_403(network: Network, http: aiohttp.ClientSession) -> None:
+    for claimed, signer, status_code, code in (
+        ("fake3.dev", network.client, 403, "not_our_router"),
+        ("fake.dev", network.client, 401, "bad_signature"),
+    ):
+        raw = envelope(claimed, "router", "driver", {"RunJob": {"job": job_spec(f"spoof-{claimed}", claimed)}})
+        status, body = await post_envelope(http, network.driver, raw, signer)
+        assert status == status_code
+        assert_error_body(body, code)
+    assert await count_rows(network.driver, ServedJob) == 0
+    assert network.upstream.stats.requests == 0
+
+
+async def test_run_job_to_router_for_another_client_is_403(network: Network, http: aiohttp.ClientSession) -> None:
+    # fake2.dev, a peer the router knows, submits a job in fake3.dev's name.
+    raw = envelope("fake2.dev", "driver", "router", {"RunJob": {"job": job_spec("spoof", "fake3.dev")}})
+    status, body = await post_envelope(http, network.router, raw, network.driver)
+    assert status == 403
+    assert_error_body(body, "client_mismatch")
+    await assert_no_jobs_anywhere(network)
+
+
+async def test_router_messages_to_a_node_that_is_not_a_router_are_503(network: Network, http: aiohttp.ClientSession) -> None:
+    raw = envelope("fake2.dev", "driver", "router", {"RunJob": {"job": job_spec("j", "fake2.dev")}})
+    status, body = await post_envelope(http, network.client, raw, network.driver)
+    assert status == 503
+    assert_error_body(body, "not_a_router")
+    assert await count_rows(network.client, RoutedJob) == 0
+
+
+# --- upstream failure -----------------------------------------------------------------------------------
+
+
+FAIL = [{"role": "user", "content": "FAIL"}]
+FAILING_JOB_DEADLINE_S = 2.0
+
+
+async def test_upstream_500_fails_a_local_job(network: Network, http: aiohttp.ClientSession) -> None:
+    created, updates = await run_job(http, network.driver.url, {"model": MODEL, "messages": FAIL})
+    final = updates[-1]
+    assert final["is_final"] and final["status"] == "failed"
+    assert "HTTP 500" in final["error"]
+    record = await get_json(http, f"{network.driver.url}/jobs/{created['job_id']}")
+    assert record["status"] == "failed" and "HTTP 500" in record["error"] and record["text"] == ""
+
+
+async def test_upstream_500_fails_a_remote_job(network: Network, http: aiohttp.ClientSession) -> None:
+    # The deadline only bounds the test; a failing upstream must end the job long before it.
+    created, updates = await run_job(http, network.client.url, {"model": MODEL, "messages": FAIL, "timeout": FAILING_JOB_DEADLINE_S})
+    final = updates[-1]
+    assert final["is_final"] and final["status"] == "failed"
+    assert "HTTP 500" in final["error"]
+    async with store_of(network.router).reading() as session:
+        routed = await session.get(RoutedJob, created["job_id"])
+        assert routed is not None and routed.status == "failed"
+
+
+async def test_upstream_500_makes_non_stream_chat_completion_502(network: Network, http: aiohttp.ClientSession) -> None:
+    async with asyncio.timeout(GUARD_S):
+        status, body = await post_json(http, f"{network.driver.url}/v1/chat/completions", {"model": MODEL, "messages": FAIL})
+    assert status == 502
+    error = assert_error_body(body, "job_failed")
+    assert error["type"] == "server_error"
+    assert "HTTP 500" in error["message"]
+
+
+async def test_upstream_500_ends_a_streamed_chat_completion_with_an_error(network: Network, http: aiohttp.ClientSession) -> None:
+    payloads: list[Any] = []
+    async with asyncio.timeout(GUARD_S), http.post(
+        f"{network.driver.url}/v1/chat/completions", json={"model": MODEL, "messages": FAIL, "stream": True}
+    ) as response:
+        assert response.status == 200
+        async for event in events(response):
+            payloads.append(event.data if event.data == "[DONE]" else json.loads(event.data))
+    assert payloads[-1] == "[DONE]"
+    errors = [p for p in payloads if isinstance(p, dict) and "error" in p]
+    assert len(errors) == 1 and "HTTP 500" in errors[0]["error"]["message"]
+    assert not any(p.get("choices", [{}])[0].get("finish_reason") for p in payloads if isinstance(p, dict) and p.get("choices"))
+
+
+async def test_job_past_its_deadline_ends_timed_out(gated_network: Network, http: aiohttp.ClientSession) -> None:
+    created = await submit(http, gated_network.client.url, {"model": MODEL, "prompt": "hi", "timeout": 0.3})
+    async with asyncio.timeout(GUARD_S):
+        updates = await job_updates(http, gated_network.client.url, created["job_id"])
+    assert [u["delta"] for u in updates[:-1]] == ["alpha"]
+    assert updates[-1]["status"] == "timed_out"
+    record = await get_json(http, f"{gated_network.client.url}/jobs/{created['job_id']}")
+    assert record["status"] == "timed_out" and record["text"] == "alpha"
