@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from emulator import signing
 from emulator.directory import Directory
 from handlers import api_keys, chat, driver, jobs, node
+from handlers.api_keys import Caller
 from handlers.context import NodeContext, log
 from handlers.errors import HandlerError
 from schemas.jobs import ErrorBody, ErrorResponse, JobRequest
@@ -74,11 +75,15 @@ def reply(model: BaseModel, status: int = 200) -> web.Response:
     return web.Response(body=model.model_dump_json(), status=status, content_type="application/json")
 
 
-async def client_of(request: web.Request) -> str:
-    """The HTTP client, by API key where the node has keys; 401 where it requires one and got none."""
+def caller_of(request: web.Request) -> Caller:
     authorization = request.headers.get("Authorization", "")
     bearer = authorization.removeprefix("Bearer ").strip() if authorization.startswith("Bearer ") else None
-    return await api_keys.client_identity(request.app[CONTEXT], bearer, anonymous=f"http:{request.remote}")
+    return Caller(bearer=bearer or None, address=str(request.remote))
+
+
+async def client_of(request: web.Request) -> str:
+    """The HTTP client, by API key where the node has keys; 401 where it requires one and got none."""
+    return await api_keys.client_identity(request.app[CONTEXT], caller_of(request))
 
 
 # --- client API -----------------------------------------------------------------------
@@ -91,7 +96,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def submit_job(request: web.Request) -> web.Response:
     job_request = JobRequest.model_validate(await read_json(request))
     key = request.headers.get("Idempotency-Key")
-    created = await driver.submit(request.app[CONTEXT], await client_of(request), job_request, key)
+    created = await driver.submit(request.app[CONTEXT], caller_of(request), job_request, key)
     return reply(created, status=202)
 
 
@@ -142,7 +147,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
     completion_request = ChatCompletionRequest.model_validate(await read_json(request))
-    job_id, created = await chat.start(ctx, await client_of(request), completion_request)
+    job_id, created = await chat.start(ctx, caller_of(request), completion_request)
     if not completion_request.stream:
         return reply(await chat.complete(ctx, job_id, created, completion_request))
     response = web.StreamResponse(headers=SSE_HEADERS)

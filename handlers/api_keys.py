@@ -5,17 +5,27 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from dataclasses import dataclass
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from handlers.config import read_config
 from handlers.context import NodeContext
 from handlers.errors import HandlerError
 from schemas.messages import ApiKeyCreated
-from store.models import ApiKey
+from store.models import ApiKey, NodeConfig
 
 KEY_PREFIX = "llmp-"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An HTTP client as the host saw it: the key it presented, if any, and its address."""
+
+    bearer: str | None
+    address: str
 
 
 def _digest(key: str) -> str:
@@ -39,14 +49,17 @@ async def revoke(ctx: NodeContext, label: str) -> None:
         raise HandlerError(404, "key_not_found", f"no API key labelled {label!r}")
 
 
-async def client_identity(ctx: NodeContext, bearer: str | None, anonymous: str) -> str:
-    """Who an HTTP client is: `key:<label>` for a valid key; `anonymous` where keys are not required
-    (OpenAI clients always send some key, so an unknown one is no error there)."""
-    async with ctx.store.reading() as session:
-        label = await session.scalar(select(ApiKey.label).where(ApiKey.key_hash == _digest(bearer))) if bearer else None
-        required = label is None and (await read_config(session)).require_api_keys
+async def identify(session: AsyncSession, config: NodeConfig, caller: Caller) -> str:
+    """`key:<label>` for a valid key; the caller's address where keys are not required (OpenAI
+    clients always send some key, so an unknown one is no error there); else 401."""
+    label = await session.scalar(select(ApiKey.label).where(ApiKey.key_hash == _digest(caller.bearer))) if caller.bearer else None
     if label is not None:
         return f"key:{label}"
-    if required:
+    if config.require_api_keys:
         raise HandlerError(401, "invalid_api_key", "this node needs a valid API key: Authorization: Bearer <key>")
-    return anonymous
+    return f"http:{caller.address}"
+
+
+async def client_identity(ctx: NodeContext, caller: Caller) -> str:
+    async with ctx.store.reading() as session:
+        return await identify(session, await read_config(session), caller)

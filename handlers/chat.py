@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from handlers import driver, jobs
+from handlers.api_keys import Caller
 from handlers.context import NodeContext
 from handlers.errors import HandlerError
 from schemas.jobs import ErrorBody, JobRequest, JobUpdate
@@ -36,9 +37,9 @@ def job_request(request: ChatCompletionRequest) -> JobRequest:
     )
 
 
-async def start(ctx: NodeContext, client: str, request: ChatCompletionRequest) -> tuple[str, int]:
+async def start(ctx: NodeContext, caller: Caller, request: ChatCompletionRequest) -> tuple[str, int]:
     """Submit the job; its id and creation time (seconds) for the completion's `id` and `created`."""
-    created = await driver.submit(ctx, client, job_request(request))
+    created = await driver.submit(ctx, caller, job_request(request))
     return created.job_id, int(created.created_at)
 
 

@@ -37,7 +37,8 @@ class _ReadAhead(Generic[T]):
             self.queue.put_nowait(_End())
 
 
-async def batches(source: AsyncIterator[T]) -> AsyncIterator[list[T]]:
+async def batches(source: AsyncIterator[T]) -> AsyncIterator[tuple[list[T], bool]]:
+    """(items that piled up, whether the source ended right after them)."""
     reader = _ReadAhead(source)
     try:
         while True:
@@ -45,13 +46,14 @@ async def batches(source: AsyncIterator[T]) -> AsyncIterator[list[T]]:
             while not reader.queue.empty():
                 pending.append(reader.queue.get_nowait())
             items = [item for item in pending if not isinstance(item, (_End, _Failed))]
-            if items:
-                yield items
+            ended = any(isinstance(marker, _End) for marker in pending)
+            if items or ended:
+                yield items, ended
             for marker in pending:
                 if isinstance(marker, _Failed):
                     raise marker.error
-                if isinstance(marker, _End):
-                    return
+            if ended:
+                return
     finally:
         reader.task.cancel()
         try:

@@ -23,8 +23,10 @@ from typing import Any
 from sqlalchemy import func, insert, select
 from sqlalchemy import update as sa_update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from handlers import api_keys, openai
+from handlers.api_keys import Caller
 from handlers.coalesce import batches
 from handlers.config import config_for_update, read_config
 from handlers.context import NodeContext, log
@@ -62,17 +64,18 @@ FINAL_DELIVERY_GRACE_S = 5.0  # a timed_out update is sent at the deadline, and 
 # --- events ---------------------------------------------------------------------
 
 
-async def submit(ctx: NodeContext, client: str, request: JobRequest, idempotency_key: str | None = None) -> JobCreated:
+async def submit(ctx: NodeContext, caller: Caller, request: JobRequest, idempotency_key: str | None = None) -> JobCreated:
     """A client's job: serve it with our own LLM, or hand it to our router."""
     if ctx.draining:
         raise HandlerError(503, "shutting_down", f"{ctx.name} is shutting down and takes no new jobs")
-    if idempotency_key is not None and (earlier := await _earlier_submission(ctx, client, idempotency_key)):
-        return earlier
     async with ctx.store.reading() as session:
         config = await read_config(session)
+        client = await api_keys.identify(session, config, caller)
+        if idempotency_key is not None and (earlier := await _earlier_submission(session, client, idempotency_key)):
+            return earlier
     spec = _new_spec(ctx, request, config)
     if spec.model in config.driver_models:
-        return await _accept_local(ctx, client, spec, idempotency_key)
+        return await _accept_local(ctx, client, spec, idempotency_key, _endpoint(config))
     if config.router_node is None:
         if config.driver_models:
             raise unknown_model(spec.model, config.driver_models)
@@ -203,9 +206,8 @@ def _created(job: JobSpec | Job, status: str) -> JobCreated:
     return JobCreated(job_id=job_id, events_url=f"/jobs/{job_id}/events", status=status, created_at=job.created_at)  # type: ignore[arg-type]
 
 
-async def _earlier_submission(ctx: NodeContext, client: str, key: str) -> JobCreated | None:
-    async with ctx.store.reading() as session:
-        job = await session.scalar(select(Job).where(Job.client == client, Job.idempotency_key == key))
+async def _earlier_submission(session: AsyncSession, client: str, key: str) -> JobCreated | None:
+    job = await session.scalar(select(Job).where(Job.client == client, Job.idempotency_key == key))
     return None if job is None else _created(job, job.status)
 
 
@@ -245,18 +247,19 @@ async def _insert_job(ctx: NodeContext, client: str, key: str | None, rows: list
     except IntegrityError:
         if key is None:
             raise
-        earlier = await _earlier_submission(ctx, client, key)
+        async with ctx.store.reading() as session:
+            earlier = await _earlier_submission(session, client, key)
         if earlier is None:
             raise
         return earlier
     return None
 
 
-async def _accept_local(ctx: NodeContext, client: str, spec: JobSpec, key: str | None) -> JobCreated:
+async def _accept_local(ctx: NodeContext, client: str, spec: JobSpec, key: str | None, endpoint: openai.Endpoint | None) -> JobCreated:
     rows: list[Job | ServedJob] = [_job_row(client, spec, "running", None, ctx.name, key), _served_row(ctx.name, spec)]
     if earlier := await _insert_job(ctx, client, key, rows):
         return earlier
-    _start_serving(ctx, spec, ctx.name)
+    _start_serving(ctx, spec, ctx.name, endpoint)
     return _created(spec, "running")
 
 
@@ -324,13 +327,17 @@ async def _accept_from_router(ctx: NodeContext, source: Source, spec: JobSpec) -
             await session.delete(earlier)
             await session.flush()
         session.add(_served_row(source.node, spec))
-    _start_serving(ctx, spec, source.node)
+    _start_serving(ctx, spec, source.node, _endpoint(config))
     return JobAccepted(job_id=spec.job_id, status="running")
 
 
-def _start_serving(ctx: NodeContext, spec: JobSpec, origin: str) -> None:
+def _endpoint(config: NodeConfig) -> openai.Endpoint | None:
+    return None if config.llm_endpoint is None else openai.Endpoint(config.llm_endpoint, config.llm_api_key)
+
+
+def _start_serving(ctx: NodeContext, spec: JobSpec, origin: str, endpoint: openai.Endpoint | None) -> None:
     job_id = spec.job_id
-    task = ctx.spawn(serve(ctx, spec, origin), name=f"serve-{job_id}")
+    task = ctx.spawn(serve(ctx, spec, origin, endpoint), name=f"serve-{job_id}")
     ctx.serving[job_id] = task
     task.add_done_callback(lambda _: ctx.serving.pop(job_id, None))
 
@@ -357,26 +364,30 @@ async def _cancel_served(ctx: NodeContext, source: Source, job_id: str) -> None:
 class _Serving:
     """One job being streamed from the LLM to its origin; counts what was delivered."""
 
-    def __init__(self, ctx: NodeContext, spec: JobSpec, origin: str) -> None:
+    def __init__(self, ctx: NodeContext, spec: JobSpec, origin: str, endpoint: openai.Endpoint | None = None) -> None:
         self.ctx = ctx
+        self.endpoint = endpoint
         self.job_id = spec.job_id
         self.origin = origin
         self.spec = spec
         self.seq = 0
         self.finish_reason: str | None = None
         self.usage = None
+        self.tail = ""  # text that arrived together with the end: it travels in the final update
 
     async def stream(self) -> None:
         """Raises TimeoutError at the deadline, or when the LLM is silent longer than the job allows."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, self.spec.deadline - time.time())
         async with asyncio.timeout_at(self._limit(deadline, self.spec.first_token_timeout)) as timer:
-            async for pieces in batches(openai.stream_chat(self.ctx, self.spec)):
+            async for pieces, ended in batches(openai.stream_chat(self.ctx, self.endpoint, self.spec)):
                 for piece in pieces:
                     self.finish_reason = piece.finish_reason or self.finish_reason
                     self.usage = piece.usage or self.usage
                 delta = "".join(piece.delta for piece in pieces)
-                if delta:
+                if ended:
+                    self.tail = delta  # one message instead of two
+                elif delta:
                     await self.deliver(Update(job_id=self.job_id, seq=self.seq, delta=delta, driver=self.ctx.name))
                     timer.reschedule(self._limit(deadline, self.spec.idle_timeout))
 
@@ -400,15 +411,15 @@ class _Serving:
 
     def final(self, status: str, error: str | None = None) -> Update:
         return Update(
-            job_id=self.job_id, seq=self.seq, is_final=True, status=status, driver=self.ctx.name,  # type: ignore[arg-type]
+            job_id=self.job_id, seq=self.seq, delta=self.tail, is_final=True, status=status, driver=self.ctx.name,  # type: ignore[arg-type]
             finish_reason=self.finish_reason if status == "succeeded" else None, usage=self.usage, error=error,
         )
 
 
-async def serve(ctx: NodeContext, spec: JobSpec, origin: str) -> None:
+async def serve(ctx: NodeContext, spec: JobSpec, origin: str, endpoint: openai.Endpoint | None) -> None:
     """Stream the job from our LLM to `origin` (this node, or the router), then record how it ended."""
     job_id = spec.job_id
-    job = _Serving(ctx, spec, origin)
+    job = _Serving(ctx, spec, origin, endpoint)
     try:
         await job.stream()
         final = job.final("succeeded")
@@ -456,8 +467,7 @@ async def _set_served(ctx: NodeContext, job_id: str, status: str | None = None, 
     if status is not None:
         values |= {"status": status, "finished_at": time.time()}
     statement = sa_update(ServedJob).where(ServedJob.id == job_id, ServedJob.status == "running").values(values)
-    async with ctx.store.writing() as session:
-        await session.execute(statement.execution_options(synchronize_session=False))
+    await ctx.store.write_soon(lambda session: session.execute(statement.execution_options(synchronize_session=False)))
 
 
 async def _settle_orphan(ctx: NodeContext, served: ServedJob) -> None:
@@ -532,10 +542,15 @@ async def record_update(ctx: NodeContext, update: Update, router: str | None = N
             "error": update.error,
         }
     statement = sa_update(Job).where(*conditions).values(values).returning(Job.next_seq)
-    async with ctx.store.writing() as session:
+
+    async def write(session: AsyncSession) -> bool:
         next_seq = await session.scalar(statement.execution_options(synchronize_session=False))
         if next_seq is None:
             return False
         await session.execute(insert(JobChunk).values(job_id=update.job_id, seq=next_seq - 1, delta=update.delta))
+        return True
+
+    if not await ctx.store.write_soon(write):
+        return False
     ctx.signals.notify(update.job_id)
     return True

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 
 from handlers.context import NodeContext
 from handlers.errors import PeerError, unknown_job
@@ -56,25 +56,24 @@ async def follow(ctx: NodeContext, job_id: str, after_seq: int = -1, idle: float
     Yields None after `idle` seconds without news, so a transport can send a heartbeat.
     """
     last = after_seq
-    columns = (Job.id, Job.status, Job.next_seq, Job.driver_node, Job.finish_reason, Job.usage, Job.error)
     while True:
         wake = ctx.signals.watch(job_id)
         async with ctx.store.reading() as session:
-            job = (await session.execute(select(*columns).where(Job.id == job_id))).first()
-            if job is None:
-                raise unknown_job(job_id)
-            chunks = (
-                await session.scalars(select(JobChunk).where(JobChunk.job_id == job_id, JobChunk.seq > last).order_by(JobChunk.seq))
-            ).all()
+            rows = (await session.execute(_news(job_id, last))).all()
+        if not rows:
+            raise unknown_job(job_id)
+        job = rows[0]
         final_seq = job.next_seq - 1 if job.status in FINAL_STATUSES else None
         if final_seq is not None and last >= final_seq:
             return  # the reader already has the final update
-        for chunk in chunks:
-            if chunk.seq == final_seq:
-                yield _final_update(job, chunk)
+        for row in rows:
+            if row.seq is None:
+                break
+            if row.seq == final_seq:
+                yield _final_update(row)
                 return
-            yield JobUpdate(job_id=job_id, seq=chunk.seq, delta=chunk.delta, driver=job.driver_node)
-            last = chunk.seq
+            yield JobUpdate(job_id=job_id, seq=row.seq, delta=row.delta, driver=row.driver_node)
+            last = row.seq
         if ctx.closing:
             return
         try:
@@ -83,11 +82,21 @@ async def follow(ctx: NodeContext, job_id: str, after_seq: int = -1, idle: float
             yield None
 
 
-def _final_update(job: Any, chunk: JobChunk) -> JobUpdate:
+def _news(job_id: str, after_seq: int) -> Select[Any]:
+    """One statement: the job's state, joined with its chunks after `after_seq` (none: one row of NULLs)."""
+    return (
+        select(Job.id, Job.status, Job.next_seq, Job.driver_node, Job.finish_reason, Job.usage, Job.error, JobChunk.seq, JobChunk.delta)
+        .outerjoin(JobChunk, (JobChunk.job_id == Job.id) & (JobChunk.seq > after_seq))
+        .where(Job.id == job_id)
+        .order_by(JobChunk.seq)
+    )
+
+
+def _final_update(job: Any) -> JobUpdate:
     return JobUpdate(
         job_id=job.id,
-        seq=chunk.seq,
-        delta=chunk.delta,
+        seq=job.seq,
+        delta=job.delta,
         is_final=True,
         status=job.status,  # type: ignore[arg-type]
         driver=job.driver_node,

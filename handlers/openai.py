@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from handlers.config import config_for_update, read_config
+from handlers.config import config_for_update
 from handlers.context import NodeContext
 from handlers.errors import HandlerError, UpstreamError
 from schemas.jobs import JobSpec, Usage
@@ -16,6 +16,14 @@ from schemas.openai_api import ChatCompletionChunk, upstream_body
 from schemas.sse import SSEDecoder
 
 ERROR_TEXT_LIMIT = 500
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """The registered LLM endpoint, as read from the node's configuration."""
+
+    url: str
+    api_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -38,23 +46,21 @@ async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack:
     raise HandlerError(400, "unsupported_message", f"the openai process does not take {message.type}")  # type: ignore[attr-defined]
 
 
-async def stream_chat(ctx: NodeContext, spec: JobSpec) -> AsyncIterator[Piece]:
+async def stream_chat(ctx: NodeContext, endpoint: Endpoint | None, spec: JobSpec) -> AsyncIterator[Piece]:
     """Stream `spec` from the registered endpoint, one Piece per upstream chunk that carries anything."""
-    async with ctx.store.reading() as session:
-        config = await read_config(session)
-    if config.llm_endpoint is None:
+    if endpoint is None:
         raise UpstreamError("this node has no LLM endpoint registered (RegisterOaiProviderEndpoint)")
-    headers = {"Authorization": f"Bearer {config.llm_api_key}"} if config.llm_api_key else {}
+    headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
     body = upstream_body(spec.model, spec.messages, spec.params.model_dump())
     try:
-        async with ctx.http.post(f"{config.llm_endpoint}/chat/completions", json=body, headers=headers) as response:
+        async with ctx.http.post(f"{endpoint.url}/chat/completions", json=body, headers=headers) as response:
             if response.status != 200:
                 text = (await response.text())[:ERROR_TEXT_LIMIT]
                 raise UpstreamError(f"LLM endpoint answered HTTP {response.status}: {text}")
             async for piece in _pieces(response):
                 yield piece
     except aiohttp.ClientError as error:
-        raise UpstreamError(f"LLM endpoint {config.llm_endpoint} failed: {error!r}") from error
+        raise UpstreamError(f"LLM endpoint {endpoint.url} failed: {error!r}") from error
 
 
 async def _pieces(response: aiohttp.ClientResponse) -> AsyncIterator[Piece]:

@@ -61,7 +61,7 @@ RECONCILE_MARGIN_S = 2.0  # a RunJob may still be on its way when a driver lists
 
 
 # Messages about a job need no check: only a router holds routed jobs.
-_NEED_ROUTER = (RegisterDriver, RunJob, ListModels, SetGate, RouterStatus)
+_NEED_ROUTER = (RegisterDriver, ListModels, SetGate, RouterStatus)
 
 
 async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | JobAccepted | ModelList | QueuePlace | RouterState:
@@ -162,12 +162,15 @@ async def _enqueue(ctx: NodeContext, source: Source, spec: JobSpec) -> JobAccept
     if spec.client_node != source.node:
         raise HandlerError(403, "client_mismatch", f"{source.node} may not submit jobs for {spec.client_node}")
     async with ctx.store.writing() as session:
+        config = await read_config(session)
+        if not config.is_router:
+            raise HandlerError(503, "not_a_router", f"{ctx.name} is not running a router (StartRouter)")
         offered = [info.id for info in await _offered(session, source.node)]
         if spec.model not in offered:
             raise unknown_model(spec.model, offered)
         if (refusal := await ctx.gate(spec, source.node, session)) is not None:
             raise HandlerError(403, "refused_by_gate", refusal)
-        await _check_queue_room(session, spec.model)
+        await _check_queue_room(session, spec.model, config.max_queue)
         if await session.get(RoutedJob, spec.job_id) is not None:
             raise HandlerError(409, "duplicate_job", f"job {spec.job_id} was already submitted")
         session.add(
@@ -183,12 +186,14 @@ async def _enqueue(ctx: NodeContext, source: Source, spec: JobSpec) -> JobAccept
                 deadline=spec.deadline,
             )
         )
-    ctx.spawn(dispatch(ctx, spec.model), name=f"dispatch-{spec.model}")
+        await session.flush()
+        assignments = await _assign(session, spec.model, time.time())  # a free driver takes it in the same transaction
+    if assignments:
+        ctx.spawn(_hand_over(ctx, spec.model, assignments), name=f"hand-over-{spec.job_id}")
     return JobAccepted(job_id=spec.job_id, status="queued")
 
 
-async def _check_queue_room(session: AsyncSession, model: str) -> None:
-    limit = (await read_config(session)).max_queue
+async def _check_queue_room(session: AsyncSession, model: str, limit: int) -> None:
     waiting = await session.scalar(select(func.count()).where(RoutedJob.model == model, RoutedJob.status == "queued")) or 0
     if waiting >= limit:
         raise HandlerError(429, "queue_full", f"the queue for {model} is full ({waiting} jobs waiting)", retry_after=QUEUE_FULL_RETRY_S)
@@ -249,6 +254,10 @@ async def dispatch(ctx: NodeContext, model: str) -> None:
     """Hand queued jobs of `model`, oldest first, to the least-loaded ready drivers."""
     async with ctx.store.writing() as session:
         assignments = await _assign(session, model, time.time())
+    await _hand_over(ctx, model, assignments)
+
+
+async def _hand_over(ctx: NodeContext, model: str, assignments: list[tuple[str, str, JobSpec]]) -> None:
     for job_id, driver, spec in assignments:
         try:
             await ctx.transport.send("router", driver, "driver", RunJob(job=spec))
@@ -321,19 +330,33 @@ async def _relay(ctx: NodeContext, source: Source, message: JobUpdate) -> None:
     update_.driver = source.node
     await _to_client(ctx, job.client_node, message)
     if update_.is_final:
-        await _finish(ctx, job.id, update_.status or "failed")
-        ctx.spawn(dispatch(ctx, job.model), name=f"dispatch-{job.model}")
+        # The driver's slot frees, and the next queued job takes it, in one (shared) commit.
+        assignments = await ctx.store.write_soon(lambda session: _finish_and_assign(session, job.id, update_.status, job.model))
+        if assignments:
+            ctx.spawn(_hand_over(ctx, job.model, assignments), name=f"hand-over-{job.model}")
     elif not job.streamed:
-        async with ctx.store.writing() as session:
-            await session.execute(
-                update(RoutedJob).where(RoutedJob.id == job.id).values(streamed=True).execution_options(synchronize_session=False)
-            )
-            await session.execute(
-                update(DriverRegistration)
-                .where(DriverRegistration.node == source.node, DriverRegistration.failures > 0)
-                .values(failures=0)
-                .execution_options(synchronize_session=False)
-            )
+        await ctx.store.write_soon(lambda session: _mark_streamed(session, job.id, source.node))
+
+
+async def _finish_and_assign(session: AsyncSession, job_id: str, status: str | None, model: str) -> list[tuple[str, str, JobSpec]]:
+    await session.execute(
+        update(RoutedJob)
+        .where(RoutedJob.id == job_id, RoutedJob.status.not_in(FINAL_STATUSES))
+        .values(status=status or "failed", finished_at=time.time())
+        .execution_options(synchronize_session=False)
+    )
+    return await _assign(session, model, time.time())
+
+
+async def _mark_streamed(session: AsyncSession, job_id: str, driver: str) -> None:
+    """Part of the job reached its client: it can no longer go to another driver; and its driver works."""
+    await session.execute(update(RoutedJob).where(RoutedJob.id == job_id).values(streamed=True).execution_options(synchronize_session=False))
+    await session.execute(
+        update(DriverRegistration)
+        .where(DriverRegistration.node == driver, DriverRegistration.failures > 0)
+        .values(failures=0)
+        .execution_options(synchronize_session=False)
+    )
 
 
 async def _to_client(ctx: NodeContext, client_node: str, message: JobUpdate) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from store import migrate
+from store.group_commit import GroupCommit, Work
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -53,6 +54,10 @@ class Store:
     write_engine: AsyncEngine
     _read_sessions: async_sessionmaker[AsyncSession]
     _write_sessions: async_sessionmaker[AsyncSession]
+    _group: GroupCommit = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._group = GroupCommit(self.writing)
 
     @classmethod
     def open(cls, url: str) -> Store:
@@ -87,6 +92,10 @@ class Store:
     async def writing(self) -> AsyncIterator[AsyncSession]:
         async with self._write_sessions() as session, session.begin():
             yield session
+
+    async def write_soon(self, work: Work) -> Any:
+        """`work(session)` in a write transaction it may share with other small writes (group commit)."""
+        return await self._group.run(work)
 
     async def close(self) -> None:
         await self.read_engine.dispose()
