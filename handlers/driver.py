@@ -65,22 +65,37 @@ FINAL_DELIVERY_GRACE_S = 5.0  # a timed_out update is sent at the deadline, and 
 
 
 async def submit(ctx: NodeContext, caller: Caller, request: JobRequest, idempotency_key: str | None = None) -> JobCreated:
-    """A client's job: serve it with our own LLM, or hand it to our router."""
+    """A client's job: serve it with our own LLM, or hand it to our router.  One transaction decides and stores it."""
     if ctx.draining:
         raise HandlerError(503, "shutting_down", f"{ctx.name} is shutting down and takes no new jobs")
-    async with ctx.store.reading() as session:
-        config = await read_config(session)
-        client = await api_keys.identify(session, config, caller)
-        if idempotency_key is not None and (earlier := await _earlier_submission(session, client, idempotency_key)):
-            return earlier
-    spec = _new_spec(ctx, request, config)
-    if spec.model in config.driver_models:
-        return await _accept_local(ctx, client, spec, idempotency_key, _endpoint(config))
-    if config.router_node is None:
-        if config.driver_models:
-            raise unknown_model(spec.model, config.driver_models)
-        raise HandlerError(503, "no_router", "this node serves no model and has no router (SetRouter)")
-    return await _forward(ctx, client, spec, config.router_node, idempotency_key)
+    try:
+        async with ctx.store.writing() as session:
+            config = await read_config(session)
+            client = await api_keys.identify(session, config, caller)
+            if idempotency_key is not None and (earlier := await _earlier_submission(session, client, idempotency_key)):
+                return earlier
+            spec = _new_spec(ctx, request, config)
+            local = spec.model in config.driver_models
+            if local:
+                session.add_all([_job_row(client, spec, "running", None, ctx.name, idempotency_key), _served_row(ctx.name, spec)])
+            elif config.router_node is not None:
+                # Stored before the router hears of it, so its first update always finds it.
+                session.add(_job_row(client, spec, "queued", config.router_node, None, idempotency_key))
+            elif config.driver_models:
+                raise unknown_model(spec.model, config.driver_models)
+            else:
+                raise HandlerError(503, "no_router", "this node serves no model and has no router (SetRouter)")
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        async with ctx.store.reading() as session:  # a concurrent submission with the same key won
+            if earlier := await _earlier_submission(session, client, idempotency_key):
+                return earlier
+        raise
+    if local:
+        _start_serving(ctx, spec, ctx.name, _endpoint(config))
+        return _created(spec, "running")
+    return await _forward(ctx, spec, config.router_node)  # type: ignore[arg-type]
 
 
 async def cancel(ctx: NodeContext, job_id: str) -> None:
@@ -239,35 +254,8 @@ def _served_row(origin: str, spec: JobSpec) -> ServedJob:
     )
 
 
-async def _insert_job(ctx: NodeContext, client: str, key: str | None, rows: list[Job | ServedJob]) -> JobCreated | None:
-    """Store a new job; if a concurrent submission with the same idempotency key won, that job instead."""
-    try:
-        async with ctx.store.writing() as session:
-            session.add_all(rows)
-    except IntegrityError:
-        if key is None:
-            raise
-        async with ctx.store.reading() as session:
-            earlier = await _earlier_submission(session, client, key)
-        if earlier is None:
-            raise
-        return earlier
-    return None
-
-
-async def _accept_local(ctx: NodeContext, client: str, spec: JobSpec, key: str | None, endpoint: openai.Endpoint | None) -> JobCreated:
-    rows: list[Job | ServedJob] = [_job_row(client, spec, "running", None, ctx.name, key), _served_row(ctx.name, spec)]
-    if earlier := await _insert_job(ctx, client, key, rows):
-        return earlier
-    _start_serving(ctx, spec, ctx.name, endpoint)
-    return _created(spec, "running")
-
-
-async def _forward(ctx: NodeContext, client: str, spec: JobSpec, router: str, key: str | None) -> JobCreated:
-    # The job is stored before the router hears of it, so its first update always finds it;
-    # if the router refuses, the row goes again and the refusal leaves nothing behind.
-    if earlier := await _insert_job(ctx, client, key, [_job_row(client, spec, "queued", router, None, key)]):
-        return earlier
+async def _forward(ctx: NodeContext, spec: JobSpec, router: str) -> JobCreated:
+    """Hand the stored job to the router; if it refuses, the row goes again and the refusal leaves nothing behind."""
     try:
         reply = await ctx.transport.send("driver", router, "router", RunJob(job=spec))
     except PeerError as error:
@@ -311,15 +299,14 @@ async def _register(ctx: NodeContext, config: NodeConfig, restarted: bool = Fals
 
 
 async def _accept_from_router(ctx: NodeContext, source: Source, spec: JobSpec) -> JobAccepted:
-    async with ctx.store.reading() as session:
-        config = await read_config(session)
-    if source.node != config.router_node:
-        raise HandlerError(403, "not_our_router", f"{source.node} is not this driver's router")
     if ctx.draining:
         raise HandlerError(503, "shutting_down", f"{ctx.name} is shutting down and takes no new jobs")
-    if spec.model not in config.driver_models:
-        raise unknown_model(spec.model, config.driver_models)
     async with ctx.store.writing() as session:
+        config = await read_config(session)
+        if source.node != config.router_node:
+            raise HandlerError(403, "not_our_router", f"{source.node} is not this driver's router")
+        if spec.model not in config.driver_models:
+            raise unknown_model(spec.model, config.driver_models)
         earlier = await session.get(ServedJob, spec.job_id)
         if earlier is not None and earlier.status == "running":
             return JobAccepted(job_id=spec.job_id, status="running")  # a repeated RunJob: already serving it

@@ -28,7 +28,7 @@ def _is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-def _configure_sqlite(engine: AsyncEngine, begin: str) -> None:
+def _configure_sqlite(engine: AsyncEngine, begin: str | None) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin.
@@ -40,14 +40,16 @@ def _configure_sqlite(engine: AsyncEngine, begin: str) -> None:
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
-    def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql(begin)
+    if begin is not None:
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _on_begin(connection: Any) -> None:
+            connection.exec_driver_sql(begin)
 
 
 @dataclass
 class Store:
-    """A node's database: `reading()` for snapshots, `writing()` for transactions that commit."""
+    """A node's database: `reading()` for queries, `writing()` for transactions that commit."""
 
     url: str
     read_engine: AsyncEngine
@@ -62,10 +64,14 @@ class Store:
     @classmethod
     def open(cls, url: str) -> Store:
         if _is_sqlite(url):
-            read_engine = create_async_engine(url, pool_size=8, max_overflow=8)
+            # Reads run in autocommit: each statement sees the newest commit, with no BEGIN/ROLLBACK round trips.
+            read_engine = create_async_engine(
+                url, pool_size=8, max_overflow=8, pool_use_lifo=True, isolation_level="AUTOCOMMIT", pool_reset_on_return=None
+            )
             # One writer connection per process: writers queue in the pool, not in SQLite's busy loop.
-            write_engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=60)
-            _configure_sqlite(read_engine, "BEGIN")
+            # Every write transaction ends in an explicit commit or rollback, so the pool need not reset it.
+            write_engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=60, pool_reset_on_return=None)
+            _configure_sqlite(read_engine, None)
             _configure_sqlite(write_engine, "BEGIN IMMEDIATE")
         else:
             read_engine = write_engine = create_async_engine(url, pool_size=10, max_overflow=20)
