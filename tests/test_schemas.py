@@ -1,0 +1,52 @@
+"""Every message parses from the seed's JSON form, goes back to it unchanged, and exports a JSON Schema."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from schemas.messages import parse_message, to_wire
+
+SEED_FORMS = [
+    ("router", "StartRouter"),
+    ("driver", {"SetRouter": {"node": "fake.dev"}}),
+    ("openai", {"RegisterOaiProviderEndpoint": {"endpoint": "http://127.0.0.1:8080/v1"}}),
+    ("openai", {"RegisterOaiProviderEndpoint": {"endpoint": "https://api.openai.com/v1", "api_key": "sk-x"}}),
+    ("driver", {"SetLocalDriver": {"model": "llama3", "is_public": True}}),
+    ("driver", {"SetLocalDriver": {"models": ["a", "b"], "is_public": False, "capacity": 2}}),
+]
+
+
+@pytest.mark.parametrize(("process", "wire"), SEED_FORMS)
+def test_seed_forms_parse_and_round_trip(process: str, wire: object) -> None:
+    message = parse_message(process, wire)  # type: ignore[arg-type]
+    assert parse_message(process, to_wire(message)) == message  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("process", "wire"),
+    [
+        ("router", "Bogus"),
+        ("driver", {"SetRouter": {}}),
+        ("driver", {"SetRouter": {"node": "x", "extra": 1}}),
+        ("openai", {"RegisterOaiProviderEndpoint": {"endpoint": "ftp://x"}}),
+        ("driver", "StartRouter"),  # a router message sent to the driver
+    ],
+)
+def test_wrong_forms_are_refused(process: str, wire: object) -> None:
+    with pytest.raises(ValidationError):
+        parse_message(process, wire)  # type: ignore[arg-type]
+
+
+def test_json_schemas_are_exported(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "schemas.export", str(tmp_path)], capture_output=True, text=True, check=True)
+    assert "wrote" in result.stdout
+    router = json.loads((tmp_path / "router_message.json").read_text())
+    tags = {variant["properties"]["type"]["const"] for variant in router["$defs"].values() if "type" in variant.get("properties", {})}
+    assert {"StartRouter", "RunJob", "JobUpdate", "RegisterDriver"} <= tags
+    assert (tmp_path / "JobUpdate.json").exists() and (tmp_path / "ChatCompletionChunk.json").exists()
