@@ -328,7 +328,13 @@ async def _relay(ctx: NodeContext, source: Source, message: JobUpdate) -> None:
     if job.status in FINAL_STATUSES:
         raise HandlerError(409, "job_finished", f"job {job.id} already ended: {job.status}")
     update_.driver = source.node
-    await _to_client(ctx, job.client_node, message)
+    try:
+        await ctx.transport.send("router", job.client_node, "driver", message)
+    except PeerError as error:
+        # Not swallowed: the driver keeps the update and tries again (with backoff), so a client
+        # node that restarts misses no chunk.
+        status = 503 if error.status == 503 else 502
+        raise HandlerError(status, "client_unreachable", f"client node {job.client_node}: {error.message}") from error
     if update_.is_final:
         # The driver's slot frees, and the next queued job takes it, in one (shared) commit.
         assignments = await ctx.store.write_soon(lambda session: _finish_and_assign(session, job.id, update_.status, job.model))

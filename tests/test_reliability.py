@@ -633,3 +633,23 @@ async def test_sigterm_drains_the_running_job_refuses_new_ones_and_exits_zero(cl
     assert final["status"] == "succeeded", final
     assert_in_order(updates)
     assert await cluster.exited(DRIVER) == 0, cluster.output_of(DRIVER)
+
+
+async def test_client_node_killed_mid_job_misses_no_chunk_after_restart(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    """The router refuses updates it cannot pass on; the driver keeps them and tries again until the
+    client's node is back, so the stored job has every chunk, in order, exactly once."""
+    nodes = await cluster.network(llm={"ttft": 0, "tps": 10, "tokens": 30}, capacity=1)
+    client = nodes[CLIENT].url
+    created = await submit(http, client, job_body("long", timeout=30))
+    job_id = created["job_id"]
+    assert (await first_update(http, client, job_id))["driver"] == DRIVER
+
+    assert await cluster.kill9(CLIENT) == -signal.SIGKILL
+    await cluster.restart(CLIENT)
+    updates = await follow(http, client, job_id, bound=30)
+
+    final = final_of(updates)
+    assert final["status"] == "succeeded", final
+    assert_in_order(updates)
+    words = text_of(updates).split()
+    assert len(words) == 30, f"every token of the answer arrived once: {words}"
