@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from emulator.directory import Directory, Peer
 from emulator.signing import NodeKey
 from emulator.homes import Home
+from emulator.http_api import NodeApi
 from emulator.http_app import create_app
 from emulator.transport import HttpTransport
 from handlers import driver, upkeep
@@ -103,7 +104,7 @@ class Node:
                 retention=options.limits.retention,
             ),
         )
-        self._runner = web.AppRunner(create_app(self.ctx, token, directory), access_log=None if not options.verbose else logging.getLogger("aiohttp.access"))
+        self._runner = web.AppRunner(create_app(NodeApi(self.ctx, token, directory)), access_log=None if not options.verbose else logging.getLogger("aiohttp.access"))
         await self._runner.setup()
         await web.TCPSite(self._runner, options.host, options.port, reuse_address=True).start()
         self.home.write_info(options.name, self.url)

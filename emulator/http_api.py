@@ -1,0 +1,251 @@
+"""A node's HTTP API, independent of the web framework: a request in, a reply out.
+
+The aiohttp host (`emulator.http_app`) and the ASGI host (`emulator.asgi`) only turn their
+framework's request into an `HttpRequest` and write the `JsonReply` or `StreamReply` back.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from emulator import signing
+from emulator.directory import Directory
+from handlers import api_keys, chat, driver, jobs, node
+from handlers.api_keys import Caller
+from handlers.context import NodeContext, log
+from handlers.errors import HandlerError
+from schemas.jobs import ErrorBody, ErrorResponse, JobRequest
+from schemas.messages import Envelope, Process
+from schemas.openai_api import ChatCompletionRequest
+from schemas.sse import encode_comment, encode_event
+
+MAX_BODY_BYTES = 1024 * 1024
+SSE_RETRY_MS = 2000
+SSE_HEARTBEAT_S = 15.0
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    headers: Mapping[str, str]  # names in lower case
+    body: bytes
+    remote: str
+    params: Mapping[str, str] = field(default_factory=dict)  # from the path
+    query: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class JsonReply:
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class StreamReply:
+    """An event stream; `abandoned` runs if the client hangs up before the stream ends."""
+
+    chunks: AsyncIterator[bytes]
+    abandoned: Callable[[], Awaitable[None]] | None = None
+
+
+Reply = JsonReply | StreamReply
+
+
+@dataclass
+class NodeApi:
+    """What the routes need: the handlers' context, and what a host checks before them."""
+
+    ctx: NodeContext
+    admin_token: str
+    directory: Directory
+    replay_guard: signing.ReplayGuard = field(default_factory=signing.ReplayGuard)
+
+
+Route = Callable[[NodeApi, HttpRequest], Awaitable[Reply]]
+
+
+# --- replies ---------------------------------------------------------------------------------
+
+
+def json_reply(model: BaseModel, status: int = 200) -> JsonReply:
+    return JsonReply(status, model.model_dump_json().encode())
+
+
+def error_reply(status: int, code: str, message: str, details: Any = None, retry_after: float | None = None) -> JsonReply:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = ErrorResponse(error=ErrorBody(message=message, type=kind, code=code, details=details))
+    reply = JsonReply(status, body.model_dump_json(exclude_none=True).encode())
+    if retry_after is not None:
+        reply.headers["Retry-After"] = f"{retry_after:.0f}"
+    return reply
+
+
+async def answer(route: Route, api: NodeApi, request: HttpRequest) -> Reply:
+    """Run a route; every refusal becomes the one JSON error shape."""
+    try:
+        return await route(api, request)
+    except HandlerError as error:
+        return error_reply(error.status, error.code, error.message, error.details, error.retry_after)
+    except ValidationError as error:
+        details = error.errors(include_url=False, include_context=False, include_input=False)
+        return error_reply(422, "invalid_fields", "the request does not match its schema", details)
+    except Exception:
+        log.exception("a request failed")
+        return error_reply(500, "internal_error", "the node failed to handle this request; see its log")
+
+
+def too_large() -> JsonReply:
+    return error_reply(413, "body_too_large", f"request body over {MAX_BODY_BYTES} bytes")
+
+
+def not_found(method: str, path: str, allowed: list[str]) -> JsonReply:
+    if allowed:
+        return error_reply(405, "method_not_allowed", f"{method} is not allowed on {path}; use {', '.join(allowed)}")
+    return error_reply(404, "not_found", f"no route {path}")
+
+
+# --- request parts ------------------------------------------------------------------------------
+
+
+def read_json(request: HttpRequest) -> Any:
+    try:
+        return json.loads(request.body)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise HandlerError(400, "malformed_json", f"the body is not valid JSON: {error}") from error
+
+
+def caller_of(request: HttpRequest) -> Caller:
+    authorization = request.headers.get("authorization", "")
+    bearer = authorization.removeprefix("Bearer ").strip() if authorization.startswith("Bearer ") else None
+    return Caller(bearer=bearer or None, address=request.remote)
+
+
+def _last_event_id(request: HttpRequest) -> int:
+    raw = request.headers.get("last-event-id") or request.query.get("after")
+    if raw is None:
+        return -1
+    try:
+        return int(raw)
+    except ValueError as error:
+        raise HandlerError(400, "bad_last_event_id", f"Last-Event-ID must be a sequence number, got {raw!r}") from error
+
+
+# --- client routes --------------------------------------------------------------------------------
+
+
+async def healthz(api: NodeApi, request: HttpRequest) -> Reply:
+    return JsonReply(200, json.dumps({"status": "ok", "node": api.ctx.name}).encode())
+
+
+async def submit_job(api: NodeApi, request: HttpRequest) -> Reply:
+    job_request = JobRequest.model_validate(read_json(request))
+    created = await driver.submit(api.ctx, caller_of(request), job_request, request.headers.get("idempotency-key"))
+    return json_reply(created, status=202)
+
+
+async def get_job(api: NodeApi, request: HttpRequest) -> Reply:
+    await api_keys.client_identity(api.ctx, caller_of(request))
+    return json_reply(await jobs.record(api.ctx, request.params["job_id"], with_queue_position=True))
+
+
+async def cancel_job(api: NodeApi, request: HttpRequest) -> Reply:
+    await api_keys.client_identity(api.ctx, caller_of(request))
+    await driver.cancel(api.ctx, request.params["job_id"])
+    return json_reply(await jobs.record(api.ctx, request.params["job_id"]))
+
+
+async def job_events(api: NodeApi, request: HttpRequest) -> Reply:
+    await api_keys.client_identity(api.ctx, caller_of(request))
+    job_id, after = request.params["job_id"], _last_event_id(request)
+    await jobs.record(api.ctx, job_id)  # 404 before the stream starts
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield encode_comment(f"job {job_id}") + f"retry: {SSE_RETRY_MS}\n\n".encode()
+        async for update in jobs.follow(api.ctx, job_id, after, idle=SSE_HEARTBEAT_S):
+            if update is None:
+                yield encode_comment("heartbeat")
+            else:
+                yield encode_event(update.model_dump_json(exclude_none=True), event="job_update", event_id=str(update.seq))
+
+    # A reader that leaves changes nothing: the job goes on, and the reader may come back with Last-Event-ID.
+    return StreamReply(chunks())
+
+
+async def chat_completions(api: NodeApi, request: HttpRequest) -> Reply:
+    completion_request = ChatCompletionRequest.model_validate(read_json(request))
+    job_id, created = await chat.start(api.ctx, caller_of(request), completion_request)
+    if not completion_request.stream:
+        return json_reply(await chat.complete(api.ctx, job_id, created, completion_request))
+
+    async def chunks() -> AsyncIterator[bytes]:
+        async for payload in chat.stream(api.ctx, job_id, created, completion_request):
+            if payload is None:
+                yield encode_comment("heartbeat")
+            else:
+                yield b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+    async def abandoned() -> None:
+        # An OpenAI stream cannot be resumed: a client that hangs up has given up on the job.
+        try:
+            await driver.cancel(api.ctx, job_id)
+        except HandlerError:
+            pass  # it ended meanwhile
+
+    return StreamReply(chunks(), abandoned)
+
+
+async def list_models(api: NodeApi, request: HttpRequest) -> Reply:
+    await api_keys.client_identity(api.ctx, caller_of(request))
+    return json_reply(await chat.models(api.ctx))
+
+
+# --- nodes and admin -------------------------------------------------------------------------------
+
+
+async def node_message(api: NodeApi, request: HttpRequest) -> Reply:
+    envelope = Envelope.model_validate(read_json(request))
+    peer = api.directory.peer(envelope.source.node)
+    signing.authenticate(
+        peer.public_key if peer else None, envelope.source.node, request.body, request.headers.get(signing.SIGNATURE_HEADER.lower()),
+        api.replay_guard, envelope.sent_at, envelope.nonce,
+    )
+    return json_reply(await node.receive(api.ctx, envelope))
+
+
+async def admin_message(api: NodeApi, request: HttpRequest) -> Reply:
+    presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(presented.encode(), api.admin_token.encode()):
+        raise HandlerError(401, "admin_token_required", "admin commands need this node's admin token (Authorization: Bearer ...)")
+    target = request.params.get("process")
+    if target is not None and target not in node.PROCESSES:
+        raise HandlerError(404, "unknown_process", f"no process {target!r}; processes: {', '.join(node.PROCESSES)}")
+    process: Process | None = target  # type: ignore[assignment]
+    return json_reply(await node.admin(api.ctx, process, read_json(request)))
+
+
+ROUTES: list[tuple[str, str, Route]] = [
+    ("GET", "/healthz", healthz),
+    ("POST", "/jobs", submit_job),
+    ("GET", "/jobs/{job_id}", get_job),
+    ("DELETE", "/jobs/{job_id}", cancel_job),
+    ("GET", "/jobs/{job_id}/events", job_events),
+    ("POST", "/v1/chat/completions", chat_completions),
+    ("GET", "/v1/models", list_models),
+    ("POST", "/node/message", node_message),
+    ("POST", "/admin", admin_message),
+    ("POST", "/admin/{process}", admin_message),
+]
+
+
+def path_pattern(template: str) -> re.Pattern[str]:
+    """`/jobs/{job_id}` → a regex with a named group per parameter."""
+    return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template) + "$")
