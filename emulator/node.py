@@ -70,8 +70,8 @@ def configure_logging(home: Home, verbose: bool) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-class Node:
-    """`async with Node(options) as node:` serves until the block ends."""
+class NodeRuntime:
+    """A node without its web host: the store, the transport, the handlers' context and upkeep."""
 
     def __init__(self, options: NodeOptions) -> None:
         self.options = options
@@ -79,10 +79,9 @@ class Node:
         self.url = f"http://{options.host}:{options.port}"
         self.ctx: NodeContext | None = None
         self.public_key: str | None = None
-        self._runner: web.AppRunner | None = None
         self._transport: HttpTransport | None = None
 
-    async def __aenter__(self) -> Node:
+    async def start(self) -> NodeApi:
         options = self.options
         token = self.home.admin_token()
         key = NodeKey.load_or_create(self.home.key_file)
@@ -104,42 +103,60 @@ class Node:
                 retention=options.limits.retention,
             ),
         )
-        self._runner = web.AppRunner(create_app(NodeApi(self.ctx, token, directory)), access_log=None if not options.verbose else logging.getLogger("aiohttp.access"))
-        await self._runner.setup()
-        await web.TCPSite(self._runner, options.host, options.port, reuse_address=True).start()
         self.home.write_info(options.name, self.url)
         self.ctx.spawn(self._upkeep(self.ctx), name="upkeep")
         logging.getLogger("llm_provider").info(
-            "node %s listening on %s (home %s); public key %s", options.name, self.url, self.home.path, key.public_key
+            "node %s at %s (home %s); public key %s", options.name, self.url, self.home.path, key.public_key
         )
-        return self
+        return NodeApi(self.ctx, token, directory)
 
     @staticmethod
     async def _upkeep(ctx: NodeContext) -> None:
         await upkeep.boot(ctx)
         await upkeep.run(ctx)
 
+    async def _deliver_local(self, source: Source, target: Process, message: Message) -> BaseModel:
+        assert self.ctx is not None
+        return await node_handlers.deliver(self.ctx, source, target, message)
+
     async def drain(self) -> None:
         """SIGTERM: finish what is being served, within the grace period, before stopping."""
         if self.ctx is not None:
             await driver.drain(self.ctx, self.ctx.settings.drain_grace)
 
-    async def _deliver_local(self, source: Source, target: Process, message: Message) -> BaseModel:
-        assert self.ctx is not None
-        return await node_handlers.deliver(self.ctx, source, target, message)
-
-    async def __aexit__(self, *_exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
+    def close_streams(self) -> None:
+        """Open event streams end now; their readers reconnect with Last-Event-ID."""
         if self.ctx is not None:
-            self.ctx.closing = True  # open event streams end now; their readers reconnect with Last-Event-ID elsewhere
+            self.ctx.closing = True
             self.ctx.signals.notify_all()
-        if self._runner is not None:
-            await self._runner.cleanup()
+
+    async def stop(self) -> None:
         if self.ctx is not None:
             await self.ctx.close()
             await self.ctx.http.close()
             await self.ctx.store.close()
         if self._transport is not None:
             await self._transport.close()
+
+
+class Node(NodeRuntime):
+    """The runtime behind the aiohttp host: `async with Node(options) as node:` serves until the block ends."""
+
+    _runner: web.AppRunner | None = None
+
+    async def __aenter__(self) -> Node:
+        api = await self.start()
+        access_log = logging.getLogger("aiohttp.access") if self.options.verbose else None
+        self._runner = web.AppRunner(create_app(api), access_log=access_log)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.options.host, self.options.port, reuse_address=True).start()
+        return self
+
+    async def __aexit__(self, *_exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
+        self.close_streams()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.stop()
 
 
 async def serve_forever(options: NodeOptions) -> None:

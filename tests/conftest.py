@@ -16,7 +16,8 @@ from aiohttp import web
 from emulator.client import send_admin
 from emulator.directory import Peer
 from emulator.fake_llm import STATS, FakeLlmSettings, FakeLlmStats, create_app
-from emulator.node import Node, NodeOptions
+from emulator.node import NodeOptions, NodeRuntime
+from tests.hosts import HOSTS, serve
 
 
 def free_port() -> int:
@@ -36,7 +37,7 @@ class RunningNode:
     name: str
     url: str
     home: Path
-    node: Node
+    node: NodeRuntime
 
     async def admin(self, message: Any, process: str | None = None) -> dict[str, Any]:
         return await send_admin(self.url, self.node.home.admin_token(), message, process)
@@ -76,10 +77,9 @@ async def start_upstream() -> AsyncIterator[StartUpstream]:
 
 
 @pytest.fixture
-async def start_node(tmp_path: Path) -> AsyncIterator[StartNode]:
-    """Start a node as a real aiohttp server with its own home and SQLite file.
-
-    Every node started by one test shares a directory (peers), so names resolve.
+async def start_node(tmp_path: Path, node_host: str) -> AsyncIterator[StartNode]:
+    """Start a node as a real server (aiohttp, or the ASGI app under uvicorn or hypercorn) with its own
+    home and SQLite file.  Every node started by one test shares a directory (peers), so names resolve.
     """
     peers: dict[str, Peer] = {}
     async with AsyncExitStack() as stack:
@@ -87,11 +87,18 @@ async def start_node(tmp_path: Path) -> AsyncIterator[StartNode]:
         async def start(name: str, **options: Any) -> RunningNode:
             port = options.pop("port", None) or free_port()
             home = tmp_path / name
-            node = await stack.enter_async_context(Node(NodeOptions(name=name, port=port, home=home, peers=peers, **options)))
+            node = await stack.enter_async_context(serve(node_host, NodeOptions(name=name, port=port, home=home, peers=peers, **options)))
             peers[name] = Peer(url=node.url, public_key=node.public_key)
             return RunningNode(name=name, url=node.url, home=home, node=node)
 
         yield start
+
+
+@pytest.fixture(params=HOSTS)
+def node_host(request: pytest.FixtureRequest) -> str:
+    """Every test with in-process nodes runs under each web host."""
+    host: str = request.param
+    return host
 
 
 async def wire(router: RunningNode, driver: RunningNode, client: RunningNode, upstream: Upstream, model: str = "llama3") -> None:

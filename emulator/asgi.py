@@ -1,0 +1,164 @@
+"""The ASGI host of a node: the same routes as the aiohttp host, for uvicorn, hypercorn and the like.
+
+    LLMP_NAME=fake2.dev LLMP_HOME=~/.llm-provider/fake2.dev LLMP_PORT=8082 \\
+    LLMP_DIRECTORY=~/.llm-provider/directory.json uvicorn 'emulator.asgi:create_app' --factory --port 8082
+
+Settings come from the environment: LLMP_NAME, LLMP_HOME, LLMP_PORT (where the server listens,
+for the node's note in its home), LLMP_HOST, LLMP_DIRECTORY, LLMP_DATABASE_URL, LLMP_JOB_TIMEOUT.
+The node starts and stops with the server's lifespan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+from emulator import http_api
+from emulator.http_api import HttpRequest, JsonReply, NodeApi, Reply, StreamReply
+from emulator.node import JobLimits, NodeOptions, NodeRuntime
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_ROUTES = [(method, http_api.path_pattern(path), route) for method, path, route in http_api.ROUTES]
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class NodeAsgi:
+    """An ASGI application serving one node."""
+
+    def __init__(self, options: NodeOptions) -> None:
+        self.runtime = NodeRuntime(options)
+        self.api: NodeApi | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "http":
+            await self._http(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    self.api = await self.runtime.start()
+                except Exception as error:
+                    await send({"type": "lifespan.startup.failed", "message": repr(error)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.runtime.drain()
+                self.runtime.close_streams()
+                await self.runtime.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert self.api is not None, "the ASGI server must run the lifespan protocol"
+        method, path = scope["method"], scope["path"]
+        matches = [(m, found, route) for m, pattern, route in _ROUTES if (found := pattern.match(path))]
+        chosen = next(((found, route) for m, found, route in matches if m == method), None)
+        if chosen is None:
+            await _send_json(send, http_api.not_found(method, path, sorted({m for m, _, _ in matches})))
+            return
+        try:
+            body = await _read_body(receive)
+        except BodyTooLarge:
+            await _send_json(send, http_api.too_large())
+            return
+        request = HttpRequest(
+            headers={name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]},
+            body=body,
+            remote=(scope.get("client") or ("unknown", 0))[0],
+            params=chosen[0].groupdict(),
+            query=dict(parse_qsl(scope.get("query_string", b"").decode())),
+        )
+        reply = await http_api.answer(chosen[1], self.api, request)
+        if isinstance(reply, JsonReply):
+            await _send_json(send, reply)
+        else:
+            await _stream(reply, receive, send)
+
+
+async def _read_body(receive: Receive) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > http_api.MAX_BODY_BYTES:
+            raise BodyTooLarge
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(parts)
+
+
+def _headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(name.lower().encode(), value.encode()) for name, value in headers.items()]
+
+
+async def _send_json(send: Send, reply: JsonReply) -> None:
+    headers = {"content-type": "application/json", "content-length": str(len(reply.body)), **reply.headers}
+    await send({"type": "http.response.start", "status": reply.status, "headers": _headers(headers)})
+    await send({"type": "http.response.body", "body": reply.body})
+
+
+async def _stream(reply: StreamReply, receive: Receive, send: Send) -> None:
+    """Send chunks as they come; a client that hangs up stops the stream (and runs `abandoned`)."""
+    await send({"type": "http.response.start", "status": 200, "headers": _headers(http_api.SSE_HEADERS)})
+
+    async def pump() -> None:
+        async for chunk in reply.chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def hang_up() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    streaming, watching = asyncio.ensure_future(pump()), asyncio.ensure_future(hang_up())
+    try:
+        await asyncio.wait({streaming, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not streaming.done():
+            streaming.cancel()
+            await asyncio.gather(streaming, return_exceptions=True)
+            if reply.abandoned is not None:
+                await asyncio.shield(reply.abandoned())
+        elif streaming.exception() is not None and reply.abandoned is not None:
+            await reply.abandoned()  # the send failed: the client is gone
+        await reply.chunks.aclose()  # type: ignore[attr-defined]
+
+
+def options_from_environment(environ: MutableMapping[str, str] = os.environ) -> NodeOptions:
+    name = environ["LLMP_NAME"]
+    directory = environ.get("LLMP_DIRECTORY")
+    return NodeOptions(
+        name=name,
+        port=int(environ.get("LLMP_PORT", "8081")),
+        host=environ.get("LLMP_HOST", "127.0.0.1"),
+        home=Path(environ.get("LLMP_HOME", str(Path.home() / ".llm-provider" / name))).expanduser(),
+        directory_file=Path(directory).expanduser() if directory else None,
+        database_url=environ.get("LLMP_DATABASE_URL"),
+        limits=JobLimits(job_timeout=float(environ.get("LLMP_JOB_TIMEOUT", JobLimits().job_timeout))),
+    )
+
+
+def create_app(options: NodeOptions | None = None) -> NodeAsgi:
+    """The ASGI application factory (`uvicorn 'emulator.asgi:create_app' --factory`)."""
+    return NodeAsgi(options or options_from_environment())

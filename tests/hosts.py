@@ -1,0 +1,82 @@
+"""Serving a node in-process under each web host: aiohttp, and the ASGI application under uvicorn and hypercorn."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from emulator.asgi import NodeAsgi
+from emulator.node import Node, NodeOptions, NodeRuntime
+
+HOSTS = ["aiohttp", "uvicorn", "hypercorn"]
+
+
+def _listening_socket(port: int) -> socket.socket:
+    """Bound and listening before the server starts: clients may connect at once, and wait in the backlog."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+@asynccontextmanager
+async def serve(host: str, options: NodeOptions) -> AsyncIterator[NodeRuntime]:
+    if host == "aiohttp":
+        async with Node(options) as node:
+            yield node
+        return
+    app = NodeAsgi(options)
+    sock = _listening_socket(options.port)
+    started = asyncio.Event()
+    stop = asyncio.Event()
+    lifespan_app = _signal_startup(app, started)
+    if host == "uvicorn":
+        import uvicorn
+
+        server = uvicorn.Server(uvicorn.Config(lifespan_app, lifespan="on", log_level="warning"))
+        task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    else:
+        from hypercorn.asyncio import serve as hypercorn_serve
+        from hypercorn.config import Config
+
+        config = Config()
+        config.bind = [f"fd://{os.dup(sock.fileno())}"]  # hypercorn closes the descriptor it is given
+        config.loglevel = "WARNING"
+        task = asyncio.ensure_future(hypercorn_serve(lifespan_app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+    await asyncio.wait({task, asyncio.ensure_future(started.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()  # the server failed to start: raise its error
+    try:
+        yield app.runtime
+    finally:
+        if host == "uvicorn":
+            server.should_exit = True
+        stop.set()
+        await task
+        sock.close()
+
+
+def _signal_startup(app: NodeAsgi, started: asyncio.Event) -> NodeAsgi:
+    """Wrap the app so the test knows when its lifespan startup is complete."""
+
+    class Signalling(NodeAsgi):
+        def __init__(self) -> None:
+            self.__dict__ = app.__dict__
+
+        async def __call__(self, scope, receive, send):  # type: ignore[no-untyped-def]
+            if scope["type"] != "lifespan":
+                return await app(scope, receive, send)
+
+            async def sending(message):  # type: ignore[no-untyped-def]
+                await send(message)
+                if message["type"] == "lifespan.startup.complete":
+                    started.set()
+
+            return await app(scope, receive, sending)
+
+    return Signalling()
