@@ -35,6 +35,7 @@ from typing import Any
 from aiohttp import web
 
 __all__ = [
+    "BUSY_CONTENT",
     "FAIL_CONTENT",
     "FAIL_HEADER",
     "SETTINGS",
@@ -61,7 +62,8 @@ WORDS: tuple[str, ...] = (
 )
 
 FAIL_HEADER = "X-Fake-Fail"
-FAIL_CONTENT = "FAIL"
+FAIL_CONTENT = "FAIL"  # answered HTTP 500 with an OpenAI error body: a refusal
+BUSY_CONTENT = "BUSY"  # answered HTTP 503 with a plain-text body: an overloaded server
 FAIL_MESSAGE = "fake upstream failure"
 
 
@@ -431,6 +433,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return error_response(error)
     if asks_for_failure(chat):
         return failure_response()
+    if any(message.get("content") == BUSY_CONTENT for message in chat.messages):
+        return web.Response(status=503, text="Service Unavailable")
     completion = generate_completion(chat, settings)
     stats.enter()
     try:

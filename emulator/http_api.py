@@ -213,6 +213,8 @@ async def list_models(api: NodeApi, request: HttpRequest) -> Reply:
 
 async def node_message(api: NodeApi, request: HttpRequest) -> Reply:
     envelope = Envelope.model_validate(read_json(request))
+    if envelope.destination != api.ctx.name:
+        raise HandlerError(401, "wrong_destination", f"the envelope is for {envelope.destination}, not {api.ctx.name}")
     peer = api.directory.peer(envelope.source.node)
     signing.authenticate(
         peer.public_key if peer else None, envelope.source.node, request.body, request.headers.get(signing.SIGNATURE_HEADER.lower()),

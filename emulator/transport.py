@@ -40,6 +40,7 @@ class HttpTransport:
         url = peer.url
         envelope = {
             "source": {"node": self.name, "process": source},
+            "destination": node,
             "target": target,
             "sent_at": time.time(),
             "nonce": secrets.token_hex(16),
@@ -52,7 +53,11 @@ class HttpTransport:
                 body = await response.json(content_type=None)
                 if response.status >= 400:
                     error = body.get("error", {}) if isinstance(body, dict) else {}
-                    raise PeerError(response.status, error.get("code") or "peer_error", f"{node}: {error.get('message', body)}", error.get("details"))
+                    retry_after = response.headers.get("Retry-After")
+                    raise PeerError(
+                        response.status, error.get("code") or "peer_error", f"{node}: {error.get('message', body)}",
+                        error.get("details"), float(retry_after) if retry_after and retry_after.isdigit() else None,
+                    )
                 return body  # type: ignore[no-any-return]
         except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as error:
             raise PeerError(503, "peer_unreachable", f"{node} at {url} did not answer: {error!r}") from error
@@ -61,7 +66,7 @@ class HttpTransport:
         try:
             reply = await self._deliver_local(Source(node=self.name, process=source), target, message)
         except HandlerError as error:
-            raise PeerError(error.status, error.code, error.message, error.details) from error
+            raise PeerError(error.status, error.code, error.message, error.details, error.retry_after) from error
         return reply.model_dump(mode="json")
 
     def _session(self, node: str) -> aiohttp.ClientSession:

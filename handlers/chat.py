@@ -66,7 +66,7 @@ async def stream(
             if update.status != "succeeded":
                 yield {"error": failure(update).model_dump(exclude_none=True)}
                 return
-            yield _chunk(base, ChunkDelta(), update.finish_reason or "stop")
+            yield _chunk(base, ChunkDelta(), update.finish_reason)
             if include_usage and update.usage is not None:
                 yield ChatCompletionChunk(**base, choices=[], usage=update.usage).model_dump(exclude_none=True)
             return
@@ -94,7 +94,7 @@ async def complete(ctx: NodeContext, job_id: str, created: int, request: ChatCom
                 id=completion_id(job_id),
                 created=created,
                 model=request.model,
-                choices=[CompletionChoice(message=CompletionMessage(content="".join(text)), finish_reason=update.finish_reason or "stop")],
+                choices=[CompletionChoice(message=CompletionMessage(content="".join(text)), finish_reason=update.finish_reason)],
                 usage=update.usage,
             )
     raise HandlerError(502, "job_lost", f"job {job_id} ended without a final update")

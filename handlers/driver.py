@@ -413,7 +413,7 @@ async def serve(ctx: NodeContext, spec: JobSpec, origin: str, endpoint: openai.E
     except TimeoutError:
         final = job.final("timed_out", job.timeout_reason())
     except UpstreamError as error:
-        if job.seq == 0 and job.origin != ctx.name:
+        if error.retryable and job.seq == 0 and job.origin != ctx.name:
             await _release(ctx, job, str(error))
             return
         final = job.final("failed", str(error))

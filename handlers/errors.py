@@ -22,7 +22,15 @@ class PeerError(HandlerError):
 
 
 class UpstreamError(Exception):
-    """The LLM endpoint failed; the job ends `failed` with this message."""
+    """The LLM endpoint failed; the job ends `failed` with this message.
+
+    `retryable`: the endpoint may serve the job another time (it could not be reached, was busy,
+    or broke off); a refusal of the request itself, or a malformed answer, is not retried.
+    """
+
+    def __init__(self, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 def unknown_job(job_id: str) -> HandlerError:

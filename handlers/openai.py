@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ from schemas.messages import Ack, Message, RegisterOaiProviderEndpoint, Source
 from schemas.openai_api import ChatCompletionChunk, upstream_body
 from schemas.sse import SSEDecoder
 
-ERROR_TEXT_LIMIT = 500
+ERROR_TEXT_LIMIT = 300
 
 
 @dataclass(frozen=True)
@@ -55,28 +56,47 @@ async def stream_chat(ctx: NodeContext, endpoint: Endpoint | None, spec: JobSpec
     try:
         async with ctx.http.post(f"{endpoint.url}/chat/completions", json=body, headers=headers) as response:
             if response.status != 200:
-                text = (await response.text())[:ERROR_TEXT_LIMIT]
-                raise UpstreamError(f"LLM endpoint answered HTTP {response.status}: {text}")
+                raise await _refusal(response)
             async for piece in _pieces(response):
                 yield piece
     except aiohttp.ClientError as error:
-        raise UpstreamError(f"LLM endpoint {endpoint.url} failed: {error!r}") from error
+        raise UpstreamError(f"LLM endpoint {endpoint.url} failed: {error!r}", retryable=True) from error
+
+
+async def _refusal(response: aiohttp.ClientResponse) -> UpstreamError:
+    """An error answer: the endpoint's own message where it gave one (OpenAI's error shape)."""
+    text = await response.text()
+    try:
+        message = str(json.loads(text)["error"]["message"])
+        refused = True  # the endpoint read the request and said no: asking again gets the same answer
+    except (ValueError, KeyError, TypeError):
+        message, refused = text, False
+    retryable = not refused and response.status not in (400, 401, 403, 404, 413, 422)
+    return UpstreamError(f"LLM endpoint answered HTTP {response.status}: {message[:ERROR_TEXT_LIMIT]}", retryable=retryable)
 
 
 async def _pieces(response: aiohttp.ClientResponse) -> AsyncIterator[Piece]:
+    """The pieces of a streamed answer, which must end with a finish_reason and `[DONE]`."""
     decoder = SSEDecoder()
+    finished = False
     async for line in response.content:
         event = decoder.feed_line(line.decode())
         if event is None:
             continue
         if event.data.strip() == "[DONE]":
+            if not finished:
+                raise UpstreamError("the LLM ended its answer without a finish_reason (cut short, or the prompt did not fit)")
             return
         chunk = ChatCompletionChunk.model_validate_json(event.data)
+        if chunk.model_extra and "error" in chunk.model_extra:
+            raise UpstreamError(f"the LLM reported an error mid-answer: {str(chunk.model_extra['error'])[:ERROR_TEXT_LIMIT]}")
         choice = chunk.choices[0] if chunk.choices else None
         piece = Piece(
             delta=(choice.delta.content or "") if choice else "",
             finish_reason=choice.finish_reason if choice else None,
             usage=chunk.usage,
         )
+        finished = finished or piece.finish_reason is not None
         if piece != Piece():
             yield piece
+    raise UpstreamError("the LLM's stream broke off before [DONE]", retryable=True)

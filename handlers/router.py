@@ -268,9 +268,13 @@ async def _hand_over(ctx: NodeContext, model: str, assignments: list[tuple[str, 
 
 
 async def _assign(session: AsyncSession, model: str, now: float) -> list[tuple[str, str, JobSpec]]:
+    # On PostgreSQL the model's driver rows are locked, so router replicas assign one at a time per model,
+    # and each takes queued jobs no other replica holds (SKIP LOCKED).  SQLite serializes writers anyway.
     drivers = (
         await session.scalars(
-            select(DriverRegistration).where(DriverRegistration.model == model, DriverRegistration.cooldown_until <= now)
+            select(DriverRegistration)
+            .where(DriverRegistration.model == model, DriverRegistration.cooldown_until <= now)
+            .with_for_update()
         )
     ).all()
     if not drivers:
@@ -279,7 +283,10 @@ async def _assign(session: AsyncSession, model: str, now: float) -> list[tuple[s
     loads: Counter[str] = Counter({node: count for node, count in await session.execute(running)})
     queued = (
         await session.scalars(
-            select(RoutedJob).where(RoutedJob.model == model, RoutedJob.status == "queued").order_by(RoutedJob.created_at)
+            select(RoutedJob)
+            .where(RoutedJob.model == model, RoutedJob.status == "queued")
+            .order_by(RoutedJob.created_at)
+            .with_for_update(skip_locked=True)
         )
     ).all()
     assignments: list[tuple[str, str, JobSpec]] = []
@@ -325,9 +332,15 @@ async def _relay(ctx: NodeContext, source: Source, message: JobUpdate) -> None:
         raise unknown_job(update_.job_id)
     if job.driver_node != source.node:
         raise HandlerError(403, "not_the_jobs_driver", f"job {update_.job_id} was not given to {source.node}")
-    if job.status in FINAL_STATUSES:
+    repeated_final = update_.is_final and job.status in FINAL_STATUSES  # the driver retries a final the client missed
+    if job.status in FINAL_STATUSES and not repeated_final:
         raise HandlerError(409, "job_finished", f"job {job.id} already ended: {job.status}")
     update_.driver = source.node
+    if update_.is_final and not repeated_final:
+        # The slot frees, and the next queued job takes it, before the client hears: a slow client holds nothing.
+        assignments = await ctx.store.write_soon(lambda session: _finish_and_assign(session, job.id, update_.status, job.model))
+        if assignments:
+            ctx.spawn(_hand_over(ctx, job.model, assignments), name=f"hand-over-{job.model}")
     try:
         await ctx.transport.send("router", job.client_node, "driver", message)
     except PeerError as error:
@@ -335,12 +348,7 @@ async def _relay(ctx: NodeContext, source: Source, message: JobUpdate) -> None:
         # node that restarts misses no chunk.
         status = 503 if error.status == 503 else 502
         raise HandlerError(status, "client_unreachable", f"client node {job.client_node}: {error.message}") from error
-    if update_.is_final:
-        # The driver's slot frees, and the next queued job takes it, in one (shared) commit.
-        assignments = await ctx.store.write_soon(lambda session: _finish_and_assign(session, job.id, update_.status, job.model))
-        if assignments:
-            ctx.spawn(_hand_over(ctx, job.model, assignments), name=f"hand-over-{job.model}")
-    elif not job.streamed:
+    if not update_.is_final and not job.streamed:
         await ctx.store.write_soon(lambda session: _mark_streamed(session, job.id, source.node))
 
 

@@ -227,6 +227,7 @@ class Envelope(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: Source
+    destination: str  # the receiving node: an envelope signed for one node is refused by any other
     target: Process
     sent_at: float
     nonce: str = Field(min_length=16, max_length=64)

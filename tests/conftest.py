@@ -17,6 +17,7 @@ from emulator.client import send_admin
 from emulator.directory import Peer
 from emulator.fake_llm import STATS, FakeLlmSettings, FakeLlmStats, create_app
 from emulator.node import NodeOptions, NodeRuntime
+from tests.databases import fresh_database, postgres_server
 from tests.hosts import HOSTS, serve
 
 
@@ -77,28 +78,33 @@ async def start_upstream() -> AsyncIterator[StartUpstream]:
 
 
 @pytest.fixture
-async def start_node(tmp_path: Path, node_host: str) -> AsyncIterator[StartNode]:
+async def start_node(tmp_path: Path, node_setup: str) -> AsyncIterator[StartNode]:
     """Start a node as a real server (aiohttp, or the ASGI app under uvicorn or hypercorn) with its own
-    home and SQLite file.  Every node started by one test shares a directory (peers), so names resolve.
+    home and database: a SQLite file, or a fresh PostgreSQL database for the "postgres" setup.
+    Every node started by one test shares a directory (peers), so names resolve.
     """
     peers: dict[str, Peer] = {}
+    host = "aiohttp" if node_setup == "postgres" else node_setup
+    server = postgres_server() if node_setup == "postgres" else None
     async with AsyncExitStack() as stack:
 
         async def start(name: str, **options: Any) -> RunningNode:
             port = options.pop("port", None) or free_port()
             home = tmp_path / name
-            node = await stack.enter_async_context(serve(node_host, NodeOptions(name=name, port=port, home=home, peers=peers, **options)))
+            if server is not None and "database_url" not in options:
+                options["database_url"] = await stack.enter_async_context(fresh_database(server))
+            node = await stack.enter_async_context(serve(host, NodeOptions(name=name, port=port, home=home, peers=peers, **options)))
             peers[name] = Peer(url=node.url, public_key=node.public_key)
             return RunningNode(name=name, url=node.url, home=home, node=node)
 
         yield start
 
 
-@pytest.fixture(params=HOSTS)
-def node_host(request: pytest.FixtureRequest) -> str:
-    """Every test with in-process nodes runs under each web host."""
-    host: str = request.param
-    return host
+@pytest.fixture(params=[*HOSTS, "postgres"])
+def node_setup(request: pytest.FixtureRequest) -> str:
+    """Every test with in-process nodes runs under each web host, and on PostgreSQL (aiohttp host)."""
+    setup: str = request.param
+    return setup
 
 
 async def wire(router: RunningNode, driver: RunningNode, client: RunningNode, upstream: Upstream, model: str = "llama3") -> None:

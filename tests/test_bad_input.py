@@ -78,6 +78,7 @@ async def post_envelope(
     http: aiohttp.ClientSession, to: RunningNode, raw: dict[str, Any], signer: RunningNode | None
 ) -> tuple[int, Any]:
     """POST /node/message, signed with `signer`'s key (None: unsigned) whatever node the envelope claims."""
+    raw = {"destination": to.name, **raw}
     data = json.dumps(raw).encode()
     headers = {SIGNATURE_HEADER: sign(signer, data)} if signer is not None else {}
     return await post_raw(http, f"{to.url}/node/message", data, headers)
@@ -369,7 +370,7 @@ async def test_unsigned_or_forged_envelopes_are_401(network: Network, http: aioh
 
 
 async def test_replayed_envelope_is_401(network: Network, http: aiohttp.ClientSession) -> None:
-    raw = envelope("fake3.dev", "driver", "router", "ListModels")
+    raw = {"destination": "fake.dev", **envelope("fake3.dev", "driver", "router", "ListModels")}
     data = json.dumps(raw).encode()
     headers = {SIGNATURE_HEADER: sign(network.client, data)}
     status, body = await post_raw(http, f"{network.router.url}/node/message", data, headers)
@@ -552,9 +553,16 @@ async def test_upstream_500_fails_a_remote_job(network: Network, http: aiohttp.C
     final = updates[-1]
     assert final["is_final"] and final["status"] == "failed"
     assert "HTTP 500" in final["error"]
-    async with store_of(network.router).reading() as session:
-        routed = await session.get(RoutedJob, created["job_id"])
-        assert routed is not None and routed.status == "failed"
+    # The router records the end right after it relays the final update: wait for that write.
+    async with asyncio.timeout(GUARD_S):
+        while True:
+            async with store_of(network.router).reading() as session:
+                routed = await session.get(RoutedJob, created["job_id"])
+            assert routed is not None
+            if routed.status != "running":
+                break
+            await asyncio.sleep(0.01)  # another component's commit: there is no event to await here
+    assert routed.status == "failed"
 
 
 async def test_upstream_500_makes_non_stream_chat_completion_502(network: Network, http: aiohttp.ClientSession) -> None:

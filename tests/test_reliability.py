@@ -595,11 +595,23 @@ async def test_a_job_the_llm_keeps_refusing_is_retried_then_failed(cluster: Clus
     # Whatever the draws, the rules say: 3 attempts (backoff 0.2 s, 0.4 s), then failed.
     nodes = await cluster.network(llm={"ttft": 0, "tps": 0, "tokens": 5}, drivers=(DRIVER, DRIVER2), capacity=1)
     client = nodes[CLIENT].url
-    updates = await run_to_end(http, client, job_body("FAIL", timeout=5))  # the fake LLM answers HTTP 500 to "FAIL"
+    updates = await run_to_end(http, client, job_body("BUSY", timeout=5))  # the fake LLM answers a plain 503 to "BUSY"
 
     final = final_of(updates)
     assert final["status"] == "failed", final
     assert "3 attempts" in (final.get("error") or ""), final
+
+
+async def test_a_request_the_llm_refuses_fails_at_once_and_costs_the_driver_nothing(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    """An OpenAI-style error answer is the LLM's verdict on the request: not retried, not held against the driver."""
+    nodes = await cluster.network(llm={"ttft": 0, "tps": 0, "tokens": 5}, capacity=1)
+    client = nodes[CLIENT].url
+    refused = final_of(await run_to_end(http, client, job_body("FAIL", timeout=10)))  # HTTP 500 with an error body
+    assert refused["status"] == "failed", refused
+    assert "fake upstream failure" in refused["error"] and "attempts" not in refused["error"], refused
+    for prompt in ("after 1", "after 2", "after 3"):  # more than the failures it takes to cool a driver down
+        after = final_of(await run_to_end(http, client, job_body(prompt, max_tokens=2, timeout=5)))
+        assert after["status"] == "succeeded", after
 
 
 async def test_sigterm_drains_the_running_job_refuses_new_ones_and_exits_zero(cluster: Cluster, http: aiohttp.ClientSession) -> None:

@@ -1,0 +1,558 @@
+"""The seed's flow against a real LLM server: llama.cpp (llama-cpp-python) on a tiny random-weight model.
+
+`../shared/tools/tiny-llm-server` (next to this repository) builds llama-cpp-python once into
+~/.cache/llm-provider/ (about 4 minutes on 2 cores, then cached) and starts its OpenAI-compatible
+server; one server serves the whole session.  Its replies are word salad that ends after a "."
+(`--allow-eos`).  Every test starts its own `emulator up --nodes 3 --llm URL` (real processes,
+loopback ports), so a test that leaves a driver cooled down or a queue busy cannot affect another.
+
+What this server does that the fake LLM does not, as measured (llama-cpp-python 0.3.36):
+  * a request its schema refuses (e.g. a message with role "developer") gets HTTP 500 with an
+    OpenAI-style error object;
+  * `stream_options` is ignored: a streamed completion never carries `usage`;
+  * a prompt longer than the context gets, when streamed, HTTP 200 and an empty body;
+  * one request at a time: with the wrapper's `--interrupt_requests False` concurrent requests
+    queue; with the server's own default (`--interrupt-requests` here) a new request cuts the
+    running stream short with `data: [DONE]` and no finish_reason.
+
+Every process started here is killed by its id at teardown, even when a test fails: the LLM
+server (by the pid file the wrapper writes, checked against its command line), `up` (its own
+session) and the node processes it spawned (each in a session of its own).  Every wait is bounded.
+
+Run: `.venv/bin/pytest -q -m llama tests/test_llama.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from tests.conftest import free_port
+from tests.sse_client import events, job_updates
+
+pytestmark = pytest.mark.llama
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_LLM_SERVER = REPO.parent / "shared" / "tools" / "tiny-llm-server"
+# Outside the project tree, the same paths everywhere (CI too), so the llama.cpp build is reused.
+LLM_CACHE = Path.home() / ".cache" / "llm-provider"
+LLM_VENV = LLM_CACHE / "llm-venv"
+LLM_CACHE_DIR = LLM_CACHE / "tiny-llm"
+BUILD_TIMEOUT_S = 900.0  # the first start on a fresh machine compiles llama.cpp
+STOP_TIMEOUT_S = 15.0
+
+EMULATOR = Path(sys.executable).parent / "emulator"
+TIMEOUT_S = 60.0  # the most any one step may take before the test fails instead of hanging
+GUARD_S = 30.0  # a job against the tiny model takes well under a second; this only catches hangs
+MODEL = "llama3"
+WOODCHUCK = "How much wood could a woodchuck chuck? Be concise."
+SUMMARY = re.compile(
+    r"^job (?P<job_id>[0-9a-f]{16,}) · (?P<status>\w+) · driver (?P<driver>\S+) · first token (?P<ttft>\d+ ms|-) · total (?P<total>\d+) ms"
+)
+# Accepted by our schema (OpenAI's newer name for "system"), refused by llama-cpp-python's: HTTP 500.
+REJECTED_MESSAGES = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": WOODCHUCK}]
+COMPLETE = ("stop", "length")
+
+
+# --- the real LLM server ------------------------------------------------------------------------
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _stop_llm_server(pid_file: Path, port: int | None) -> None:
+    """SIGTERM the detached server (not our child: poll /proc), SIGKILL if it lingers."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return
+    command = _cmdline(pid)
+    if "llama_cpp.server" not in command or (port is not None and f"--port {port} " not in command + " "):
+        return  # gone already, and the pid may belong to someone else by now
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while _process_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)  # another process's child: no event to wait on
+    if _process_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+
+def start_llm_server(directory: Path, *options: str, timeout: float = BUILD_TIMEOUT_S) -> tuple[str, Path, int]:
+    """Start tiny-llm-server detached; its base URL, pid file and port."""
+    if not TINY_LLM_SERVER.is_file():
+        pytest.skip(f"no {TINY_LLM_SERVER}: the real-LLM tests need the shared tiny-llm-server next to this repository")
+    pid_file, log_file = directory / "llm.pid", directory / "llm.log"
+    argv = [
+        sys.executable, str(TINY_LLM_SERVER), "--port", "0", "--detach", "--pid-file", str(pid_file), "--log-file", str(log_file),
+        "--venv", str(LLM_VENV), "--cache-dir", str(LLM_CACHE_DIR), *options,
+    ]
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as error:
+        _stop_llm_server(pid_file, None)
+        raise AssertionError(f"tiny-llm-server did not start within {timeout:.0f} s; build log: {LLM_CACHE_DIR / 'build.log'}") from error
+    lines = result.stdout.strip().splitlines()
+    match = re.fullmatch(r"http://127\.0\.0\.1:(\d+)/v1", lines[-1] if lines else "")
+    if result.returncode != 0 or match is None:
+        _stop_llm_server(pid_file, None)
+        raise AssertionError(
+            f"tiny-llm-server failed (exit {result.returncode}); stdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}\nlog: {log_file}"
+        )
+    return match[0], pid_file, int(match[1])
+
+
+@pytest.fixture(scope="session")
+def llm_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The session's real LLM: replies end after a "." (finish_reason "stop"); concurrent requests queue."""
+    url, pid_file, port = start_llm_server(tmp_path_factory.mktemp("llm"), "--allow-eos")
+    try:
+        yield url
+    finally:
+        _stop_llm_server(pid_file, port)
+
+
+@pytest.fixture
+def interrupting_llm_url(tmp_path: Path) -> Iterator[str]:
+    """A second real LLM with llama-cpp-python's own default: a new request cuts the running stream short.
+    Without --allow-eos a request without max_tokens generates until the context is full (~2000 tokens)."""
+    directory = tmp_path / "interrupting-llm"
+    directory.mkdir()
+    url, pid_file, port = start_llm_server(directory, "--interrupt-requests")
+    try:
+        yield url
+    finally:
+        _stop_llm_server(pid_file, port)
+
+
+# --- `emulator up` against it --------------------------------------------------------------------
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _pick_base_port(nodes: int) -> int:
+    for _ in range(200):
+        base = free_port()
+        if base + nodes <= 65535 and all(_port_is_free(p) for p in range(base, base + nodes)):
+            return base
+    raise AssertionError(f"found no {nodes} consecutive free ports")
+
+
+def _children_of(pid: int) -> set[int]:
+    found: set[int] = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _nodes_under(root: Path) -> set[int]:
+    """Running node processes of one network, found by their command lines (they name its root)."""
+    found: set[int] = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "emulator.cli" in argv and any(arg.startswith(str(root)) for arg in argv) and _process_alive(int(cmdline.parent.name)):
+            found.add(int(cmdline.parent.name))
+    return found
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL a process we started in a session of its own (group id = pid), if it is still ours."""
+    if "emulator" not in _cmdline(pid):
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@dataclass
+class Network:
+    """A running `emulator up --nodes 3 --llm URL`: fake.dev routes, fake2.dev drives the LLM, fake3.dev is a client."""
+
+    proc: subprocess.Popen[str]
+    root: Path
+    base: int
+    output: list[str] = field(default_factory=list)
+    lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
+    children: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output.append(line.rstrip("\n"))
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def transcript(self) -> str:
+        return "\n".join(self.output)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + TIMEOUT_S
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if line is None:
+                raise AssertionError(f"`emulator up` ended (code {self.proc.poll()}) before `ready`:\n{self.transcript()}")
+            if line == "ready":
+                return
+        raise AssertionError(f"`emulator up` not ready within {TIMEOUT_S:.0f} s:\n{self.transcript()}")
+
+    def port(self, index: int) -> int:
+        return self.base + index - 1
+
+    def url(self, index: int) -> str:
+        return f"http://127.0.0.1:{self.port(index)}"
+
+    def node_log(self, name: str) -> str:
+        return (self.root / name / "node.log").read_text(errors="replace")
+
+    def cli(self, *args: str, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "LLM_PROVIDER_ROOT": str(self.root)}
+        return subprocess.run([str(EMULATOR), *args], capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def kill(self) -> None:
+        pids = self.children | _nodes_under(self.root)
+        if self.proc.poll() is None:
+            pids |= _children_of(self.proc.pid)
+        _kill_group(self.proc.pid)
+        for pid in pids:
+            _kill_group(pid)
+        self.proc.wait(timeout=TIMEOUT_S)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+class Networks:
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.started: list[Network] = []
+
+    def up(self, llm: str) -> Network:
+        base = _pick_base_port(3)
+        root = self.tmp_path / f"net{len(self.started) + 1}"
+        argv = [str(EMULATOR), "up", "--nodes", "3", "--llm", llm, "--base-port", str(base), "--root", str(root)]
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+            env={**os.environ, "LLM_PROVIDER_ROOT": str(root), "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+        )
+        network = Network(proc=proc, root=root, base=base)
+        self.started.append(network)
+        network.wait_ready()
+        network.children = _children_of(proc.pid)
+        assert f"LLM: {llm}" in network.output, network.transcript()
+        return network
+
+    def kill_all(self) -> None:
+        for network in self.started:
+            network.kill()
+
+
+@pytest.fixture
+def networks(tmp_path: Path) -> Iterator[Networks]:
+    started = Networks(tmp_path)
+    try:
+        yield started
+    finally:
+        started.kill_all()
+
+
+@pytest.fixture
+def network(networks: Networks, llm_url: str) -> Network:
+    return networks.up(llm_url)
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+
+
+async def submit(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    async with http.post(f"{url}/jobs", json=body) as response:
+        text = await response.text()
+        assert response.status == 202, text
+        created: dict[str, Any] = json.loads(text)
+    return created
+
+
+async def get_json(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    async with http.get(url) as response:
+        text = await response.text()
+        assert response.status == 200, f"GET {url}: {response.status} {text}"
+        body: dict[str, Any] = json.loads(text)
+    return body
+
+
+async def run_job(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    """Submit a job and follow its SSE stream to the final update: (job id, updates)."""
+    created = await submit(http, url, body)
+    async with asyncio.timeout(GUARD_S):
+        updates = await job_updates(http, url, created["job_id"])
+    return created["job_id"], updates
+
+
+async def upstream_chunks(http: aiohttp.ClientSession, llm: str, body: dict[str, Any]) -> tuple[int, list[Any]]:
+    """Ask the LLM server itself for a streamed completion: its HTTP status and the decoded `data:` payloads."""
+    payloads: list[Any] = []
+    async with asyncio.timeout(GUARD_S), http.post(f"{llm}/chat/completions", json={**body, "stream": True}) as response:
+        if response.status != 200:
+            return response.status, [await response.json(content_type=None)]
+        async for event in events(response):
+            payloads.append("[DONE]" if event.data.strip() == "[DONE]" else json.loads(event.data))
+    return response.status, payloads
+
+
+def assert_complete(text: str, finish_reason: str | None) -> None:
+    """A whole answer of the tiny model: it ended on its own after a "." (stop) or ran to max_tokens (length)."""
+    assert finish_reason in COMPLETE, finish_reason
+    assert text.strip(), "empty answer"
+    if finish_reason == "stop":
+        assert text.rstrip().endswith("."), f"a 'stop' answer of this model ends with '.': {text!r}"
+
+
+def assert_failed_with_upstream_500(error: str | None) -> None:
+    assert error, "the failed job carries no error"
+    assert "HTTP 500" in error, error
+    assert "LLM endpoint" in error, error
+
+
+# --- 1. the seed's flow against the real server ---------------------------------------------------------------
+
+
+async def test_run_job_from_node_3_is_served_by_the_real_llm_on_fake2(network: Network, http: aiohttp.ClientSession) -> None:
+    result = await asyncio.to_thread(network.cli, "run-job", "-p", str(network.port(3)), MODEL, *WOODCHUCK.split())
+
+    assert result.returncode == 0, f"run-job failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in result.stderr, result.stderr
+    answer, _, last = result.stdout.rstrip("\n").rpartition("\n")
+    summary = SUMMARY.match(last)
+    assert summary, f"no summary line in run-job's output:\n{result.stdout}"
+    assert summary["status"] == "succeeded", last
+    assert summary["driver"] == "fake2.dev", last
+    assert summary["ttft"] != "-", last
+
+    record = await get_json(http, f"{network.url(3)}/jobs/{summary['job_id']}")
+    assert record["status"] == "succeeded" and record["driver"] == "fake2.dev" and record["router"] == "fake.dev", record
+    assert record["text"].strip() == answer.strip(), (record["text"], answer)
+    assert_complete(record["text"], record["finish_reason"])
+    assert record["finish_reason"] == "stop", record  # --allow-eos, no max_tokens: the model ends it itself
+
+
+async def test_openai_client_streams_from_the_real_llm_through_node_3(network: Network, llm_url: str, http: aiohttp.ClientSession) -> None:
+    def stream(**extra: Any) -> list[Any]:
+        client = openai.OpenAI(base_url=f"{network.url(3)}/v1", api_key="x", timeout=TIMEOUT_S, max_retries=0)
+        try:
+            return list(
+                client.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": WOODCHUCK}], stream=True,
+                    stream_options={"include_usage": True}, **extra,
+                )
+            )
+        finally:
+            client.close()
+
+    for extra, expected_reason in (({}, "stop"), ({"max_tokens": 3}, "length")):
+        chunks = await asyncio.to_thread(stream, **extra)
+        with_choices = [c for c in chunks if c.choices]
+        assert with_choices and with_choices[0].choices[0].delta.role == "assistant", chunks
+        content = "".join(c.choices[0].delta.content or "" for c in with_choices)
+        assert any(c.choices[0].delta.content for c in with_choices), chunks
+        # exactly one finish_reason, on the last chunk; "length" can only come from the real server (ours says "stop")
+        assert [c.choices[0].finish_reason for c in with_choices if c.choices[0].finish_reason] == [expected_reason], chunks
+        assert with_choices[-1].choices[0].finish_reason == expected_reason, chunks
+        assert_complete(content, expected_reason)
+        assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].id.startswith("chatcmpl-"), chunks
+
+        record = await get_json(http, f"{network.url(3)}/jobs/{chunks[0].id.removeprefix('chatcmpl-')}")
+        assert record["status"] == "succeeded" and record["driver"] == "fake2.dev", record
+        assert record["text"] == content and record["finish_reason"] == expected_reason, record
+
+        # Usage: llama-cpp-python 0.3.x ignores stream_options (our driver always asks for it), so no
+        # streamed chunk of it carries usage; the job has none, and neither has the stream we relay.
+        assert record["usage"] is None, record
+        assert all(c.usage is None for c in chunks), [c.usage for c in chunks]
+
+    status, payloads = await upstream_chunks(
+        http, llm_url, {"model": MODEL, "messages": [{"role": "user", "content": WOODCHUCK}], "stream_options": {"include_usage": True}}
+    )
+    assert status == 200 and payloads[-1] == "[DONE]", payloads
+    assert not any(isinstance(p, dict) and p.get("usage") for p in payloads), "the real server now streams usage: assert it arrives"
+
+
+# --- 2. the real server's HTTP 500 -------------------------------------------------------------------------------
+
+
+async def test_a_request_the_real_server_rejects_fails_the_job_with_the_upstream_status(
+    network: Network, llm_url: str, http: aiohttp.ClientSession
+) -> None:
+    # The premise: our schema takes this request, the real server refuses it with HTTP 500.
+    status, body = await upstream_chunks(http, llm_url, {"model": MODEL, "messages": REJECTED_MESSAGES})
+    assert status == 500 and "error" in body[0], body
+
+    started = time.monotonic()
+    job_id, updates = await run_job(http, network.url(3), {"model": MODEL, "messages": REJECTED_MESSAGES})
+    final = updates[-1]
+    assert final["is_final"] and final["status"] == "failed", final
+    assert_failed_with_upstream_500(final["error"])
+    assert not "".join(u["delta"] for u in updates), updates
+    assert time.monotonic() - started < GUARD_S
+
+    record = await get_json(http, f"{network.url(3)}/jobs/{job_id}")
+    assert record["status"] == "failed" and record["text"] == "" and record["finish_reason"] is None, record
+    assert_failed_with_upstream_500(record["error"])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+async def test_a_request_the_real_server_rejects_is_a_clear_error_for_an_openai_client(network: Network, stream: bool) -> None:
+    def ask() -> Exception:
+        client = openai.OpenAI(base_url=f"{network.url(3)}/v1", api_key="x", timeout=TIMEOUT_S, max_retries=0)
+        try:
+            if stream:
+                list(client.chat.completions.create(model=MODEL, messages=REJECTED_MESSAGES, stream=True))  # type: ignore[arg-type]
+            else:
+                client.chat.completions.create(model=MODEL, messages=REJECTED_MESSAGES)  # type: ignore[arg-type]
+        except openai.APIError as error:
+            return error
+        finally:
+            client.close()
+        raise AssertionError("the request succeeded")
+
+    error = await asyncio.to_thread(ask)
+    assert_failed_with_upstream_500(error.message)
+    if not stream:  # refused before any byte of an answer: an HTTP error status of our own
+        assert isinstance(error, openai.APIStatusError) and error.status_code == 502, error
+        assert isinstance(error.body, dict) and error.body.get("code") == "job_failed", error.body
+
+
+# --- 3. one request at a time: a second job waits, it does not cut the first short -------------------------------
+
+
+@pytest.mark.parametrize("capacity", [1, 2], ids=["router-queues", "llm-queues"])
+async def test_two_jobs_at_once_both_complete(network: Network, http: aiohttp.ClientSession, capacity: int) -> None:
+    """capacity 1: the router holds the second job until the first ends; capacity 2: both reach the LLM
+    server at once and the server queues the second (it is started with --interrupt_requests False)."""
+    if capacity != 1:
+        message = json.dumps({"SetLocalDriver": {"model": MODEL, "is_public": True, "capacity": capacity}})
+        result = await asyncio.to_thread(network.cli, "admin", "-p", str(network.port(2)), message)
+        assert result.returncode == 0 and json.loads(result.stdout)["ok"] is True, f"{result.stdout}\n{result.stderr}"
+
+    bodies = [{"model": MODEL, "prompt": f"{WOODCHUCK} ({n})"} for n in (1, 2)]
+    created = await asyncio.gather(*(submit(http, network.url(3), body) for body in bodies))
+    async with asyncio.timeout(GUARD_S):
+        streams = await asyncio.gather(*(job_updates(http, network.url(3), c["job_id"]) for c in created))
+
+    records = []
+    for c, updates in zip(created, streams):
+        final = updates[-1]
+        assert final["is_final"] and final["status"] == "succeeded", final
+        assert final["driver"] == "fake2.dev", final
+        text = "".join(u["delta"] for u in updates)
+        assert_complete(text, final["finish_reason"])
+        record = await get_json(http, f"{network.url(3)}/jobs/{c['job_id']}")
+        assert record["status"] == "succeeded" and record["text"] == text and record["finish_reason"] == final["finish_reason"], record
+        records.append(record)
+    first, second = records
+    # both were in the network at the same time
+    assert first["created_at"] < second["finished_at"] and second["created_at"] < first["finished_at"], records
+
+
+# --- bugs found --------------------------------------------------------------------------------------------------
+
+
+async def test_a_rejected_request_does_not_take_the_driver_away_from_the_next_job(network: Network, http: aiohttp.ClientSession) -> None:
+    _, updates = await run_job(http, network.url(3), {"model": MODEL, "messages": REJECTED_MESSAGES})
+    assert updates[-1]["status"] == "failed", updates[-1]
+
+    # a valid job right after: against this LLM it takes well under a second
+    job_id, updates = await run_job(http, network.url(3), {"model": MODEL, "prompt": WOODCHUCK, "timeout": 5})
+    record = await get_json(http, f"{network.url(3)}/jobs/{job_id}")
+    assert updates[-1]["status"] == "succeeded", (record, network.node_log("fake.dev")[-2000:])
+
+
+async def test_a_prompt_longer_than_the_context_is_not_a_successful_empty_answer(
+    network: Network, llm_url: str, http: aiohttp.ClientSession
+) -> None:
+    prompt = " ".join(["wood chuck"] * 3000)  # ~21k tokens for a 2048-token context; 30 kB, far below our 1 MiB limit
+    status, payloads = await upstream_chunks(http, llm_url, {"model": MODEL, "messages": [{"role": "user", "content": prompt}]})
+    assert (status, payloads) == (200, []), "premise: the real server answers a too-long streamed prompt with an empty 200"
+
+    job_id, updates = await run_job(http, network.url(3), {"model": MODEL, "prompt": prompt})
+    record = await get_json(http, f"{network.url(3)}/jobs/{job_id}")
+    assert updates[-1]["status"] == "failed", {k: record[k] for k in ("status", "text", "finish_reason", "error")}
+
+
+async def test_a_stream_the_llm_cuts_short_is_not_reported_complete(
+    networks: Networks, interrupting_llm_url: str, http: aiohttp.ClientSession
+) -> None:
+    network = networks.up(interrupting_llm_url)
+    message = json.dumps({"SetLocalDriver": {"model": MODEL, "is_public": True, "capacity": 2}})
+    result = await asyncio.to_thread(network.cli, "admin", "-p", str(network.port(2)), message)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+
+    # A: no max_tokens, so this LLM generates until its context is full (~2000 tokens, over a second)
+    long_job = await submit(http, network.url(3), {"model": MODEL, "prompt": WOODCHUCK})
+    long_updates: list[dict[str, Any]] = []
+    async with asyncio.timeout(GUARD_S), http.get(f"{network.url(3)}{long_job['events_url']}") as response:
+        short_job: dict[str, Any] | None = None
+        async for event in events(response):
+            update = json.loads(event.data)
+            long_updates.append(update)
+            if short_job is None and update["delta"]:  # A is streaming: now B arrives at the LLM too
+                short_job = await submit(http, network.url(3), {"model": MODEL, "prompt": "Hi", "max_tokens": 5})
+            if update["is_final"]:
+                break
+    assert short_job is not None, long_updates
+    async with asyncio.timeout(GUARD_S):
+        short_updates = await job_updates(http, network.url(3), short_job["job_id"])
+    assert short_updates[-1]["status"] == "succeeded" and short_updates[-1]["finish_reason"] == "length", short_updates[-1]
+
+    final = long_updates[-1]
+    record = await get_json(http, f"{network.url(3)}/jobs/{long_job['job_id']}")
+    summary = {k: record[k] for k in ("status", "finish_reason", "error")} | {"text_chars": len(record["text"])}
+    assert not (final["status"] == "succeeded" and final.get("finish_reason") is None), summary
