@@ -236,6 +236,16 @@ async def relay(report: Report, args: argparse.Namespace) -> None:
                     ])
     report.say(f"### Relay through one node (fast upstream: no delay between tokens)\n")
     report.table(["path", "tokens/s, 1 stream", "tokens/s, 100 streams", "chunk delay p50 ms, 1 stream", "p50, 100 streams", "p99, 100 streams"], rows)
+    # The same delay when the node keeps up: an upstream paced like a fast real model (50 tokens/s).
+    async with fake_llm(args.llm_port + 4, "--ttft", "0", "--tps", "50", "--tokens", "100", "--stamp") as llm:
+        async with network(llm, args.base_port) as net:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+                paced_rows = []
+                for name, base in (("upstream direct", llm.removesuffix("/v1")), ("node 2 (local)", net.url(2)), ("node 3 -> router -> node 2", net.url(3))):
+                    delays = [d for _ in range(5) for d in (await chat(session, base, stamped=True)).delays]
+                    paced_rows.append([name, ms(pct(delays, 0.5)), ms(pct(delays, 0.95)), ms(pct(delays, 0.99))])
+    report.say("### Per-chunk delay, upstream paced at 50 tokens/s (5 streams of 100 tokens, one at a time)\n")
+    report.table(["path", "delay p50 ms", "p95", "p99"], paced_rows)
 
 
 async def throughput(report: Report, args: argparse.Namespace, llm: str, nodes: int = 3, seconds: float | None = None,
@@ -270,40 +280,48 @@ async def throughput(report: Report, args: argparse.Namespace, llm: str, nodes: 
 
 async def scale(report: Report, args: argparse.Namespace) -> None:
     streams = 1000 if not args.quick else 200
-    async with fake_llm(args.llm_port + 2, "--ttft", "0", "--tps", "1", "--tokens", "8") as llm:
-        async with network(llm, args.base_port, capacity=streams) as net:
-            pids = {index: net.pid(index) for index in (1, 2, 3)}
-            idle = {i: rss_bytes(p) for i, p in pids.items()}
-            opened = asyncio.Event()
-            count, errors, peak = 0, 0, dict(idle)
-
-            async def stream(session: aiohttp.ClientSession) -> None:
-                nonlocal count, errors
-                try:
-                    async with session.post(net.url(3) + "/jobs", json={"model": "llama3", "prompt": "slow"}) as r:
-                        job = await r.json()
-                    async with session.get(net.url(3) + job["events_url"]) as events:
-                        count += 1
-                        if count == streams:
-                            opened.set()
-                        async for line in events.content:
-                            if b'"is_final":true' in line and b'"status":"succeeded"' not in line:
-                                errors += 1
-                except Exception:
-                    errors += 1
-
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=300)) as session:
-                tasks = [asyncio.ensure_future(stream(session)) for _ in range(streams)]
-                await asyncio.wait_for(opened.wait(), 120)
-                for i, p in pids.items():
-                    peak[i] = rss_bytes(p)
-                await asyncio.gather(*tasks)
-    per_stream = sum(peak[i] - idle[i] for i in pids) / streams
-    report.say(f"### Scale: {streams} concurrent open streams through node 3 (slow upstream: 1 token/s, 8 tokens)\n")
+    rows = []
+    for pace, tokens, port in (("1", "8", args.llm_port + 2), ("0.2", "4", args.llm_port + 5)):
+        async with fake_llm(port, "--ttft", "0", "--tps", pace, "--tokens", tokens) as llm:
+            rows.append([f"{pace} tokens/s, {tokens} tokens", *await _open_streams(args, llm, streams)])
+    report.say(f"### Scale: {streams} concurrent open streams through node 3, slow upstreams\n")
     report.table(
-        ["errors", "RSS router MB (idle → open)", "RSS driver MB", "RSS client node MB", "memory per open stream KB (all nodes)"],
-        [[str(errors)] + [f"{idle[i] / 2**20:.0f} → {peak[i] / 2**20:.0f}" for i in (1, 2, 3)] + [f"{per_stream / 1024:.0f}"]],
+        ["upstream", "errors", "RSS router MB (idle → open)", "RSS driver MB", "RSS client node MB", "memory per open stream KB (all nodes)"],
+        rows,
     )
+
+
+async def _open_streams(args: argparse.Namespace, llm: str, streams: int) -> list[str]:
+    """Open `streams` job streams at once and read them to the end; errors and memory."""
+    async with network(llm, args.base_port, capacity=streams) as net:
+        pids = {index: net.pid(index) for index in (1, 2, 3)}
+        idle = {i: rss_bytes(p) for i, p in pids.items()}
+        opened = asyncio.Event()
+        count, errors, peak = 0, 0, dict(idle)
+
+        async def stream(session: aiohttp.ClientSession) -> None:
+            nonlocal count, errors
+            try:
+                async with session.post(net.url(3) + "/jobs", json={"model": "llama3", "prompt": "slow"}) as r:
+                    job = await r.json()
+                async with session.get(net.url(3) + job["events_url"]) as events:
+                    count += 1
+                    if count == streams:
+                        opened.set()
+                    async for line in events.content:
+                        if b'"is_final":true' in line and b'"status":"succeeded"' not in line:
+                            errors += 1
+            except Exception:
+                errors += 1
+
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=300)) as session:
+            tasks = [asyncio.ensure_future(stream(session)) for _ in range(streams)]
+            await asyncio.wait_for(opened.wait(), 120)
+            for i, p in pids.items():
+                peak[i] = rss_bytes(p)
+            await asyncio.gather(*tasks)
+    per_stream = sum(peak[i] - idle[i] for i in pids) / streams
+    return [str(errors)] + [f"{idle[i] / 2**20:.0f} → {peak[i] / 2**20:.0f}" for i in (1, 2, 3)] + [f"{per_stream / 1024:.0f}"]
 
 
 async def growth(report: Report, args: argparse.Namespace, llm: str) -> None:

@@ -94,7 +94,8 @@ class NodeRuntime:
             name=options.name,
             store=store,
             transport=self._transport,
-            http=aiohttp.ClientSession(timeout=UPSTREAM_TIMEOUT),
+            # No connection limit: the driver's capacity, not the HTTP client, bounds concurrent LLM requests.
+            http=aiohttp.ClientSession(timeout=UPSTREAM_TIMEOUT, connector=aiohttp.TCPConnector(limit=0)),
             settings=Settings(
                 job_timeout=options.limits.job_timeout,
                 first_token_timeout=options.limits.first_token_timeout,

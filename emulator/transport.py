@@ -72,7 +72,7 @@ class HttpTransport:
     def _session(self, node: str) -> aiohttp.ClientSession:
         session = self._sessions.get(node)
         if session is None or session.closed:
-            session = self._sessions[node] = aiohttp.ClientSession(timeout=MESSAGE_TIMEOUT, connector=aiohttp.TCPConnector(limit=256))
+            session = self._sessions[node] = aiohttp.ClientSession(timeout=MESSAGE_TIMEOUT, connector=aiohttp.TCPConnector(limit=1024))
         return session
 
     async def close(self) -> None:
