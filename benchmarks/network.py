@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,7 +234,7 @@ async def relay(report: Report, args: argparse.Namespace) -> None:
                         name, f"{single.tokens / single.total:,.0f}", f"{sum(t.tokens for t in many) / elapsed:,.0f}",
                         ms(pct(single.delays, 0.5)), ms(pct(delays, 0.5)), ms(pct(delays, 0.99)),
                     ])
-    report.say(f"### Relay through one node (fast upstream: no delay between tokens)\n")
+    report.say("### Relay through one node (fast upstream: no delay between tokens)\n")
     report.table(["path", "tokens/s, 1 stream", "tokens/s, 100 streams", "chunk delay p50 ms, 1 stream", "p50, 100 streams", "p99, 100 streams"], rows)
     # The same delay when the node keeps up: an upstream paced like a fast real model (50 tokens/s).
     async with fake_llm(args.llm_port + 4, "--ttft", "0", "--tps", "50", "--tokens", "100", "--stamp") as llm:

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from emulator import http_api
-from emulator.http_api import HttpRequest, JsonReply, NodeApi, Reply, StreamReply
+from emulator.http_api import HttpRequest, JsonReply, NodeApi, StreamReply
 from emulator.node import JobLimits, NodeOptions, NodeRuntime
 
 Scope = MutableMapping[str, Any]

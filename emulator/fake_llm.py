@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import hashlib
 import json
 import math
 import random
+import signal
 import time
 import uuid
 from collections.abc import Sequence

@@ -15,10 +15,10 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from emulator.directory import Directory, Peer
-from emulator.signing import NodeKey
 from emulator.homes import Home
 from emulator.http_api import NodeApi
 from emulator.http_app import create_app
+from emulator.signing import NodeKey
 from emulator.transport import HttpTransport
 from handlers import driver, upkeep
 from handlers import node as node_handlers

@@ -59,7 +59,7 @@ class HttpTransport:
                         error.get("details"), float(retry_after) if retry_after and retry_after.isdigit() else None,
                     )
                 return body  # type: ignore[no-any-return]
-        except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as error:
+        except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError) as error:
             raise PeerError(503, "peer_unreachable", f"{node} at {url} did not answer: {error!r}") from error
 
     async def _send_to_self(self, source: Process, target: Process, message: Message) -> dict[str, Any]:

@@ -21,9 +21,9 @@ import aiohttp
 
 from emulator.client import CommandError, send_admin
 from emulator.directory import Peer, write_directory
-from emulator.signing import NodeKey
 from emulator.homes import Home
 from emulator.node import JobLimits
+from emulator.signing import NodeKey
 
 STARTUP_TIMEOUT_S = 30.0
 PR_SET_PDEATHSIG = 1

@@ -51,7 +51,7 @@ async def stream(
     ctx: NodeContext, job_id: str, created: int, request: ChatCompletionRequest
 ) -> AsyncIterator[dict[str, Any] | None]:
     """The `data:` payloads of a streamed completion (None: a heartbeat is due); [DONE] is the caller's."""
-    base = {"id": completion_id(job_id), "created": created, "model": request.model}
+    base: dict[str, Any] = {"id": completion_id(job_id), "created": created, "model": request.model}
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     first = True
     async for update in jobs.follow(ctx, job_id):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-
 from typing import Any
 
 from sqlalchemy import func, insert, select
@@ -31,10 +30,13 @@ from handlers.coalesce import batches
 from handlers.config import config_for_update, read_config
 from handlers.context import NodeContext, log
 from handlers.errors import HandlerError, PeerError, UpstreamError, unknown_job, unknown_model
-from schemas.jobs import FINAL_STATUSES, JobCreated, JobRequest, JobSpec, JobUpdate as Update
+from schemas.jobs import FINAL_STATUSES, JobCreated, JobRequest, JobSpec, Usage
+from schemas.jobs import JobUpdate as Update
 from schemas.messages import (
     Ack,
+    ApiKeyCreated,
     CancelJob,
+    CreateApiKey,
     JobAccepted,
     JobUpdate,
     ListModels,
@@ -43,18 +45,15 @@ from schemas.messages import (
     ModelList,
     RegisterDriver,
     ReleaseJob,
-    RunJob,
-    ApiKeyCreated,
-    CreateApiKey,
     RequireApiKeys,
     RevokeApiKey,
+    RunJob,
     SetJobTimeout,
     SetLocalDriver,
     SetRouter,
     Source,
 )
 from store.models import Job, JobChunk, NodeConfig, ServedJob
-
 
 DELIVERY_BACKOFF_S = 0.1
 DELIVERY_BACKOFF_MAX_S = 2.0
@@ -359,7 +358,7 @@ class _Serving:
         self.spec = spec
         self.seq = 0
         self.finish_reason: str | None = None
-        self.usage = None
+        self.usage: Usage | None = None
         self.tail = ""  # text that arrived together with the end: it travels in the final update
 
     async def stream(self) -> None:

@@ -10,8 +10,8 @@ from sqlalchemy import Select, select
 
 from handlers.context import NodeContext
 from handlers.errors import PeerError, unknown_job
-from schemas.messages import QueuePlace, QueuePosition
 from schemas.jobs import FINAL_STATUSES, JobRecord, JobUpdate, Usage
+from schemas.messages import QueuePlace, QueuePosition
 from store.models import Job, JobChunk
 
 

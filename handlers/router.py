@@ -26,14 +26,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from handlers.config import config_for_update, read_config
 from handlers.context import NodeContext, log
 from handlers.errors import HandlerError, PeerError, unknown_job, unknown_model
-from schemas.jobs import FINAL_STATUSES, JobSpec, JobUpdate as Update
+from schemas.jobs import FINAL_STATUSES, JobSpec
+from schemas.jobs import JobUpdate as Update
 from schemas.messages import (
     Ack,
     CancelJob,
+    DriverState,
     JobAccepted,
     JobUpdate,
     ListModels,
-    DriverState,
     Message,
     ModelInfo,
     ModelList,
@@ -280,7 +281,7 @@ async def _assign(session: AsyncSession, model: str, now: float) -> list[tuple[s
     if not drivers:
         return []
     running = select(RoutedJob.driver_node, func.count()).where(RoutedJob.status == "running").group_by(RoutedJob.driver_node)
-    loads: Counter[str] = Counter({node: count for node, count in await session.execute(running)})
+    loads: Counter[str] = Counter({node: count for node, count in await session.execute(running) if node is not None})
     queued = (
         await session.scalars(
             select(RoutedJob)

@@ -12,7 +12,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from schemas.jobs import JobSpec, JobUpdate as JobUpdateBody
+from schemas.jobs import JobSpec
+from schemas.jobs import JobUpdate as JobUpdateBody
 
 Process = Literal["driver", "router", "openai"]
 

@@ -45,8 +45,7 @@ class SSEDecoder:
         if line.startswith(":"):
             return None
         name, _, value = line.partition(":")
-        if value.startswith(" "):
-            value = value[1:]
+        value = value.removeprefix(" ")
         if name == "data":
             self._data.append(value)
         elif name == "event":
