@@ -27,6 +27,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+async def serve_app(app: web.Application) -> tuple[web.AppRunner, int]:
+    """Serve `app` on a free loopback port: its runner (clean it up when done) and the port."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, port
+
+
 @dataclass
 class Upstream:
     url: str  # OpenAI base URL, ending in /v1
@@ -65,10 +74,7 @@ async def start_upstream() -> AsyncIterator[StartUpstream]:
 
     async def start(**settings: Any) -> Upstream:
         app = create_app(FakeLlmSettings(**settings))
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runner, port = await serve_app(app)
         runners.append(runner)
         return Upstream(url=f"http://127.0.0.1:{port}/v1", stats=app[STATS])
 

@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from emulator.fake_llm import STATS, ChatRequest, FakeLlmSettings, FakeLlmStats, create_app, generate_completion
 from store.database import Store
 from store.migrate import alembic_config
-from tests.conftest import RunningNode, StartNode, Upstream, free_port
+from tests.conftest import RunningNode, StartNode, Upstream, serve_app
 from tests.sse_client import job_updates
 
 # A guard against hangs only: every awaited outcome arrives in milliseconds on loopback when the code works.
@@ -146,10 +146,7 @@ async def recording_upstream(**settings: Any) -> AsyncIterator[RecordingUpstream
         return response
 
     app.middlewares.append(record)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, port = await serve_app(app)
     stats: FakeLlmStats = app[STATS]
     try:
         yield RecordingUpstream(url=f"http://127.0.0.1:{port}/v1", stats=stats, requests=recorded)
@@ -199,10 +196,7 @@ async def gated_upstream(first: str = "alpha", rest: str = " omega") -> AsyncIte
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat_completions)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, port = await serve_app(app)
     upstream = GatedUpstream(url=f"http://127.0.0.1:{port}/v1", stats=FakeLlmStats())
     try:
         yield upstream

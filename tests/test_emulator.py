@@ -13,14 +13,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import queue
 import re
 import shlex
 import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,10 +29,23 @@ import openai
 import pytest
 
 from tests.conftest import free_port
+from tests.processes import (
+    EMULATOR,
+    TIMEOUT_S,
+    RunningUp,
+    children_of,
+    is_listening,
+    is_running,
+    kill_group,
+    pick_ports,
+    run_cli,
+    start_up,
+    started_for,
+    wait_gone,
+    wait_healthy,
+)
 from tests.sse_client import job_updates
 
-EMULATOR = Path(sys.executable).parent / "emulator"
-TIMEOUT_S = 60.0  # the most any one step may take before the test fails instead of hanging
 MODEL = "llama3"
 WOODCHUCK = "How much wood could a woodchuck chuck? Be concise.".split()
 SUMMARY = re.compile(
@@ -46,144 +56,13 @@ TABLE_ROW = re.compile(
 )
 
 
-# --- ports and processes ------------------------------------------------------------------
+@dataclass(kw_only=True)
+class Up(RunningUp):
+    """A running `emulator up` with its fake LLM on `llm_port`; `table` is what it printed before `ready`."""
 
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def is_listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=5).close()
-    except ConnectionRefusedError:
-        return False
-    return True
-
-
-def pick_ports(nodes: int) -> tuple[int, int]:
-    """A base port with `nodes` free ports from it, and a free port for the fake LLM outside that range."""
-    for _ in range(200):
-        base, llm = free_port(), free_port()
-        span = range(base, base + nodes)
-        if base + nodes <= 65535 and llm not in span and all(port_is_free(p) for p in [*span, llm]):
-            return base, llm
-    raise AssertionError(f"found no {nodes} consecutive free ports")
-
-
-def children_of(pid: int) -> set[int]:
-    """The processes whose parent is `pid`, from /proc."""
-    found: set[int] = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            found.add(int(stat.parent.name))
-    return found
-
-
-def is_running(pid: int) -> bool:
-    """Alive and not a zombie."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-def started_for(root: Path, llm_port: int) -> set[int]:
-    """Running processes of one network, found by their command lines: nodes name its root, the fake LLM its port."""
-    found: set[int] = set()
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            argv = cmdline.read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        is_node = "emulator.cli" in argv and any(arg.startswith(str(root)) for arg in argv)
-        is_llm = "emulator.cli" in argv and "fake-llm" in argv and str(llm_port) in argv
-        if (is_node or is_llm) and is_running(int(cmdline.parent.name)):
-            found.add(int(cmdline.parent.name))
-    return found
-
-
-def is_ours(pid: int, marker: str) -> bool:
-    """Still the process we started (pid not reused): its command line names the emulator."""
-    try:
-        return marker in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return False
-
-
-def kill_group(pid: int) -> None:
-    """SIGKILL a process started in a session of its own (its group id is its pid)."""
-    if not is_ours(pid, "emulator"):
-        return
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def wait_gone(pids: set[int], timeout: float = 10.0) -> set[int]:
-    """The pids still running after `timeout`; processes we are not the parent of cannot be waited for."""
-    deadline = time.monotonic() + timeout
-    while (alive := {p for p in pids if is_running(p)}) and time.monotonic() < deadline:
-        time.sleep(0.05)  # another process's child: no event to wait on
-    return alive
-
-
-@dataclass
-class Up:
-    """A running `emulator up`, its output read line by line on a thread."""
-
-    proc: subprocess.Popen[str]
-    root: Path
-    base: int
     llm_port: int
     nodes: int
-    output: list[str] = field(default_factory=list)
-    lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
-    children: set[int] = field(default_factory=set)
     table: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.output.append(line.rstrip("\n"))
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def transcript(self) -> str:
-        return "\n".join(self.output)
-
-    def expect(self, pattern: str, timeout: float = TIMEOUT_S) -> tuple[re.Match[str], list[str]]:
-        """Read output until a line matches; the match and the lines read before it."""
-        deadline = time.monotonic() + timeout
-        seen: list[str] = []
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no line matching {pattern!r} within {timeout:.0f} s; output:\n{self.transcript()}")
-            try:
-                line = self.lines.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if line is None:
-                self.lines.put(None)  # keep the end visible to later reads
-                raise AssertionError(f"`emulator up` ended (code {self.proc.poll()}) before {pattern!r}; output:\n{self.transcript()}")
-            if match := re.search(pattern, line):
-                return match, seen
-            seen.append(line)
 
     def wait_exit(self, timeout: float = TIMEOUT_S) -> int:
         code = self.proc.wait(timeout=timeout)
@@ -199,24 +78,11 @@ class Up:
                 return
         raise AssertionError("the output of `emulator up` did not end")
 
-    def url(self, index: int) -> str:
-        return f"http://127.0.0.1:{self.base + index - 1}"
-
     def home(self, name: str) -> Path:
         return self.root / name
 
     def pid_of(self, name: str) -> int:
         return int(json.loads((self.home(name) / "node.json").read_text())["pid"])
-
-    def env(self) -> dict[str, str]:
-        return {**os.environ, "LLM_PROVIDER_ROOT": str(self.root)}
-
-    def cli(self, *args: str, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-        return run_cli(*args, env=self.env(), timeout=timeout)
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(EMULATOR), *args], capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 class Processes:
@@ -231,15 +97,7 @@ class Processes:
         base, llm_port = ports or pick_ports(nodes)
         root = self.tmp_path / f"net{len(self.ups) + 1}"
         argv = [str(EMULATOR), "up", "--nodes", str(nodes), "--base-port", str(base), "--llm-port", str(llm_port), "--root", str(root)]
-        proc = subprocess.Popen(
-            [*argv, *extra],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            env={**os.environ, "LLM_PROVIDER_ROOT": str(root), "PYTHONUNBUFFERED": "1"},
-            start_new_session=True,
-        )
+        proc = start_up([*argv, *extra], root)
         running = Up(proc=proc, root=root, base=base, llm_port=llm_port, nodes=nodes)
         self.ups.append(running)
         if ready:
@@ -254,15 +112,7 @@ class Processes:
 
     def kill_all(self) -> None:
         for running in self.ups:
-            pids = running.children | started_for(running.root, running.llm_port)
-            if running.proc.poll() is None:
-                pids |= children_of(running.proc.pid)
-            kill_group(running.proc.pid)
-            for pid in pids:
-                kill_group(pid)
-            running.proc.wait(timeout=TIMEOUT_S)
-            if running.proc.stdout is not None:
-                running.proc.stdout.close()
+            running.kill()
         for proc in self.others:
             kill_group(proc.pid)
             proc.wait(timeout=TIMEOUT_S)
@@ -275,22 +125,6 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
         yield started
     finally:
         started.kill_all()
-
-
-async def wait_healthy(http: aiohttp.ClientSession, url: str, proc: subprocess.Popen[Any] | None = None) -> None:
-    """Poll /healthz: a port that is not open yet has no event to wait on."""
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{url}: the process exited with code {proc.returncode} while starting")
-        try:
-            async with http.get(url + "/healthz", timeout=aiohttp.ClientTimeout(total=2)) as response:
-                if response.status == 200:
-                    return
-        except (aiohttp.ClientError, asyncio.TimeoutError):
-            pass
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{url} did not answer /healthz within {TIMEOUT_S:.0f} s")
 
 
 async def get_json(http: aiohttp.ClientSession, url: str) -> Any:
@@ -493,7 +327,7 @@ async def test_a_killed_node_is_reported_and_can_be_started_again_by_hand(proces
 
     # the printed command, run as a user would (the installed script in place of `emulator`)
     hand = processes.start([str(EMULATOR), *command[1:]], env=up.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    await wait_healthy(http, up.url(2), hand)
+    await wait_healthy(http, up.url(2), hand.poll)
     assert up.pid_of("fake2.dev") == hand.pid
     assert_job_ran(await cli(up, "run-job", "-p", str(up.base + 2), MODEL, *WOODCHUCK), driver="fake2.dev")
 
@@ -601,6 +435,6 @@ async def test_a_restarted_driver_takes_jobs_at_once_even_after_failed_hand_offs
     assert "cooled down" in (up.home("fake.dev") / "node.log").read_text()
 
     hand = processes.start([str(EMULATOR), *shlex.split(match[1])[1:]], env=up.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    await wait_healthy(http, up.url(2), hand)
+    await wait_healthy(http, up.url(2), hand.poll)
     # a job takes about a second here, CLI start included; 6 s is plenty unless the router still shuns the driver
     assert_job_ran(await cli(up, "run-job", "-p", str(up.base + 2), MODEL, *WOODCHUCK, timeout=6), driver="fake2.dev")

@@ -27,16 +27,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +41,8 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import free_port
+from tests.helpers import submit
+from tests.processes import EMULATOR, TIMEOUT_S, RunningUp, children_of, cmdline, pick_ports, start_up, wait_gone
 from tests.sse_client import events, job_updates
 
 pytestmark = pytest.mark.llama
@@ -58,8 +56,6 @@ LLM_CACHE_DIR = LLM_CACHE / "tiny-llm"
 BUILD_TIMEOUT_S = 900.0  # the first start on a fresh machine compiles llama.cpp
 STOP_TIMEOUT_S = 15.0
 
-EMULATOR = Path(sys.executable).parent / "emulator"
-TIMEOUT_S = 60.0  # the most any one step may take before the test fails instead of hanging
 GUARD_S = 30.0  # a job against the tiny model takes well under a second; this only catches hangs
 MODEL = "llama3"
 WOODCHUCK = "How much wood could a woodchuck chuck? Be concise."
@@ -74,35 +70,17 @@ COMPLETE = ("stop", "length")
 # --- the real LLM server ------------------------------------------------------------------------
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def _stop_llm_server(pid_file: Path, port: int | None) -> None:
     """SIGTERM the detached server (not our child: poll /proc), SIGKILL if it lingers."""
     try:
         pid = int(pid_file.read_text().strip())
     except (OSError, ValueError):
         return
-    command = _cmdline(pid)
+    command = cmdline(pid)
     if "llama_cpp.server" not in command or (port is not None and f"--port {port} " not in command + " "):
         return  # gone already, and the pid may belong to someone else by now
     os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while _process_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)  # another process's child: no event to wait on
-    if _process_alive(pid):
+    if wait_gone({pid}, STOP_TIMEOUT_S):  # another process's child: polled, no event to wait on
         os.kill(pid, signal.SIGKILL)
 
 
@@ -157,118 +135,12 @@ def interrupting_llm_url(tmp_path: Path) -> Iterator[str]:
 # --- `emulator up` against it --------------------------------------------------------------------
 
 
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _pick_base_port(nodes: int) -> int:
-    for _ in range(200):
-        base = free_port()
-        if base + nodes <= 65535 and all(_port_is_free(p) for p in range(base, base + nodes)):
-            return base
-    raise AssertionError(f"found no {nodes} consecutive free ports")
-
-
-def _children_of(pid: int) -> set[int]:
-    found: set[int] = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            found.add(int(stat.parent.name))
-    return found
-
-
-def _nodes_under(root: Path) -> set[int]:
-    """Running node processes of one network, found by their command lines (they name its root)."""
-    found: set[int] = set()
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            argv = cmdline.read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if "emulator.cli" in argv and any(arg.startswith(str(root)) for arg in argv) and _process_alive(int(cmdline.parent.name)):
-            found.add(int(cmdline.parent.name))
-    return found
-
-
-def _kill_group(pid: int) -> None:
-    """SIGKILL a process we started in a session of its own (group id = pid), if it is still ours."""
-    if "emulator" not in _cmdline(pid):
-        return
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-@dataclass
-class Network:
+@dataclass(kw_only=True)
+class Network(RunningUp):
     """A running `emulator up --nodes 3 --llm URL`: fake.dev routes, fake2.dev drives the LLM, fake3.dev is a client."""
-
-    proc: subprocess.Popen[str]
-    root: Path
-    base: int
-    output: list[str] = field(default_factory=list)
-    lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
-    children: set[int] = field(default_factory=set)
-
-    def __post_init__(self) -> None:
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.output.append(line.rstrip("\n"))
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def transcript(self) -> str:
-        return "\n".join(self.output)
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + TIMEOUT_S
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                line = self.lines.get(timeout=remaining)
-            except queue.Empty:
-                break
-            if line is None:
-                raise AssertionError(f"`emulator up` ended (code {self.proc.poll()}) before `ready`:\n{self.transcript()}")
-            if line == "ready":
-                return
-        raise AssertionError(f"`emulator up` not ready within {TIMEOUT_S:.0f} s:\n{self.transcript()}")
-
-    def port(self, index: int) -> int:
-        return self.base + index - 1
-
-    def url(self, index: int) -> str:
-        return f"http://127.0.0.1:{self.port(index)}"
 
     def node_log(self, name: str) -> str:
         return (self.root / name / "node.log").read_text(errors="replace")
-
-    def cli(self, *args: str, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "LLM_PROVIDER_ROOT": str(self.root)}
-        return subprocess.run([str(EMULATOR), *args], capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
-
-    def kill(self) -> None:
-        pids = self.children | _nodes_under(self.root)
-        if self.proc.poll() is None:
-            pids |= _children_of(self.proc.pid)
-        _kill_group(self.proc.pid)
-        for pid in pids:
-            _kill_group(pid)
-        self.proc.wait(timeout=TIMEOUT_S)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
 
 
 class Networks:
@@ -277,17 +149,14 @@ class Networks:
         self.started: list[Network] = []
 
     def up(self, llm: str) -> Network:
-        base = _pick_base_port(3)
+        base, _ = pick_ports(3)
         root = self.tmp_path / f"net{len(self.started) + 1}"
         argv = [str(EMULATOR), "up", "--nodes", "3", "--llm", llm, "--base-port", str(base), "--root", str(root)]
-        proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-            env={**os.environ, "LLM_PROVIDER_ROOT": str(root), "PYTHONUNBUFFERED": "1"}, start_new_session=True,
-        )
+        proc = start_up(argv, root)
         network = Network(proc=proc, root=root, base=base)
         self.started.append(network)
-        network.wait_ready()
-        network.children = _children_of(proc.pid)
+        network.expect(r"^ready$")
+        network.children = children_of(proc.pid)
         assert f"LLM: {llm}" in network.output, network.transcript()
         return network
 
@@ -311,14 +180,6 @@ def network(networks: Networks, llm_url: str) -> Network:
 
 
 # --- helpers ----------------------------------------------------------------------------------------
-
-
-async def submit(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> dict[str, Any]:
-    async with http.post(f"{url}/jobs", json=body) as response:
-        text = await response.text()
-        assert response.status == 202, text
-        created: dict[str, Any] = json.loads(text)
-    return created
 
 
 async def get_json(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from emulator.directory import Peer, write_directory
 from emulator.homes import Home
 from emulator.signing import NodeKey
 from tests.conftest import free_port
+from tests.processes import kill_group, wait_healthy
 from tests.sse_client import events, job_updates
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +40,6 @@ FINAL = {"succeeded", "failed", "timed_out", "cancelled"}
 
 READY_S = 20.0  # a process must answer /healthz within this
 STEP_S = 15.0  # any one awaited outcome (a reply, a final event, an exit) within this, or the test fails
-POLL_S = 0.05  # between /healthz attempts only: a port opening sends no event
 
 
 # --- processes ------------------------------------------------------------------------------
@@ -144,20 +144,11 @@ class Cluster:
         await self._ready(proc)
 
     async def _ready(self, proc: Proc) -> None:
-        assert proc.process is not None
+        process = proc.process
+        assert process is not None
         try:
-            async with asyncio.timeout(READY_S):
-                while True:
-                    if proc.process.returncode is not None:
-                        raise AssertionError(f"{proc.name} exited with {proc.process.returncode} before it was ready")
-                    try:
-                        async with self.http.get(f"{proc.url}/healthz") as response:
-                            if response.status == 200:
-                                return
-                    except aiohttp.ClientConnectionError:
-                        pass
-                    await asyncio.sleep(POLL_S)
-        except (AssertionError, TimeoutError) as error:
+            await wait_healthy(self.http, proc.url, lambda: process.returncode, timeout=READY_S)
+        except AssertionError as error:
             raise AssertionError(f"{proc.name} never became ready: {error!r}\n{self.output_of(proc.name)}") from error
 
     def output_of(self, name: str) -> str:
@@ -170,10 +161,7 @@ class Cluster:
     async def close(self) -> None:
         for proc in self.procs.values():
             if proc.alive():
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                kill_group(proc.pid)
         for proc in self.procs.values():
             if proc.process is not None and proc.process.returncode is None:
                 try:

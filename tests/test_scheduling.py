@@ -30,7 +30,7 @@ from emulator.directory import Peer
 from emulator.fake_llm import ChatRequest, FakeLlmSettings, FakeLlmStats, generate_completion
 from emulator.signing import SIGNATURE_HEADER, NodeKey, ReplayGuard
 from store.models import ApiKey, Base, DriverRegistration, Job, RoutedJob, ServedJob
-from tests.conftest import Network, RunningNode, StartNode, StartUpstream, Upstream, free_port
+from tests.conftest import Network, RunningNode, StartNode, StartUpstream, Upstream, serve_app
 from tests.helpers import (  # noqa: F401  (start_node, migrated_database: fixtures)
     GUARD_S,
     MODEL,
@@ -142,10 +142,7 @@ async def start_held() -> AsyncIterator[StartHeld]:
 
         app = web.Application()
         app.router.add_post("/v1/chat/completions", chat_completions)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runner, port = await serve_app(app)
         runners.append(runner)
         upstream = HeldUpstream(url=f"http://127.0.0.1:{port}/v1", stats=FakeLlmStats(), name=name, rest=rest)
         upstreams.append(upstream)
@@ -500,10 +497,7 @@ async def stalling_proxy(target: str) -> AsyncIterator[StallingProxy]:
 
     app = web.Application()
     app.router.add_post("/node/message", forward)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, port = await serve_app(app)
     proxy = StallingProxy(url=f"http://127.0.0.1:{port}", target=target)
     try:
         yield proxy
