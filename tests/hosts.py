@@ -16,7 +16,7 @@ HOSTS = ["aiohttp", "uvicorn", "hypercorn"]
 
 def _listening_socket(port: int) -> socket.socket:
     """Bound and listening before the server starts: clients may connect at once, and wait in the backlog."""
-    sock = socket.socket()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets TCP_NODELAY on accepted sockets
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
     sock.listen(128)
