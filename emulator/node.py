@@ -20,8 +20,8 @@ from emulator.http_api import NodeApi
 from emulator.http_app import create_app
 from emulator.signing import NodeKey
 from emulator.transport import HttpTransport
-from handlers import driver, upkeep
 from handlers import node as node_handlers
+from handlers import serving, upkeep
 from handlers.context import DEFAULT_JOB_TIMEOUT, NodeContext, Settings
 from schemas.messages import Message, Process, Source
 from store.database import Store, sqlite_url
@@ -123,7 +123,7 @@ class NodeRuntime:
     async def drain(self) -> None:
         """SIGTERM: finish what is being served, within the grace period, before stopping."""
         if self.ctx is not None:
-            await driver.drain(self.ctx, self.ctx.settings.drain_grace)
+            await serving.drain(self.ctx, self.ctx.settings.drain_grace)
 
     def close_streams(self) -> None:
         """Open event streams end now; their readers reconnect with Last-Event-ID."""

@@ -65,11 +65,13 @@ async def follow(ctx: NodeContext, job_id: str, after_seq: int = -1, idle: float
         job = rows[0]
         final_seq = job.next_seq - 1 if job.status in FINAL_STATUSES else None
         if final_seq is not None and last >= final_seq:
+            ctx.signals.notify(job_id)  # nothing more will come: drop the job's wake-up event
             return  # the reader already has the final update
         for row in rows:
             if row.seq is None:
                 break
             if row.seq == final_seq:
+                ctx.signals.notify(job_id)  # nothing more will come: drop the job's wake-up event
                 yield _final_update(row)
                 return
             yield JobUpdate(job_id=job_id, seq=row.seq, delta=row.delta, driver=row.driver_node)

@@ -7,7 +7,7 @@ import time
 
 from sqlalchemy import delete, select
 
-from handlers import driver, router
+from handlers import driver, router, updates
 from handlers.context import NodeContext, log
 from schemas.jobs import FINAL_STATUSES, JobUpdate
 from store.models import Job, RoutedJob, ServedJob
@@ -52,7 +52,7 @@ async def _expire_client_jobs(ctx: NodeContext, now: float) -> None:
         late = (await session.scalars(select(Job.id).where(Job.status.in_(ACTIVE), Job.deadline < now - CLIENT_GRACE_S))).all()
     for job_id in late:
         final = JobUpdate(job_id=job_id, seq=0, is_final=True, status="timed_out", error="no answer before the job's deadline")
-        await driver.record_update(ctx, final)
+        await updates.record_update(ctx, final)
 
 
 async def prune(ctx: NodeContext) -> None:

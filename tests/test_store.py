@@ -24,7 +24,7 @@ from store.database import Store, sqlite_url
 from store.migrate import alembic_config
 from store.models import DriverRegistration, Job, JobChunk, NodeConfig, RoutedJob, ServedJob
 from tests.conftest import RunningNode, StartUpstream, Upstream, free_port, wire
-from handlers import driver
+from handlers import updates
 from schemas.jobs import JobUpdate
 from tests.helpers import GUARD_S, MODEL, gated_upstream, get_json, run_job, submit
 from tests.sse_client import events, job_updates
@@ -375,6 +375,6 @@ async def test_stopping_a_node_ends_the_event_streams_of_its_running_jobs(cluste
                 if not ended and not stopping.done():
                     # Let a stuck shutdown finish now: end the job on the client, which wakes its reader.
                     final = JobUpdate(job_id=created["job_id"], seq=1, is_final=True, status="failed", error="test cleanup")
-                    await driver.record_update(ctx, final)
+                    await updates.record_update(ctx, final)
                 await stopping
     assert ended

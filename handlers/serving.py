@@ -1,0 +1,255 @@
+"""Serving a job with the node's own LLM: streamed chunk by chunk to where it came from.
+
+The job came from this node's own client (local path) or from its router (remote path); either
+way its chunks go back as JobUpdates, the last with how it ended.  Crash rules: a job is marked
+`streamed` before its first chunk leaves; at boot, jobs the last process was serving end
+`failed`, or go back to the router if nothing of them had left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy import update as sa_update
+
+from handlers import openai, updates
+from handlers.coalesce import batches
+from handlers.config import read_config
+from handlers.context import NodeContext, log
+from handlers.errors import HandlerError, PeerError, UpstreamError, unknown_job, unknown_model
+from schemas.jobs import JobSpec, Usage
+from schemas.jobs import JobUpdate as Update
+from schemas.messages import JobAccepted, JobUpdate, ReleaseJob, Source
+from store.models import NodeConfig, ServedJob
+
+DELIVERY_BACKOFF_S = 0.1
+DELIVERY_BACKOFF_MAX_S = 2.0
+FINAL_DELIVERY_GRACE_S = 5.0  # a timed_out update is sent at the deadline, and still needs a moment to arrive
+
+
+def served_row(origin: str, spec: JobSpec) -> ServedJob:
+    return ServedJob(
+        id=spec.job_id,
+        origin_node=origin,
+        spec=spec.model_dump(mode="json"),
+        status="running",
+        streamed=False,
+        created_at=time.time(),
+        deadline=spec.deadline,
+    )
+
+
+async def accept_from_router(ctx: NodeContext, source: Source, spec: JobSpec) -> JobAccepted:
+    """RunJob from our router: store the job, then start serving it."""
+    if ctx.draining:
+        raise HandlerError(503, "shutting_down", f"{ctx.name} is shutting down and takes no new jobs")
+    async with ctx.store.writing() as session:
+        config = await read_config(session)
+        if source.node != config.router_node:
+            raise HandlerError(403, "not_our_router", f"{source.node} is not this driver's router")
+        if spec.model not in config.driver_models:
+            raise unknown_model(spec.model, config.driver_models)
+        earlier = await session.get(ServedJob, spec.job_id)
+        if earlier is not None and earlier.status == "running":
+            return JobAccepted(job_id=spec.job_id, status="running")  # a repeated RunJob: already serving it
+        if earlier is not None:  # a new attempt at a job this driver had before
+            await session.delete(earlier)
+            await session.flush()
+        session.add(served_row(source.node, spec))
+    start(ctx, spec, source.node, endpoint_of(config))
+    return JobAccepted(job_id=spec.job_id, status="running")
+
+
+def endpoint_of(config: NodeConfig) -> openai.Endpoint | None:
+    return None if config.llm_endpoint is None else openai.Endpoint(config.llm_endpoint, config.llm_api_key)
+
+
+def start(ctx: NodeContext, spec: JobSpec, origin: str, endpoint: openai.Endpoint | None) -> None:
+    job_id = spec.job_id
+    task = ctx.spawn(serve(ctx, spec, origin, endpoint), name=f"serve-{job_id}")
+    ctx.serving[job_id] = task
+    task.add_done_callback(lambda _: ctx.serving.pop(job_id, None))
+
+
+def stop(ctx: NodeContext, job_id: str, reason: str | None = None) -> None:
+    """Cancel the upstream request; with a reason, the job's origin hears it failed."""
+    task = ctx.serving.get(job_id)
+    if task is not None:
+        task.cancel(reason)
+
+
+async def cancel(ctx: NodeContext, source: Source, job_id: str) -> None:
+    """CancelJob from where the job came from: end it here and stop the upstream request."""
+    async with ctx.store.writing() as session:
+        served = await session.get(ServedJob, job_id)
+        if served is None:
+            raise unknown_job(job_id)
+        if served.origin_node != source.node:
+            raise HandlerError(403, "not_the_jobs_origin", f"job {job_id} did not come from {source.node}")
+        if served.status == "running":
+            served.status, served.finished_at = "cancelled", time.time()
+    stop(ctx, job_id)
+
+
+class _Serving:
+    """One job being streamed from the LLM to its origin; counts what was delivered."""
+
+    def __init__(self, ctx: NodeContext, spec: JobSpec, origin: str, endpoint: openai.Endpoint | None = None) -> None:
+        self.ctx = ctx
+        self.endpoint = endpoint
+        self.job_id = spec.job_id
+        self.origin = origin
+        self.spec = spec
+        self.seq = 0
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+        self.tail = ""  # text that arrived together with the end: it travels in the final update
+
+    async def stream(self) -> None:
+        """Raises TimeoutError at the deadline, or when the LLM is silent longer than the job allows."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, self.spec.deadline - time.time())
+        async with asyncio.timeout_at(self._limit(deadline, self.spec.first_token_timeout)) as timer:
+            async for pieces, ended in batches(openai.stream_chat(self.ctx, self.endpoint, self.spec)):
+                for piece in pieces:
+                    self.finish_reason = piece.finish_reason or self.finish_reason
+                    self.usage = piece.usage or self.usage
+                delta = "".join(piece.delta for piece in pieces)
+                if ended:
+                    self.tail = delta  # one message instead of two
+                elif delta:
+                    await self.deliver(Update(job_id=self.job_id, seq=self.seq, delta=delta, driver=self.ctx.name))
+                    timer.reschedule(self._limit(deadline, self.spec.idle_timeout))
+
+    @staticmethod
+    def _limit(deadline: float, allowed: float | None) -> float:
+        return deadline if allowed is None else min(deadline, asyncio.get_running_loop().time() + allowed)
+
+    def timeout_reason(self) -> str:
+        if time.time() >= self.spec.deadline:
+            return "the job ran past its deadline"
+        if self.seq == 0:
+            return f"no first token within {self.spec.first_token_timeout} s"
+        return f"the LLM was silent for more than {self.spec.idle_timeout} s"
+
+    async def deliver(self, update: Update) -> None:
+        if self.seq == 0 and self.origin != self.ctx.name:
+            # Written before the chunk leaves: after a crash, a job that may have reached its client is never handed over.
+            await _set_served(self.ctx, self.job_id, streamed=True)
+        await _deliver(self.ctx, self.origin, update, self.spec.deadline)
+        self.seq += 1
+
+    def final(self, status: str, error: str | None = None) -> Update:
+        return Update(
+            job_id=self.job_id, seq=self.seq, delta=self.tail, is_final=True, status=status, driver=self.ctx.name,  # type: ignore[arg-type]
+            finish_reason=self.finish_reason if status == "succeeded" else None, usage=self.usage, error=error,
+        )
+
+
+async def serve(ctx: NodeContext, spec: JobSpec, origin: str, endpoint: openai.Endpoint | None) -> None:
+    """Stream the job from our LLM to `origin` (this node, or the router), then record how it ended."""
+    job_id = spec.job_id
+    job = _Serving(ctx, spec, origin, endpoint)
+    try:
+        await job.stream()
+        final = job.final("succeeded")
+    except TimeoutError:
+        final = job.final("timed_out", job.timeout_reason())
+    except UpstreamError as error:
+        if error.retryable and job.seq == 0 and job.origin != ctx.name:
+            await _release(ctx, job, str(error))
+            return
+        final = job.final("failed", str(error))
+    except PeerError as error:
+        log.warning("job %s: %s stopped taking its updates (%s); serving stopped", job_id, job.origin, error.message)
+        await _set_served(ctx, job_id, status="failed")
+        return
+    except asyncio.CancelledError as cancelled:
+        reason = cancelled.args[0] if cancelled.args else None
+        if reason is None:  # cancelled by the client: its side already knows
+            await _set_served(ctx, job_id, status="cancelled")
+            raise
+        final = job.final("failed", reason)
+    await _finish(ctx, job.origin, final, job.spec.deadline + FINAL_DELIVERY_GRACE_S)
+
+
+async def _finish(ctx: NodeContext, origin: str, final: Update, deadline: float) -> None:
+    try:
+        await _deliver(ctx, origin, final, deadline)
+    except PeerError as error:
+        log.warning("job %s: final update not delivered to %s: %s", final.job_id, origin, error.message)
+    await _set_served(ctx, final.job_id, status=final.status or "failed")
+
+
+async def _release(ctx: NodeContext, job: _Serving, reason: str) -> None:
+    """Nothing reached the client yet: the router may give the job to another driver."""
+    try:
+        await ctx.transport.send("driver", job.origin, "router", ReleaseJob(job_id=job.job_id, reason=reason))
+    except PeerError as error:
+        log.warning("job %s: router %s did not take it back: %s", job.job_id, job.origin, error.message)
+    await _set_served(ctx, job.job_id, status="failed")
+
+
+async def _set_served(ctx: NodeContext, job_id: str, status: str | None = None, streamed: bool | None = None) -> None:
+    values: dict[str, Any] = {}
+    if streamed is not None:
+        values["streamed"] = streamed
+    if status is not None:
+        values |= {"status": status, "finished_at": time.time()}
+    statement = sa_update(ServedJob).where(ServedJob.id == job_id, ServedJob.status == "running").values(values)
+    await ctx.store.write_soon(lambda session: session.execute(statement.execution_options(synchronize_session=False)))
+
+
+async def _settle_orphan(ctx: NodeContext, served: ServedJob) -> None:
+    """A job the previous process was serving when it died."""
+    if not served.streamed and served.origin_node != ctx.name:
+        job = _Serving(ctx, JobSpec.model_validate(served.spec), served.origin_node)
+        await _release(ctx, job, "the driver restarted before it sent anything")
+        return
+    final = Update(job_id=served.id, seq=0, is_final=True, status="failed", driver=ctx.name, error="the driver restarted mid-job")
+    await _finish(ctx, served.origin_node, final, served.deadline)
+
+
+async def _deliver(ctx: NodeContext, origin: str, update: Update, deadline: float) -> None:
+    """To this node's own client, or to the router; a router that is down (restarting) is tried
+    again with backoff until the job's deadline.  Repeats are safe: receivers ignore known seqs."""
+    if origin == ctx.name:
+        await updates.record_update(ctx, update)
+        return
+    backoff = DELIVERY_BACKOFF_S
+    while True:
+        try:
+            await ctx.transport.send("driver", origin, "router", JobUpdate(update=update))
+            return
+        except PeerError as error:
+            if error.status != 503 or time.time() + backoff > deadline:
+                raise
+            log.info("job %s: router %s unreachable, update %d retried in %.1f s", update.job_id, origin, update.seq, backoff)
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, DELIVERY_BACKOFF_MAX_S)
+
+
+async def drain(ctx: NodeContext, grace: float) -> None:
+    """Stop taking jobs, let those being served finish for `grace` seconds, then end the rest `failed`."""
+    ctx.draining = True
+    running = list(ctx.serving.values())
+    if running:
+        log.info("draining: waiting up to %.0f s for %d job(s)", grace, len(running))
+        await asyncio.wait(running, timeout=grace)
+    for job_id in list(ctx.serving):
+        stop(ctx, job_id, reason="the serving node shut down")
+    await asyncio.gather(*ctx.serving.values(), return_exceptions=True)
+
+
+async def settle_orphans(ctx: NodeContext) -> None:
+    """After a restart: the jobs the last process was serving end, or go back to the router."""
+    async with ctx.store.reading() as session:
+        orphans = (await session.scalars(select(ServedJob).where(ServedJob.status == "running"))).all()
+    for served in orphans:
+        if served.id not in ctx.serving:
+            ctx.spawn(_settle_orphan(ctx, served), name=f"settle-{served.id}")
+
+

@@ -1,0 +1,71 @@
+"""A job's updates on its client's node: each chunk stored, then the job's readers woken."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import func, insert, select
+from sqlalchemy import update as sa_update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from handlers.context import NodeContext
+from handlers.errors import HandlerError, unknown_job
+from schemas.jobs import FINAL_STATUSES
+from schemas.jobs import JobUpdate as Update
+from schemas.messages import Source
+from store.models import Job, JobChunk
+
+
+async def record_from_router(ctx: NodeContext, source: Source, update: Update) -> None:
+    if await record_update(ctx, update, router=source.node):
+        return
+    async with ctx.store.reading() as session:
+        router = await session.scalar(select(Job.router_node).where(Job.id == update.job_id))
+        exists = router is not None or await session.get(Job, update.job_id) is not None
+    if not exists:
+        raise unknown_job(update.job_id)
+    if router != source.node:
+        raise HandlerError(403, "not_the_jobs_router", f"{source.node} is not the router of job {update.job_id}")
+    # otherwise a repeat, or news of a job that already ended: nothing to do
+
+
+async def record_update(ctx: NodeContext, update: Update, router: str | None = None) -> bool:
+    """Store one chunk for the job's readers and wake them; False if it changed nothing.
+
+    Repeats and anything after the job's end change nothing; with `router`, neither does an
+    update for a job that was not given to that router.  A final update always takes the
+    sequence number right after the last chunk.
+    """
+    now = time.time()
+    conditions = [Job.id == update.job_id, Job.status.not_in(FINAL_STATUSES)]
+    if not update.is_final:
+        conditions.append(Job.next_seq <= update.seq)
+    if router is not None:
+        conditions.append(Job.router_node == router)
+    values: dict[str, Any] = {"next_seq": Job.next_seq + 1 if update.is_final else update.seq + 1, "status": "running"}
+    if update.driver:
+        values["driver_node"] = update.driver
+    if update.delta:
+        values["first_token_at"] = func.coalesce(Job.first_token_at, now)
+    if update.is_final:
+        values |= {
+            "status": update.status or "failed",
+            "finished_at": now,
+            "finish_reason": update.finish_reason,
+            "usage": update.usage.model_dump() if update.usage else None,
+            "error": update.error,
+        }
+    statement = sa_update(Job).where(*conditions).values(values).returning(Job.next_seq)
+
+    async def write(session: AsyncSession) -> bool:
+        next_seq = await session.scalar(statement.execution_options(synchronize_session=False))
+        if next_seq is None:
+            return False
+        await session.execute(insert(JobChunk).values(job_id=update.job_id, seq=next_seq - 1, delta=update.delta))
+        return True
+
+    if not await ctx.store.write_soon(write):
+        return False
+    ctx.signals.notify(update.job_id)
+    return True
