@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-import aiohttp
 from aiohttp import web
 from pydantic import BaseModel
 
@@ -18,6 +17,7 @@ from emulator.directory import Directory, Peer
 from emulator.homes import Home
 from emulator.http_api import NodeApi
 from emulator.http_app import create_app
+from emulator.llm_client import AiohttpLlmClient
 from emulator.signing import NodeKey
 from emulator.transport import HttpTransport
 from handlers import node as node_handlers
@@ -25,8 +25,6 @@ from handlers import serving, upkeep
 from handlers.context import DEFAULT_JOB_TIMEOUT, NodeContext, Settings
 from schemas.messages import Message, Process, Source
 from store.database import Store, sqlite_url
-
-UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
 
 
 @dataclass(frozen=True)
@@ -94,8 +92,7 @@ class NodeRuntime:
             name=options.name,
             store=store,
             transport=self._transport,
-            # No connection limit: the driver's capacity, not the HTTP client, bounds concurrent LLM requests.
-            http=aiohttp.ClientSession(timeout=UPSTREAM_TIMEOUT, connector=aiohttp.TCPConnector(limit=0)),
+            llm=AiohttpLlmClient(),
             settings=Settings(
                 job_timeout=options.limits.job_timeout,
                 first_token_timeout=options.limits.first_token_timeout,
@@ -134,7 +131,7 @@ class NodeRuntime:
     async def stop(self) -> None:
         if self.ctx is not None:
             await self.ctx.close()
-            await self.ctx.http.close()
+            await self.ctx.llm.close()
             await self.ctx.store.close()
         if self._transport is not None:
             await self._transport.close()

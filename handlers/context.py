@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-import aiohttp
 
 from handlers.gating import Gate, lists_and_limits
 from handlers.signals import JobSignals
@@ -24,6 +22,17 @@ class Transport(Protocol):
     async def send(self, source: Process, node: str, target: Process, message: Message) -> dict[str, Any]:
         """Deliver `message` to process `target` of `node`; the reply body, or raise PeerError."""
         ...
+
+
+class LlmClient(Protocol):
+    """HTTP to the LLM endpoint, provided by the host process."""
+
+    def stream_lines(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> AsyncIterator[bytes]:
+        """POST `body` as JSON and yield the answer's lines as they arrive; raise LlmHttpError for a
+        status other than 200, LlmUnreachable when no (whole) answer came."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass
@@ -42,7 +51,7 @@ class NodeContext:
     name: str
     store: Store
     transport: Transport
-    http: aiohttp.ClientSession
+    llm: LlmClient
     settings: Settings = field(default_factory=Settings)
     gate: Gate = lists_and_limits
     signals: JobSignals = field(default_factory=JobSignals)

@@ -40,3 +40,16 @@ def unknown_job(job_id: str) -> HandlerError:
 def unknown_model(model: str, offered: list[str]) -> HandlerError:
     listing = ", ".join(offered) if offered else "none"
     return HandlerError(404, "model_not_found", f"model {model!r} is not served here; models on offer: {listing}", {"models": offered})
+
+
+class LlmHttpError(Exception):
+    """The LLM endpoint answered with a status other than 200 (raised by the node's LlmClient)."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+        self.text = text
+
+
+class LlmUnreachable(Exception):
+    """No answer, or a broken one, from the LLM endpoint (raised by the node's LlmClient)."""

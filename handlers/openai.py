@@ -6,11 +6,9 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import aiohttp
-
 from handlers.config import config_for_update
 from handlers.context import NodeContext
-from handlers.errors import HandlerError, UpstreamError
+from handlers.errors import HandlerError, LlmHttpError, LlmUnreachable, UpstreamError
 from schemas.jobs import JobSpec, Usage
 from schemas.messages import Ack, Message, RegisterOaiProviderEndpoint, Source
 from schemas.openai_api import ChatCompletionChunk, upstream_body
@@ -54,32 +52,30 @@ async def stream_chat(ctx: NodeContext, endpoint: Endpoint | None, spec: JobSpec
     headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
     body = upstream_body(spec.model, spec.messages, spec.params.model_dump())
     try:
-        async with ctx.http.post(f"{endpoint.url}/chat/completions", json=body, headers=headers) as response:
-            if response.status != 200:
-                raise await _refusal(response)
-            async for piece in _pieces(response):
-                yield piece
-    except aiohttp.ClientError as error:
-        raise UpstreamError(f"LLM endpoint {endpoint.url} failed: {error!r}", retryable=True) from error
+        async for piece in _pieces(ctx.llm.stream_lines(f"{endpoint.url}/chat/completions", body, headers)):
+            yield piece
+    except LlmHttpError as error:
+        raise _refusal(error.status, error.text) from error
+    except LlmUnreachable as error:
+        raise UpstreamError(f"LLM endpoint {endpoint.url} failed: {error}", retryable=True) from error
 
 
-async def _refusal(response: aiohttp.ClientResponse) -> UpstreamError:
+def _refusal(status: int, text: str) -> UpstreamError:
     """An error answer: the endpoint's own message where it gave one (OpenAI's error shape)."""
-    text = await response.text()
     try:
         message = str(json.loads(text)["error"]["message"])
         refused = True  # the endpoint read the request and said no: asking again gets the same answer
     except (ValueError, KeyError, TypeError):
         message, refused = text, False
-    retryable = not refused and response.status not in (400, 401, 403, 404, 413, 422)
-    return UpstreamError(f"LLM endpoint answered HTTP {response.status}: {message[:ERROR_TEXT_LIMIT]}", retryable=retryable)
+    retryable = not refused and status not in (400, 401, 403, 404, 413, 422)
+    return UpstreamError(f"LLM endpoint answered HTTP {status}: {message[:ERROR_TEXT_LIMIT]}", retryable=retryable)
 
 
-async def _pieces(response: aiohttp.ClientResponse) -> AsyncIterator[Piece]:
+async def _pieces(lines: AsyncIterator[bytes]) -> AsyncIterator[Piece]:
     """The pieces of a streamed answer, which must end with a finish_reason and `[DONE]`."""
     decoder = SSEDecoder()
     finished = False
-    async for line in response.content:
+    async for line in lines:
         event = decoder.feed_line(line.decode())
         if event is None:
             continue

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 
-def encode_event(data: str, event: str | None = None, event_id: str | None = None, retry_ms: int | None = None) -> bytes:
+def encode_event(data: str, event: str | None = None, event_id: str | None = None) -> bytes:
     lines: list[str] = []
-    if retry_ms is not None:
-        lines.append(f"retry: {retry_ms}")
     if event is not None:
         lines.append(f"event: {event}")
     if event_id is not None:
@@ -36,7 +33,6 @@ class SSEDecoder:
     _data: list[str] = field(default_factory=list)
     _event: str = ""
     _id: str | None = None
-    last_event_id: str | None = None
 
     def feed_line(self, raw: str) -> ServerSentEvent | None:
         line = raw.rstrip("\r\n")
@@ -54,15 +50,7 @@ class SSEDecoder:
             self._id = value
         return None
 
-    def feed(self, text: str) -> Iterator[ServerSentEvent]:
-        for line in text.splitlines():
-            event = self.feed_line(line)
-            if event is not None:
-                yield event
-
     def _dispatch(self) -> ServerSentEvent | None:
-        if self._id is not None:
-            self.last_event_id = self._id
         if not self._data:
             self._event, self._id = "", None
             return None
