@@ -4,7 +4,8 @@
     LLMP_DIRECTORY=~/.llm-provider/directory.json uvicorn 'emulator.asgi:create_app' --factory --port 8082
 
 Settings come from the environment: LLMP_NAME, LLMP_HOME, LLMP_PORT (where the server listens,
-for the node's note in its home), LLMP_HOST, LLMP_DIRECTORY, LLMP_DATABASE_URL, LLMP_JOB_TIMEOUT.
+for the node's note in its home), LLMP_HOST, LLMP_DIRECTORY, LLMP_DATABASE_URL, LLMP_JOB_TIMEOUT, and
+LLMP_SHARED=1 when several server processes (workers) serve the node from one database.
 The node starts and stops with the server's lifespan.
 """
 
@@ -155,6 +156,7 @@ def options_from_environment(environ: MutableMapping[str, str] = os.environ) -> 
         home=Path(environ.get("LLMP_HOME", str(Path.home() / ".llm-provider" / name))).expanduser(),
         directory_file=Path(directory).expanduser() if directory else None,
         database_url=environ.get("LLMP_DATABASE_URL"),
+        shared=environ.get("LLMP_SHARED", "0") == "1",
         limits=JobLimits(job_timeout=float(environ.get("LLMP_JOB_TIMEOUT", JobLimits().job_timeout))),
     )
 

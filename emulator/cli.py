@@ -44,8 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--home", type=Path, required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--directory", type=Path, default=None, help="JSON file of node names to URLs")
-    p.add_argument("--peer", action="append", default=[], metavar="NAME=URL")
+    p.add_argument("--peer", action="append", default=[], metavar="NAME=URL[,URL...]#KEY")
     p.add_argument("--database-url", default=None, help="SQLAlchemy async URL (default: SQLite in the home)")
+    p.add_argument(
+        "--shared", action="store_true",
+        help="other processes serve this node name from the same database (router replicas): share wake-ups and nonces",
+    )
     _add_job_limits(p)
     p.add_argument("--verbose", action="store_true")
 
@@ -153,7 +157,7 @@ async def _dispatch(args: argparse.Namespace) -> int | None:
             await serve_forever(
                 NodeOptions(
                     name=args.name, port=args.port, home=args.home, host=args.host, directory_file=args.directory,
-                    peers=peers, database_url=args.database_url, limits=_job_limits(args), verbose=args.verbose,
+                    peers=peers, database_url=args.database_url, shared=args.shared, limits=_job_limits(args), verbose=args.verbose,
                 )
             )
         case "admin":

@@ -1,27 +1,43 @@
 """The directory: where each node answers and the public key it signs with.
 
-A JSON file `{name: {"url": URL, "public_key": KEY}}` and/or `--peer NAME=URL#KEY`.  The file is
-read again when it changes, so nodes may join while others run.
+A JSON file `{name: {"url": URL, "public_key": KEY}}` and/or `--peer NAME=URL#KEY`.  A node run as
+several replicas (router replicas sharing one database, name and key) lists each:
+`{"urls": [URL, URL], ...}` or `--peer NAME=URL,URL#KEY`; senders use whichever answers.  The file
+is read again when it changes, so nodes may join while others run.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 
 @dataclass(frozen=True)
 class Peer:
-    url: str
+    urls: tuple[str, ...]
     public_key: str | None = None
+
+    @classmethod
+    def at(cls, url: str, public_key: str | None = None) -> Peer:
+        return cls((url.rstrip("/"),), public_key)
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]
+
+    def as_json(self) -> dict[str, Any]:
+        where: dict[str, Any] = {"url": self.url} if len(self.urls) == 1 else {"urls": list(self.urls)}
+        return where | {"public_key": self.public_key}
 
 
 def _peer(value: Any) -> Peer:
     if isinstance(value, str):
-        return Peer(url=value.rstrip("/"))
-    return Peer(url=str(value["url"]).rstrip("/"), public_key=value.get("public_key"))
+        return Peer.at(value)
+    urls = value.get("urls") or value["url"]
+    urls = [urls] if isinstance(urls, str) else urls
+    return Peer(tuple(str(url).rstrip("/") for url in urls), public_key=value.get("public_key"))
 
 
 class Directory:
@@ -49,16 +65,17 @@ class Directory:
 
 
 def parse_peer(text: str) -> tuple[str, Peer]:
-    """`NAME=URL#PUBLIC_KEY` (the key as `emulator node` logs it at boot)."""
+    """`NAME=URL[,URL...]#PUBLIC_KEY` (the key as `emulator node` logs it at boot)."""
     name, sep, rest = text.partition("=")
-    url, _, key = rest.partition("#")
-    if not sep or not name or not url.startswith(("http://", "https://")):
-        raise ValueError(f"expected NAME=URL#PUBLIC_KEY, got {text!r}")
-    return name, Peer(url=url.rstrip("/"), public_key=key or None)
+    where, _, key = rest.partition("#")
+    urls = tuple(url.rstrip("/") for url in where.split(","))
+    if not sep or not name or not all(url.startswith(("http://", "https://")) for url in urls):
+        raise ValueError(f"expected NAME=URL[,URL...]#PUBLIC_KEY, got {text!r}")
+    return name, Peer(urls, public_key=key or None)
 
 
 def write_directory(path: Path, peers: dict[str, Peer]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({name: asdict(peer) for name, peer in peers.items()}, indent=2) + "\n")
+    tmp.write_text(json.dumps({name: peer.as_json() for name, peer in peers.items()}, indent=2) + "\n")
     tmp.replace(path)

@@ -66,7 +66,7 @@ class NodeApi:
     ctx: NodeContext
     admin_token: str
     directory: Directory
-    replay_guard: signing.ReplayGuard = field(default_factory=signing.ReplayGuard)
+    replay_guard: signing.ReplayGuard
 
 
 Route = Callable[[NodeApi, HttpRequest], Awaitable[Reply]]
@@ -216,7 +216,7 @@ async def node_message(api: NodeApi, request: HttpRequest) -> Reply:
     if envelope.destination != api.ctx.name:
         raise HandlerError(401, "wrong_destination", f"the envelope is for {envelope.destination}, not {api.ctx.name}")
     peer = api.directory.peer(envelope.source.node)
-    signing.authenticate(
+    await signing.authenticate(
         peer.public_key if peer else None, envelope.source.node, request.body, request.headers.get(signing.SIGNATURE_HEADER.lower()),
         api.replay_guard, envelope.sent_at, envelope.nonce,
     )

@@ -18,6 +18,7 @@ from emulator.homes import Home
 from emulator.http_api import NodeApi
 from emulator.http_app import create_app
 from emulator.llm_client import AiohttpLlmClient
+from emulator import signing
 from emulator.signing import NodeKey
 from emulator.transport import HttpTransport
 from handlers import node as node_handlers
@@ -55,6 +56,7 @@ class NodeOptions:
     directory_file: Path | None = None
     peers: dict[str, Peer] = field(default_factory=dict)
     database_url: str | None = None
+    shared: bool = False  # other processes serve this node from the same database (workers, replicas)
     limits: JobLimits = field(default_factory=JobLimits)
     verbose: bool = False
 
@@ -84,7 +86,7 @@ class NodeRuntime:
         token = self.home.admin_token()
         key = NodeKey.load_or_create(self.home.key_file)
         self.public_key = key.public_key
-        store = Store.open(options.database_url or sqlite_url(self.home.database))
+        store = Store.open(options.database_url or sqlite_url(self.home.database), shared=options.shared)
         await store.migrate()
         directory = Directory(options.peers, options.directory_file)
         self._transport = HttpTransport(options.name, key, directory, self._deliver_local)
@@ -101,12 +103,13 @@ class NodeRuntime:
                 retention=options.limits.retention,
             ),
         )
+        await store.listen(self.ctx.signals.notify)
         self.home.write_info(options.name, self.url)
         self.ctx.spawn(self._upkeep(self.ctx), name="upkeep")
         logging.getLogger("llm_provider").info(
             "node %s at %s (home %s); public key %s", options.name, self.url, self.home.path, key.public_key
         )
-        return NodeApi(self.ctx, token, directory)
+        return NodeApi(self.ctx, token, directory, signing.ReplayGuard(store))
 
     @staticmethod
     async def _upkeep(ctx: NodeContext) -> None:

@@ -17,7 +17,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from handlers.errors import HandlerError
+from store.database import Store
+from store.models import SeenNonce
 
 SIGNATURE_HEADER = "X-Node-Signature"
 REPLAY_WINDOW_S = 60.0
@@ -37,9 +41,16 @@ class NodeKey:
             pem = Ed25519PrivateKey.generate().private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             )
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as file:
                 file.write(pem)
+            try:
+                os.link(partial, path)  # atomic, and never over a key a sibling process made first
+            except FileExistsError:
+                pass
+            finally:
+                partial.unlink()
         private = serialization.load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(private, Ed25519PrivateKey):
             raise ValueError(f"{path} does not hold an Ed25519 key")
@@ -59,14 +70,16 @@ def signature_is_valid(public_key: str, data: bytes, signature: str) -> bool:
 
 class ReplayGuard:
     """Nonces seen within the window.  Messages sent before this process booted are refused, so a
-    restart, which forgets the nonces, does not reopen the window."""
+    restart, which forgets the nonces, does not reopen the window.  When other processes of the node
+    share its store (and any of them may receive a message), the nonces are kept there as well."""
 
-    def __init__(self, window: float = REPLAY_WINDOW_S) -> None:
+    def __init__(self, store: Store | None = None, window: float = REPLAY_WINDOW_S) -> None:
         self.window = window
         self.booted_at = time.time()
+        self._store = store if store is not None and store.shared else None
         self._seen: dict[str, float] = {}
 
-    def check(self, sent_at: float, nonce: str) -> str | None:
+    async def check(self, sent_at: float, nonce: str) -> str | None:
         now = time.time()
         if sent_at < self.booted_at - 1.0 or abs(now - sent_at) > self.window:
             return "the message is too old, or from the future"
@@ -75,15 +88,26 @@ class ReplayGuard:
         if len(self._seen) > 10_000:
             self._seen = {n: t for n, t in self._seen.items() if now - t <= self.window}
         self._seen[nonce] = sent_at
+        if self._store is not None and not await self._first_sight_in_store(self._store, sent_at, nonce):
+            return "the message was replayed (to another process of this node)"
         return None
 
+    @staticmethod
+    async def _first_sight_in_store(store: Store, sent_at: float, nonce: str) -> bool:
+        insert = store.insert_or_ignore(SeenNonce).values(nonce=nonce, sent_at=sent_at)
 
-def authenticate(public_key: str | None, sender: str, data: bytes, signature: str | None, guard: ReplayGuard,
+        async def remember(session: AsyncSession) -> bool:
+            return bool((await session.execute(insert)).rowcount)  # type: ignore[attr-defined]
+
+        return bool(await store.write_soon(remember))
+
+
+async def authenticate(public_key: str | None, sender: str, data: bytes, signature: str | None, guard: ReplayGuard,
                  sent_at: float, nonce: str) -> None:
     """Raise 401 unless `data` was signed by `sender`, recently, and not seen before."""
     if public_key is None:
         raise HandlerError(401, "unknown_node", f"no public key for node {sender!r} in the directory")
     if signature is None or not signature_is_valid(public_key, data, signature):
         raise HandlerError(401, "bad_signature", f"the message is not signed by {sender}")
-    if (problem := guard.check(sent_at, nonce)) is not None:
+    if (problem := await guard.check(sent_at, nonce)) is not None:
         raise HandlerError(401, "replayed_message", problem)

@@ -30,6 +30,7 @@ class HttpTransport:
         self.directory = directory
         self._deliver_local = deliver_local
         self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._answered: dict[str, str] = {}  # node → the URL of it that last answered
 
     async def send(self, source: Process, node: str, target: Process, message: Message) -> dict[str, Any]:
         if node == self.name:
@@ -37,7 +38,22 @@ class HttpTransport:
         peer = self.directory.peer(node)
         if peer is None:
             raise PeerError(503, "unknown_node", f"no URL for node {node!r} in the directory")
-        url = peer.url
+        urls = sorted(peer.urls, key=lambda url: url != self._answered.get(node))  # the URL that last answered first
+        failure: BaseException | None = None
+        for url in urls:
+            try:
+                body = await self._post(source, node, url, target, message)
+            except aiohttp.ClientConnectorError as error:
+                # Nothing reached this replica: the next may take the message, in an envelope of its own.
+                failure = error
+                continue
+            except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError) as error:
+                raise PeerError(503, "peer_unreachable", f"{node} at {url} did not answer: {error!r}") from error
+            self._answered[node] = url
+            return body
+        raise PeerError(503, "peer_unreachable", f"{node} at {', '.join(urls)} did not answer: {failure!r}") from failure
+
+    async def _post(self, source: Process, node: str, url: str, target: Process, message: Message) -> dict[str, Any]:
         envelope = {
             "source": {"node": self.name, "process": source},
             "destination": node,
@@ -48,19 +64,16 @@ class HttpTransport:
         }
         data = json.dumps(envelope, separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: self.key.sign(data)}
-        try:
-            async with self._session(node).post(url + MESSAGE_PATH, data=data, headers=headers) as response:
-                body = await response.json(content_type=None)
-                if response.status >= 400:
-                    error = body.get("error", {}) if isinstance(body, dict) else {}
-                    retry_after = response.headers.get("Retry-After")
-                    raise PeerError(
-                        response.status, error.get("code") or "peer_error", f"{node}: {error.get('message', body)}",
-                        error.get("details"), float(retry_after) if retry_after and retry_after.isdigit() else None,
-                    )
-                return body  # type: ignore[no-any-return]
-        except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError) as error:
-            raise PeerError(503, "peer_unreachable", f"{node} at {url} did not answer: {error!r}") from error
+        async with self._session(node).post(url + MESSAGE_PATH, data=data, headers=headers) as response:
+            body = await response.json(content_type=None)
+            if response.status >= 400:
+                error = body.get("error", {}) if isinstance(body, dict) else {}
+                retry_after = response.headers.get("Retry-After")
+                raise PeerError(
+                    response.status, error.get("code") or "peer_error", f"{node}: {error.get('message', body)}",
+                    error.get("details"), float(retry_after) if retry_after and retry_after.isdigit() else None,
+                )
+            return body  # type: ignore[no-any-return]
 
     async def _send_to_self(self, source: Process, target: Process, message: Message) -> dict[str, Any]:
         try:

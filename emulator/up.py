@@ -162,7 +162,7 @@ async def up(options: UpOptions) -> int:
     _check_ports_free(ports)
     # Keys are made before the nodes start, so the directory can carry every public key.
     keys = {n.name: NodeKey.load_or_create(n.home.key_file).public_key for n in nodes}
-    write_directory(options.root / "directory.json", {n.name: Peer(n.url, keys[n.name]) for n in nodes})
+    write_directory(options.root / "directory.json", {n.name: Peer.at(n.url, keys[n.name]) for n in nodes})
     processes: dict[str, asyncio.subprocess.Process] = {}
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -55,6 +56,7 @@ class NodeContext:
     settings: Settings = field(default_factory=Settings)
     gate: Gate = lists_and_limits
     signals: JobSignals = field(default_factory=JobSignals)
+    worker: str = field(default_factory=lambda: uuid.uuid4().hex[:16])  # this process, among those sharing the store
     serving: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
     draining: bool = False
     closing: bool = False  # the node is stopping: readers of job streams end

@@ -67,7 +67,7 @@ async def submit(ctx: NodeContext, caller: Caller, request: JobRequest, idempote
             spec = _new_spec(ctx, request, config)
             local = spec.model in config.driver_models
             if local:
-                session.add_all([_job_row(client, spec, "running", None, ctx.name, idempotency_key), serving.served_row(ctx.name, spec)])
+                session.add_all([_job_row(client, spec, "running", None, ctx.name, idempotency_key), serving.served_row(ctx, ctx.name, spec)])
             elif config.router_node is not None:
                 # Stored before the router hears of it, so its first update always finds it.
                 session.add(_job_row(client, spec, "queued", config.router_node, None, idempotency_key))
@@ -140,12 +140,20 @@ async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | Jo
 
 async def boot(ctx: NodeContext) -> None:
     """After a restart: settle the jobs the last process was serving, then tell the router we are back."""
+    await serving.report_alive(ctx)
     await serving.settle_orphans(ctx)
-    await heartbeat(ctx, restarted=True)
+    await _tell_router_we_live(ctx, restarted=not ctx.store.shared)  # a new worker beside live siblings is no restart
 
 
-async def heartbeat(ctx: NodeContext, restarted: bool = False) -> None:
-    """Re-register with the router, so it knows this driver is alive."""
+async def heartbeat(ctx: NodeContext) -> None:
+    """Every few seconds: alive to the processes sharing the store (settling a dead one's jobs), and to the router."""
+    await serving.report_alive(ctx)
+    if ctx.store.shared:
+        await serving.settle_orphans(ctx)
+    await _tell_router_we_live(ctx)
+
+
+async def _tell_router_we_live(ctx: NodeContext, restarted: bool = False) -> None:
     async with ctx.store.reading() as session:
         config = await read_config(session)
     if config.driver_models:
@@ -219,7 +227,14 @@ def _job_row(client: str, spec: JobSpec, status: str, router: str | None, driver
 async def _forward(ctx: NodeContext, spec: JobSpec, router: str) -> JobCreated:
     """Hand the stored job to the router; if it refuses, the row goes again and the refusal leaves nothing behind."""
     try:
-        reply = await ctx.transport.send("driver", router, "router", RunJob(job=spec))
+        try:
+            reply = await ctx.transport.send("driver", router, "router", RunJob(job=spec))
+        except PeerError as error:
+            if error.code != "peer_unreachable":
+                raise
+            # It may have been taken before the answer was lost: the router takes a repeat as the same job,
+            # and another replica of it may answer this time.
+            reply = await ctx.transport.send("driver", router, "router", RunJob(job=spec))
     except PeerError as error:
         async with ctx.store.writing() as session:
             job = await session.get(Job, spec.job_id)
@@ -248,7 +263,7 @@ async def _register(ctx: NodeContext, config: NodeConfig, restarted: bool = Fals
         return None
     message = RegisterDriver(
         models=config.driver_models, is_public=config.driver_is_public, capacity=config.driver_capacity, restarted=restarted,
-        serving=sorted(ctx.serving), as_of=time.time(),
+        serving=await serving.serving_now(ctx), as_of=time.time(),
     )
     try:
         await ctx.transport.send("driver", config.router_node, "router", message)

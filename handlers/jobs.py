@@ -56,6 +56,8 @@ async def follow(ctx: NodeContext, job_id: str, after_seq: int = -1, idle: float
     Yields None after `idle` seconds without news, so a transport can send a heartbeat.
     """
     last = after_seq
+    loop = asyncio.get_running_loop()
+    heartbeat_at = loop.time() + idle
     while True:
         wake = ctx.signals.watch(job_id)
         async with ctx.store.reading() as session:
@@ -76,12 +78,19 @@ async def follow(ctx: NodeContext, job_id: str, after_seq: int = -1, idle: float
                 return
             yield JobUpdate(job_id=job_id, seq=row.seq, delta=row.delta, driver=row.driver_node)
             last = row.seq
+            heartbeat_at = loop.time() + idle
         if ctx.closing:
             return
+        # Another process sharing the store cannot set our event (without LISTEN): then look again soon.
+        wait = heartbeat_at - loop.time()
+        if ctx.store.poll_interval is not None:
+            wait = min(wait, ctx.store.poll_interval)
         try:
-            await asyncio.wait_for(wake.wait(), idle)
+            await asyncio.wait_for(wake.wait(), max(wait, 0.0))
         except TimeoutError:
-            yield None
+            if loop.time() >= heartbeat_at:
+                heartbeat_at = loop.time() + idle
+                yield None
 
 
 def _news(job_id: str, after_seq: int) -> Select[Any]:

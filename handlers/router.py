@@ -4,7 +4,7 @@
 |--------------------------------|-----------------------------|-----------------------------------------|----------------------------|--------------------------------|
 | StartRouter (admin)            |                             |                                         | config                     |                                |
 | RegisterDriver (driver, beat)  | registrations               |                                         | registrations              | (dispatch)                     |
-| RunJob (client's driver)       | registrations               | is the model on offer to it?            | routed_jobs (queued)       | (dispatch)                     |
+| RunJob (client's driver)       | routed_jobs, registrations  | a repeat? is the model on offer to it?  | routed_jobs (queued)       | (dispatch)                     |
 | dispatch                       | queue, registrations, loads | least-loaded ready driver per job       | routed_jobs (running)      | RunJob → driver                |
 | JobUpdate (job's driver)       | routed_jobs                 | from the job's driver? still running?   | routed_jobs (first, final) | JobUpdate → client, (dispatch) |
 | ReleaseJob (job's driver)      | routed_jobs, registrations  | retry (with backoff) or give up?        | routed_jobs, registrations | JobUpdate (failed) → client    |
@@ -166,14 +166,17 @@ async def _enqueue(ctx: NodeContext, source: Source, spec: JobSpec) -> JobAccept
         config = await read_config(session)
         if not config.is_router:
             raise HandlerError(503, "not_a_router", f"{ctx.name} is not running a router (StartRouter)")
+        if (earlier := await session.get(RoutedJob, spec.job_id)) is not None:
+            if earlier.client_node != source.node:
+                raise HandlerError(409, "duplicate_job", f"job {spec.job_id} was already submitted by another node")
+            # A repeat: the first answer was lost (a router replica died before it replied).
+            return JobAccepted(job_id=spec.job_id, status="queued" if earlier.status == "queued" else "running")
         offered = [info.id for info in await _offered(session, source.node)]
         if spec.model not in offered:
             raise unknown_model(spec.model, offered)
         if (refusal := await ctx.gate(spec, source.node, session)) is not None:
             raise HandlerError(403, "refused_by_gate", refusal)
         await _check_queue_room(session, spec.model, config.max_queue)
-        if await session.get(RoutedJob, spec.job_id) is not None:
-            raise HandlerError(409, "duplicate_job", f"job {spec.job_id} was already submitted")
         session.add(
             RoutedJob(
                 id=spec.job_id,

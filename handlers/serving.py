@@ -12,6 +12,7 @@ import asyncio
 import time
 from typing import Any
 
+from sqlalchemy import delete as sa_delete
 from sqlalchemy import select
 from sqlalchemy import update as sa_update
 
@@ -23,17 +24,20 @@ from handlers.errors import HandlerError, PeerError, UpstreamError, unknown_job,
 from schemas.jobs import JobSpec, Usage
 from schemas.jobs import JobUpdate as Update
 from schemas.messages import JobAccepted, JobUpdate, ReleaseJob, Source
-from store.models import NodeConfig, ServedJob
+from store.models import NodeConfig, ServedJob, Worker
 
 DELIVERY_BACKOFF_S = 0.1
 DELIVERY_BACKOFF_MAX_S = 2.0
-FINAL_DELIVERY_GRACE_S = 5.0  # a timed_out update is sent at the deadline, and still needs a moment to arrive
+FINAL_DELIVERY_GRACE_S = 5.0
+WORKER_TTL_S = 15.0  # a process sharing the store reports every few seconds; silent this long, it is dead
+FORGET_WORKER_S = 24 * 3600.0  # a timed_out update is sent at the deadline, and still needs a moment to arrive
 
 
-def served_row(origin: str, spec: JobSpec) -> ServedJob:
+def served_row(ctx: NodeContext, origin: str, spec: JobSpec) -> ServedJob:
     return ServedJob(
         id=spec.job_id,
         origin_node=origin,
+        worker=ctx.worker,
         spec=spec.model_dump(mode="json"),
         status="running",
         streamed=False,
@@ -58,7 +62,7 @@ async def accept_from_router(ctx: NodeContext, source: Source, spec: JobSpec) ->
         if earlier is not None:  # a new attempt at a job this driver had before
             await session.delete(earlier)
             await session.flush()
-        session.add(served_row(source.node, spec))
+        session.add(served_row(ctx, source.node, spec))
     start(ctx, spec, source.node, endpoint_of(config))
     return JobAccepted(job_id=spec.job_id, status="running")
 
@@ -217,7 +221,9 @@ async def _deliver(ctx: NodeContext, origin: str, update: Update, deadline: floa
     """To this node's own client, or to the router; a router that is down (restarting) is tried
     again with backoff until the job's deadline.  Repeats are safe: receivers ignore known seqs."""
     if origin == ctx.name:
-        await updates.record_update(ctx, update)
+        if not await updates.record_update(ctx, update) and not update.is_final:
+            # The job ended meanwhile (cancelled, perhaps through another process of this node).
+            raise PeerError(409, "job_finished", f"job {update.job_id} already ended")
         return
     backoff = DELIVERY_BACKOFF_S
     while True:
@@ -245,11 +251,33 @@ async def drain(ctx: NodeContext, grace: float) -> None:
 
 
 async def settle_orphans(ctx: NodeContext) -> None:
-    """After a restart: the jobs the last process was serving end, or go back to the router."""
-    async with ctx.store.reading() as session:
-        orphans = (await session.scalars(select(ServedJob).where(ServedJob.status == "running"))).all()
+    """Jobs whose serving process died end, or go back to the router.  Alone on its store, a process
+    takes every job it is not serving as the last process's; sharing it, only those of processes
+    not seen for WORKER_TTL_S.  Each orphan is claimed in one UPDATE, so one process settles it."""
+    dead = ServedJob.worker.is_(None) | (ServedJob.worker != ctx.worker)
+    if ctx.store.shared:
+        live = select(Worker.id).where(Worker.last_seen >= time.time() - WORKER_TTL_S)
+        dead = ServedJob.worker.is_(None) | ServedJob.worker.not_in(live)
+    claim = sa_update(ServedJob).where(ServedJob.status == "running", dead).values(worker=ctx.worker).returning(ServedJob)
+    async with ctx.store.writing() as session:
+        orphans = (await session.scalars(claim.execution_options(synchronize_session=False))).all()
     for served in orphans:
-        if served.id not in ctx.serving:
-            ctx.spawn(_settle_orphan(ctx, served), name=f"settle-{served.id}")
+        ctx.spawn(_settle_orphan(ctx, served), name=f"settle-{served.id}")
 
 
+async def report_alive(ctx: NodeContext) -> None:
+    """This process's heartbeat, for the others sharing the store; long-dead processes are forgotten."""
+    now = time.time()
+    async with ctx.store.writing() as session:
+        worker = await session.get(Worker, ctx.worker)
+        if worker is None:
+            session.add(Worker(id=ctx.worker, started_at=now, last_seen=now))
+        else:
+            worker.last_seen = now
+        await session.execute(sa_delete(Worker).where(Worker.last_seen < now - FORGET_WORKER_S))
+
+
+async def serving_now(ctx: NodeContext) -> list[str]:
+    """Every job this node serves, whichever of its processes serves it."""
+    async with ctx.store.reading() as session:
+        return list(await session.scalars(select(ServedJob.id).where(ServedJob.status == "running").order_by(ServedJob.id)))

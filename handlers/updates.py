@@ -63,6 +63,7 @@ async def record_update(ctx: NodeContext, update: Update, router: str | None = N
         if next_seq is None:
             return False
         await session.execute(insert(JobChunk).values(job_id=update.job_id, seq=next_seq - 1, delta=update.delta))
+        await ctx.store.announce(session, update.job_id)
         return True
 
     if not await ctx.store.write_soon(write):

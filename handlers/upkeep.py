@@ -10,10 +10,11 @@ from sqlalchemy import delete, select
 from handlers import driver, router, updates
 from handlers.context import NodeContext, log
 from schemas.jobs import FINAL_STATUSES, JobUpdate
-from store.models import Job, RoutedJob, ServedJob
+from store.models import Job, RoutedJob, SeenNonce, ServedJob
 
 SWEEP_INTERVAL_S = 0.5
 PRUNE_INTERVAL_S = 60.0
+SEEN_NONCE_RETENTION_S = 600.0  # well past any replay window: older messages are refused for their age
 CLIENT_GRACE_S = 1.0  # the serving driver's own timed_out update, richer, normally arrives first
 ACTIVE = ("queued", "running")
 
@@ -63,3 +64,4 @@ async def prune(ctx: NodeContext) -> None:
         await session.execute(delete(Job).where(Job.status.in_(final), Job.finished_at < before))
         await session.execute(delete(RoutedJob).where(RoutedJob.status.in_(final), RoutedJob.finished_at < before))
         await session.execute(delete(ServedJob).where(ServedJob.status.in_(final + ("failed",)), ServedJob.finished_at < before))
+        await session.execute(delete(SeenNonce).where(SeenNonce.sent_at < time.time() - SEEN_NONCE_RETENTION_S))

@@ -4,18 +4,20 @@ upgrades a read snapshot to a write."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import Insert, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from store import migrate
+from store import migrate, notifications
 from store.group_commit import GroupCommit, Work
+from store.models import Base
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -49,20 +51,30 @@ def _configure_sqlite(engine: AsyncEngine, begin: str | None) -> None:
 
 @dataclass
 class Store:
-    """A node's database: `reading()` for queries, `writing()` for transactions that commit."""
+    """A node's database: `reading()` for queries, `writing()` for transactions that commit.
+
+    `shared`: other processes of the same node (gunicorn workers, router replicas) use it too, so
+    what one writes must wake readers in the others (`announce`, `listen`, `poll_interval`).
+    """
 
     url: str
     read_engine: AsyncEngine
     write_engine: AsyncEngine
     _read_sessions: async_sessionmaker[AsyncSession]
     _write_sessions: async_sessionmaker[AsyncSession]
+    shared: bool = False
     _group: GroupCommit = field(init=False)
+    _listener: notifications.Listener | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self._group = GroupCommit(self.writing)
 
+    @property
+    def is_sqlite(self) -> bool:
+        return _is_sqlite(self.url)
+
     @classmethod
-    def open(cls, url: str) -> Store:
+    def open(cls, url: str, shared: bool = False) -> Store:
         if _is_sqlite(url):
             # Reads run in autocommit: each statement sees the newest commit, with no BEGIN/ROLLBACK round trips.
             read_engine = create_async_engine(
@@ -81,6 +93,7 @@ class Store:
             write_engine=write_engine,
             _read_sessions=async_sessionmaker(read_engine, expire_on_commit=False),
             _write_sessions=async_sessionmaker(write_engine, expire_on_commit=False),
+            shared=shared,
         )
 
     async def migrate(self) -> None:
@@ -103,7 +116,33 @@ class Store:
         """`work(session)` in a write transaction it may share with other small writes (group commit)."""
         return await self._group.run(work)
 
+    def insert_or_ignore(self, model: type[Base]) -> Insert:
+        """An INSERT that skips rows whose key is taken; its rowcount says how many went in."""
+        dialect = sqlite if self.is_sqlite else postgresql
+        return dialect.insert(model).on_conflict_do_nothing()
+
+    # --- news between processes of a shared store ---
+
+    @property
+    def poll_interval(self) -> float | None:
+        """How long a reader may wait for an in-process wake-up before it looks at the store again."""
+        if not self.shared:
+            return None
+        return notifications.SQLITE_POLL_S if self.is_sqlite else notifications.POSTGRES_POLL_S
+
+    async def announce(self, session: AsyncSession, job_id: str) -> None:
+        """Within a write: wake other processes' readers of `job_id` at commit."""
+        if self.shared and not self.is_sqlite:
+            await notifications.announce(session, job_id)
+
+    async def listen(self, on_news: Callable[[str], None]) -> None:
+        """Have `on_news(job_id)` called for what other processes announce."""
+        if self.shared and not self.is_sqlite and self._listener is None:
+            self._listener = await notifications.Listener.start(self.url, on_news)
+
     async def close(self) -> None:
+        if self._listener is not None:
+            await self._listener.close()
         await self.read_engine.dispose()
         if self.write_engine is not self.read_engine:
             await self.write_engine.dispose()

@@ -135,5 +135,26 @@ class ServedJob(Base):
     created_at: Mapped[float] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float)
     deadline: Mapped[float] = mapped_column(Float)
+    worker: Mapped[str | None] = mapped_column(String(32))  # the process serving it (NULL: written before revision 0004)
 
     __table_args__ = (Index("ix_served_jobs_status", "status"),)
+
+
+class Worker(Base):
+    """A process serving this node; several share one database under gunicorn or as router replicas.
+    A worker not seen for a while is dead, and a live sibling settles the jobs it was serving."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    started_at: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float)
+
+
+class SeenNonce(Base):
+    """Nonces of node messages received within the replay window, shared by every process of the node."""
+
+    __tablename__ = "seen_nonces"
+
+    nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sent_at: Mapped[float] = mapped_column(Float, index=True)

@@ -100,7 +100,7 @@ async def start_node(tmp_path: Path, node_setup: str) -> AsyncIterator[StartNode
             if server is not None and "database_url" not in options:
                 options["database_url"] = await stack.enter_async_context(fresh_database(server))
             node = await stack.enter_async_context(serve(host, NodeOptions(name=name, port=port, home=home, peers=peers, **options)))
-            peers[name] = Peer(url=node.url, public_key=node.public_key)
+            peers[name] = Peer.at(node.url, node.public_key)
             return RunningNode(name=name, url=node.url, home=home, node=node)
 
         yield start

@@ -86,7 +86,7 @@ class Cluster:
         self.directory = root / "directory.json"
         write_directory(
             self.directory,
-            {name: Peer(f"http://127.0.0.1:{port}", NodeKey.load_or_create(Home(root / name).key_file).public_key) for name, port in self.ports.items()},
+            {name: Peer.at(f"http://127.0.0.1:{port}", NodeKey.load_or_create(Home(root / name).key_file).public_key) for name, port in self.ports.items()},
         )
         self._taken = taken
 

@@ -246,7 +246,7 @@ class Cluster:
         node = Node(NodeOptions(name=name, port=port, home=self.root / name, peers=self.peers))
         await node.__aenter__()
         self.running[name] = node
-        self.peers[name] = Peer(url=node.url, public_key=node.public_key)
+        self.peers[name] = Peer.at(node.url, node.public_key)
         return RunningNode(name=name, url=node.url, home=self.root / name, node=node)
 
     async def stop(self, name: str) -> None:
