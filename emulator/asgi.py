@@ -12,15 +12,13 @@ The node starts and stops with the server's lifespan.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Awaitable, Callable, MutableMapping
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
 from emulator import http_api
 from emulator.http_api import HttpRequest, JsonReply, NodeApi, StreamReply
-from emulator.node import JobLimits, NodeOptions, NodeRuntime
+from emulator.node import NodeOptions, NodeRuntime
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -146,21 +144,6 @@ async def _stream(reply: StreamReply, receive: Receive, send: Send) -> None:
         await reply.chunks.aclose()  # type: ignore[attr-defined]
 
 
-def options_from_environment(environ: MutableMapping[str, str] = os.environ) -> NodeOptions:
-    name = environ["LLMP_NAME"]
-    directory = environ.get("LLMP_DIRECTORY")
-    return NodeOptions(
-        name=name,
-        port=int(environ.get("LLMP_PORT", "8081")),
-        host=environ.get("LLMP_HOST", "127.0.0.1"),
-        home=Path(environ.get("LLMP_HOME", str(Path.home() / ".llm-provider" / name))).expanduser(),
-        directory_file=Path(directory).expanduser() if directory else None,
-        database_url=environ.get("LLMP_DATABASE_URL"),
-        shared=environ.get("LLMP_SHARED", "0") == "1",
-        limits=JobLimits(job_timeout=float(environ.get("LLMP_JOB_TIMEOUT", JobLimits().job_timeout))),
-    )
-
-
 def create_app(options: NodeOptions | None = None) -> NodeAsgi:
     """The ASGI application factory (`uvicorn 'emulator.asgi:create_app' --factory`)."""
-    return NodeAsgi(options or options_from_environment())
+    return NodeAsgi(options or NodeOptions.from_environment())

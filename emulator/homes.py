@@ -41,15 +41,28 @@ class Home:
 
     def admin_token(self) -> str:
         """The node's admin token, made on first boot and readable only by its owner."""
-        self.path.mkdir(parents=True, exist_ok=True)
         if not self.token_file.exists():
-            fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as file:
-                file.write(secrets.token_urlsafe(32))
+            create_once(self.token_file, secrets.token_urlsafe(32).encode())
         return self.token_file.read_text().strip()
 
     def write_info(self, name: str, url: str) -> None:
         self.info_file.write_text(json.dumps({"name": name, "url": url, "pid": os.getpid()}) + "\n")
+
+
+def create_once(path: Path, data: bytes) -> None:
+    """Write a file only its owner may read, unless it exists.  Processes of one node may boot
+    together (gunicorn workers, replicas): the first file made stands, and none is seen half written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+    try:
+        os.link(partial, path)  # atomic, and never over what another process made first
+    except FileExistsError:
+        pass
+    finally:
+        partial.unlink()
 
 
 def find_home(root: Path, port: int) -> Home | None:

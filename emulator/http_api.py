@@ -142,7 +142,8 @@ def _last_event_id(request: HttpRequest) -> int:
 
 
 async def healthz(api: NodeApi, request: HttpRequest) -> Reply:
-    return JsonReply(200, json.dumps({"status": "ok", "node": api.ctx.name}).encode())
+    # `worker`: which of the processes serving this node answered (several under gunicorn, or as replicas).
+    return JsonReply(200, json.dumps({"status": "ok", "node": api.ctx.name, "worker": api.ctx.worker}).encode())
 
 
 async def submit_job(api: NodeApi, request: HttpRequest) -> Reply:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,7 +25,7 @@ class AiohttpLlmClient:
                     raise LlmHttpError(response.status, await response.text())
                 async for line in response.content:
                     yield line
-        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+        except (TimeoutError, aiohttp.ClientError) as error:
             raise LlmUnreachable(repr(error)) from error
 
     async def close(self) -> None:

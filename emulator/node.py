@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 from aiohttp import web
 from pydantic import BaseModel
 
+from emulator import signing
 from emulator.directory import Directory, Peer
 from emulator.homes import Home
 from emulator.http_api import NodeApi
 from emulator.http_app import create_app
 from emulator.llm_client import AiohttpLlmClient
-from emulator import signing
 from emulator.signing import NodeKey
 from emulator.transport import HttpTransport
 from handlers import node as node_handlers
@@ -59,6 +60,22 @@ class NodeOptions:
     shared: bool = False  # other processes serve this node from the same database (workers, replicas)
     limits: JobLimits = field(default_factory=JobLimits)
     verbose: bool = False
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> NodeOptions:
+        """For hosts that start a node from a factory (ASGI servers, gunicorn): LLMP_* variables."""
+        name = environ["LLMP_NAME"]
+        directory = environ.get("LLMP_DIRECTORY")
+        return cls(
+            name=name,
+            port=int(environ.get("LLMP_PORT", "8081")),
+            host=environ.get("LLMP_HOST", "127.0.0.1"),
+            home=Path(environ.get("LLMP_HOME", str(Path.home() / ".llm-provider" / name))).expanduser(),
+            directory_file=Path(directory).expanduser() if directory else None,
+            database_url=environ.get("LLMP_DATABASE_URL"),
+            shared=environ.get("LLMP_SHARED", "0") == "1",
+            limits=JobLimits(job_timeout=float(environ.get("LLMP_JOB_TIMEOUT", JobLimits().job_timeout))),
+        )
 
 
 def configure_logging(home: Home, verbose: bool) -> None:
@@ -153,7 +170,7 @@ class Node(NodeRuntime):
         await web.TCPSite(self._runner, self.options.host, self.options.port, reuse_address=True).start()
         return self
 
-    async def __aexit__(self, *_exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
+    async def __aexit__(self, *_exc: object) -> None:
         self.close_streams()
         if self._runner is not None:
             await self._runner.cleanup()

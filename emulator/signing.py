@@ -9,16 +9,15 @@ has seen within the window.
 from __future__ import annotations
 
 import base64
-import os
 import time
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from emulator.homes import create_once
 from handlers.errors import HandlerError
 from store.database import Store
 from store.models import SeenNonce
@@ -37,20 +36,10 @@ class NodeKey:
     def load_or_create(cls, path: Path) -> NodeKey:
         """The node's key pair, made on first boot and readable only by its owner."""
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
             pem = Ed25519PrivateKey.generate().private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             )
-            partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as file:
-                file.write(pem)
-            try:
-                os.link(partial, path)  # atomic, and never over a key a sibling process made first
-            except FileExistsError:
-                pass
-            finally:
-                partial.unlink()
+            create_once(path, pem)
         private = serialization.load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(private, Ed25519PrivateKey):
             raise ValueError(f"{path} does not hold an Ed25519 key")

@@ -1,4 +1,4 @@
-"""Node-to-node messages over HTTP: one client session per peer, reused for every message."""
+"""Node-to-node messages over HTTP: one client session per peer URL, reused for every message."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from schemas.messages import Message, Process, Source, to_wire
 
 MESSAGE_PATH = "/node/message"
 MESSAGE_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
+DOWN_S = 5.0
 
 LocalDelivery = Callable[[Source, Process, Message], Awaitable[BaseModel]]
 
@@ -29,8 +30,9 @@ class HttpTransport:
         self.key = key
         self.directory = directory
         self._deliver_local = deliver_local
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
-        self._answered: dict[str, str] = {}  # node → the URL of it that last answered
+        self._sessions: dict[str, aiohttp.ClientSession] = {}  # by URL
+        self._turns: dict[str, int] = {}
+        self._down_until: dict[str, float] = {}  # URLs that refused a connection lately go last
 
     async def send(self, source: Process, node: str, target: Process, message: Message) -> dict[str, Any]:
         if node == self.name:
@@ -38,20 +40,38 @@ class HttpTransport:
         peer = self.directory.peer(node)
         if peer is None:
             raise PeerError(503, "unknown_node", f"no URL for node {node!r} in the directory")
-        urls = sorted(peer.urls, key=lambda url: url != self._answered.get(node))  # the URL that last answered first
+        urls = self._in_turn(node, peer.urls)
         failure: BaseException | None = None
         for url in urls:
             try:
                 body = await self._post(source, node, url, target, message)
             except aiohttp.ClientConnectorError as error:
                 # Nothing reached this replica: the next may take the message, in an envelope of its own.
+                self._went_down(url)
                 failure = error
                 continue
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as error:
+                # It may have taken the message before the connection broke: the sender decides whether to repeat it.
+                self._went_down(url)
+                raise PeerError(503, "peer_unreachable", f"{node} at {url} did not answer: {error!r}") from error
             except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError) as error:
                 raise PeerError(503, "peer_unreachable", f"{node} at {url} did not answer: {error!r}") from error
-            self._answered[node] = url
             return body
         raise PeerError(503, "peer_unreachable", f"{node} at {', '.join(urls)} did not answer: {failure!r}") from failure
+
+    def _went_down(self, url: str) -> None:
+        """Try `url` last for a while, and drop its pooled connections: after a crash each would fail once more."""
+        self._down_until[url] = time.monotonic() + DOWN_S
+        session = self._sessions.pop(url, None)
+        if session is not None:
+            asyncio.get_running_loop().create_task(session.close())
+
+    def _in_turn(self, node: str, urls: tuple[str, ...]) -> list[str]:
+        """A node's URLs in the order to try them: replicas take turns, and those lately down go last."""
+        turn = self._turns[node] = (self._turns.get(node, -1) + 1) % len(urls)
+        rotated = urls[turn:] + urls[:turn]
+        now = time.monotonic()
+        return sorted(rotated, key=lambda url: self._down_until.get(url, 0.0) > now)
 
     async def _post(self, source: Process, node: str, url: str, target: Process, message: Message) -> dict[str, Any]:
         envelope = {
@@ -64,7 +84,7 @@ class HttpTransport:
         }
         data = json.dumps(envelope, separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: self.key.sign(data)}
-        async with self._session(node).post(url + MESSAGE_PATH, data=data, headers=headers) as response:
+        async with self._session(url).post(url + MESSAGE_PATH, data=data, headers=headers) as response:
             body = await response.json(content_type=None)
             if response.status >= 400:
                 error = body.get("error", {}) if isinstance(body, dict) else {}
@@ -82,10 +102,10 @@ class HttpTransport:
             raise PeerError(error.status, error.code, error.message, error.details, error.retry_after) from error
         return reply.model_dump(mode="json")
 
-    def _session(self, node: str) -> aiohttp.ClientSession:
-        session = self._sessions.get(node)
+    def _session(self, url: str) -> aiohttp.ClientSession:
+        session = self._sessions.get(url)
         if session is None or session.closed:
-            session = self._sessions[node] = aiohttp.ClientSession(timeout=MESSAGE_TIMEOUT, connector=aiohttp.TCPConnector(limit=1024))
+            session = self._sessions[url] = aiohttp.ClientSession(timeout=MESSAGE_TIMEOUT, connector=aiohttp.TCPConnector(limit=1024))
         return session
 
     async def close(self) -> None:

@@ -98,7 +98,7 @@ async def cancel(ctx: NodeContext, job_id: str) -> None:
         raise HandlerError(409, "job_finished", f"job {job_id} already ended: {job.status}")
     await updates.record_update(ctx, Update(job_id=job_id, seq=job.next_seq, is_final=True, status="cancelled", error="cancelled by the client"))
     if job.router_node is None:
-        serving.stop(ctx, job_id)
+        await serving.cancel_local(ctx, job_id)
         return
     try:
         await ctx.transport.send("driver", job.router_node, "router", CancelJob(job_id=job_id))

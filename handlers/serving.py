@@ -85,6 +85,13 @@ def stop(ctx: NodeContext, job_id: str, reason: str | None = None) -> None:
         task.cancel(reason)
 
 
+async def cancel_local(ctx: NodeContext, job_id: str) -> None:
+    """The node's own client cancelled a job its LLM serves.  Another process of the node may be
+    serving it: that one stops at its next chunk, which finds the job ended."""
+    await _set_served(ctx, job_id, status="cancelled")
+    stop(ctx, job_id)
+
+
 async def cancel(ctx: NodeContext, source: Source, job_id: str) -> None:
     """CancelJob from where the job came from: end it here and stop the upstream request."""
     async with ctx.store.writing() as session:

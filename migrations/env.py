@@ -13,7 +13,9 @@ connection = config.attributes.get("connection")
 
 
 def run(conn: object) -> None:
-    context.configure(connection=conn, target_metadata=Base.metadata, render_as_batch=True)
+    # SQLite's DDL is transactional too: the whole upgrade is one transaction, so processes that boot
+    # together (gunicorn workers, replicas) queue on the write lock and the later ones find it done.
+    context.configure(connection=conn, target_metadata=Base.metadata, render_as_batch=True, transactional_ddl=True)
     with context.begin_transaction():
         context.run_migrations()
 

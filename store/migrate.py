@@ -6,6 +6,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 import migrations
@@ -21,5 +22,12 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
+MIGRATION_LOCK = 0x6C6C6D70  # any constant all processes agree on
+
+
 def upgrade_to_head(connection: Connection) -> None:
+    """Processes of one node may boot together (gunicorn workers, replicas): one migrates, the rest wait.
+    On SQLite the write lock (BEGIN IMMEDIATE) already does this; PostgreSQL takes an advisory lock."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
     command.upgrade(alembic_config(connection), "head")

@@ -1,204 +1,43 @@
 """Reliability with real OS processes: deadlines, cancellation, SSE resume, idempotency, crashes and drains.
 
-Every node and every fake LLM here is its own process (`python -m emulator.cli node|fake-llm`), started in a
-session of its own so teardown can kill its whole process group, even when the test fails.  Nodes find each
-other through one directory file written before any of them starts.  Nothing waits on a timer: each step
-awaits an HTTP answer, an SSE event or a process exit, under a bound (asyncio.timeout) so that a hang
-fails the test instead of stalling the run.  The only polling is GET /healthz, since nothing else tells
-when a port opens.
+Every node and fake LLM is a process of its own (`tests.cluster`).  Nothing waits on a timer: each step
+awaits an HTTP answer, an SSE event or a process exit, under a bound.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sqlite3
-import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from emulator.client import send_admin
-from emulator.directory import Peer, write_directory
 from emulator.homes import Home
-from emulator.signing import NodeKey
-from tests.conftest import free_port
-from tests.processes import kill_group, wait_healthy
-from tests.sse_client import events, job_updates
-
-REPO = Path(__file__).resolve().parents[1]
-MODEL = "llama3"
-ROUTER, DRIVER, CLIENT, DRIVER2 = "fake.dev", "fake2.dev", "fake3.dev", "fake4.dev"
-NAMES = (ROUTER, DRIVER, CLIENT, DRIVER2)
-FINAL = {"succeeded", "failed", "timed_out", "cancelled"}
-
-READY_S = 20.0  # a process must answer /healthz within this
-STEP_S = 15.0  # any one awaited outcome (a reply, a final event, an exit) within this, or the test fails
-
-
-# --- processes ------------------------------------------------------------------------------
-
-
-@dataclass
-class Proc:
-    name: str
-    args: list[str]
-    port: int
-    output: Path
-    home: Path | None = None
-    process: asyncio.subprocess.Process | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.returncode is None
-
-    async def admin(self, message: Any, process: str | None = None) -> dict[str, Any]:
-        assert self.home is not None
-        return await send_admin(self.url, Home(self.home).admin_token(), message, process)
-
-
-class Cluster:
-    """Node and fake-LLM processes for one test; `close()` kills every one still alive."""
-
-    def __init__(self, root: Path, http: aiohttp.ClientSession) -> None:
-        self.root = root
-        self.http = http
-        self.procs: dict[str, Proc] = {}
-        self.ports: dict[str, int] = {}
-        taken: set[int] = set()
-        for name in NAMES:
-            self.ports[name] = self._fresh_port(taken)
-        # Each node's key pair is made in its home before any node starts, so the directory carries every public key.
-        self.directory = root / "directory.json"
-        write_directory(
-            self.directory,
-            {name: Peer.at(f"http://127.0.0.1:{port}", NodeKey.load_or_create(Home(root / name).key_file).public_key) for name, port in self.ports.items()},
-        )
-        self._taken = taken
-
-    @staticmethod
-    def _fresh_port(taken: set[int]) -> int:
-        while (port := free_port()) in taken:
-            pass
-        taken.add(port)
-        return port
-
-    # starting and stopping
-
-    async def llm(self, name: str = "llm", *, ttft: float = 0.0, tps: float = 0.0, tokens: int = 24) -> str:
-        """Start a fake LLM process; its OpenAI base URL."""
-        port = self._fresh_port(self._taken)
-        args = ["fake-llm", "--port", str(port), "--ttft", f"{ttft:g}", "--tps", f"{tps:g}", "--tokens", str(tokens)]
-        proc = Proc(name=name, args=args, port=port, output=self.root / f"{name}.out")
-        self.procs[name] = proc
-        await self._spawn(proc)
-        return f"{proc.url}/v1"
-
-    async def node(self, name: str, *flags: str) -> Proc:
-        """Start node `name` (a fresh home the first time) with extra `emulator node` flags."""
-        home = self.root / name
-        args = ["node", "--name", name, "--port", str(self.ports[name]), "--home", str(home), "--directory", str(self.directory), *flags]
-        proc = Proc(name=name, args=args, port=self.ports[name], output=self.root / f"{name}.out", home=home)
-        self.procs[name] = proc
-        await self._spawn(proc)
-        return proc
-
-    async def restart(self, name: str) -> Proc:
-        """Start `name` again: same command, same home, same port."""
-        proc = self.procs[name]
-        assert not proc.alive(), f"{name} is still running"
-        await self._spawn(proc)
-        return proc
-
-    async def kill9(self, name: str) -> int:
-        proc = self.procs[name]
-        os.killpg(proc.pid, signal.SIGKILL)
-        return await self.exited(name)
-
-    async def exited(self, name: str, bound: float = STEP_S) -> int:
-        proc = self.procs[name]
-        assert proc.process is not None
-        async with asyncio.timeout(bound):
-            return await proc.process.wait()
-
-    async def _spawn(self, proc: Proc) -> None:
-        with proc.output.open("ab") as out:
-            proc.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "emulator.cli", *proc.args,
-                cwd=REPO, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-            )
-        await self._ready(proc)
-
-    async def _ready(self, proc: Proc) -> None:
-        process = proc.process
-        assert process is not None
-        try:
-            await wait_healthy(self.http, proc.url, lambda: process.returncode, timeout=READY_S)
-        except AssertionError as error:
-            raise AssertionError(f"{proc.name} never became ready: {error!r}\n{self.output_of(proc.name)}") from error
-
-    def output_of(self, name: str) -> str:
-        proc = self.procs[name]
-        parts = [proc.output.read_text(errors="replace")[-4000:] if proc.output.exists() else ""]
-        if proc.home is not None and Home(proc.home).log_file.exists():
-            parts.append(Home(proc.home).log_file.read_text(errors="replace")[-4000:])
-        return "\n".join(parts)
-
-    async def close(self) -> None:
-        for proc in self.procs.values():
-            if proc.alive():
-                kill_group(proc.pid)
-        for proc in self.procs.values():
-            if proc.process is not None and proc.process.returncode is None:
-                try:
-                    async with asyncio.timeout(STEP_S):
-                        await proc.process.wait()
-                except TimeoutError:
-                    pass
-
-    # the seed's network
-
-    async def network(
-        self,
-        *,
-        llm: dict[str, Any] | None = None,
-        drivers: tuple[str, ...] = (DRIVER,),
-        capacity: int = 1,
-        client_flags: tuple[str, ...] = (),
-        driver_flags: tuple[str, ...] = (),
-        router: bool = True,
-        client: bool = True,
-    ) -> dict[str, Proc]:
-        """A fake LLM, the router fake.dev, driver(s) serving llama3 from it, the client fake3.dev; wired."""
-        llm_url = await self.llm(**(llm or {}))
-        names = ([ROUTER] if router else []) + list(drivers) + ([CLIENT] if client else [])
-        flags = {name: (driver_flags if name in drivers else client_flags if name == CLIENT else ()) for name in names}
-        started = await asyncio.gather(*(self.node(name, *flags[name]) for name in names))
-        nodes = {proc.name: proc for proc in started}
-        if router:
-            await nodes[ROUTER].admin("StartRouter")
-        for name in drivers:
-            if router:
-                await nodes[name].admin({"SetRouter": {"node": ROUTER}})
-            await nodes[name].admin({"RegisterOaiProviderEndpoint": {"endpoint": llm_url}}, "openai")
-            await nodes[name].admin({"SetLocalDriver": {"model": MODEL, "is_public": True, "capacity": capacity}})
-        if client:
-            await nodes[CLIENT].admin({"SetRouter": {"node": ROUTER}})
-        return nodes
+from tests.cluster import (
+    CLIENT,
+    DRIVER,
+    DRIVER2,
+    ROUTER,
+    STEP_S,
+    Cluster,
+    assert_in_order,
+    db_row,
+    final_of,
+    first_update,
+    first_updates,
+    follow,
+    job_body,
+    record,
+    run_to_end,
+    submit,
+    text_of,
+)
+from tests.sse_client import events
 
 
 @pytest.fixture
@@ -215,84 +54,6 @@ async def cluster(tmp_path: Path, http: aiohttp.ClientSession) -> AsyncIterator[
         yield cluster
     finally:
         await cluster.close()
-
-
-# --- HTTP -------------------------------------------------------------------------------------
-
-
-async def submit(http: aiohttp.ClientSession, url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
-    async with asyncio.timeout(STEP_S):
-        async with http.post(f"{url}/jobs", json=body, headers=headers or {}) as response:
-            text = await response.text()
-    assert response.status == 202, text
-    created: dict[str, Any] = json.loads(text)
-    return created
-
-
-async def record(http: aiohttp.ClientSession, url: str, job_id: str) -> dict[str, Any]:
-    async with asyncio.timeout(STEP_S):
-        async with http.get(f"{url}/jobs/{job_id}") as response:
-            text = await response.text()
-    assert response.status == 200, text
-    body: dict[str, Any] = json.loads(text)
-    return body
-
-
-async def follow(http: aiohttp.ClientSession, url: str, job_id: str, bound: float = STEP_S, last_event_id: int | None = None) -> list[dict[str, Any]]:
-    """Every update of the job (after `last_event_id`) up to the final one, within `bound` seconds."""
-    async with asyncio.timeout(bound):
-        return await job_updates(http, url, job_id, last_event_id)
-
-
-async def run_to_end(http: aiohttp.ClientSession, url: str, body: dict[str, Any], bound: float = STEP_S) -> list[dict[str, Any]]:
-    created = await submit(http, url, body)
-    return await follow(http, url, created["job_id"], bound)
-
-
-def final_of(updates: list[dict[str, Any]]) -> dict[str, Any]:
-    assert updates and updates[-1]["is_final"], updates
-    assert [u for u in updates if u["is_final"]] == [updates[-1]], "exactly one final update"
-    return updates[-1]
-
-
-def text_of(updates: list[dict[str, Any]]) -> str:
-    return "".join(u.get("delta", "") for u in updates)
-
-
-def assert_in_order(updates: list[dict[str, Any]], first_seq: int = 0) -> None:
-    assert [u["seq"] for u in updates] == list(range(first_seq, first_seq + len(updates))), [u["seq"] for u in updates]
-
-
-def job_body(prompt: str, **extra: Any) -> dict[str, Any]:
-    return {"model": MODEL, "prompt": prompt, **extra}
-
-
-def db_row(home: Path, sql: str, *params: Any) -> tuple[Any, ...] | None:
-    """One row from a node's SQLite file, read while the node runs (WAL lets readers in)."""
-    connection = sqlite3.connect(Home(home).database, timeout=STEP_S)
-    try:
-        row: tuple[Any, ...] | None = connection.execute(sql, params).fetchone()
-        return row
-    finally:
-        connection.close()
-
-
-async def first_updates(http: aiohttp.ClientSession, url: str, job_id: str, count: int = 1) -> list[dict[str, Any]]:
-    """The job's first `count` updates (the first names the serving driver), then hang up."""
-    seen: list[dict[str, Any]] = []
-    async with asyncio.timeout(STEP_S):
-        async with http.get(f"{url}/jobs/{job_id}/events") as response:
-            assert response.status == 200
-            async for event in events(response):
-                seen.append(json.loads(event.data))
-                if len(seen) == count:
-                    response.close()
-                    return seen
-    raise AssertionError(f"the event stream ended after {len(seen)} updates: {seen}")
-
-
-async def first_update(http: aiohttp.ClientSession, url: str, job_id: str) -> dict[str, Any]:
-    return (await first_updates(http, url, job_id))[0]
 
 
 # --- 1. deadlines ------------------------------------------------------------------------------

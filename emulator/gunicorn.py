@@ -1,0 +1,39 @@
+"""The aiohttp host under gunicorn, with several worker processes per node:
+
+    LLMP_NAME=fake3.dev LLMP_HOME=~/.llm-provider/fake3.dev LLMP_PORT=8083 \\
+    LLMP_DIRECTORY=~/.llm-provider/directory.json \\
+    gunicorn 'emulator.gunicorn:create_app' --worker-class aiohttp.GunicornWebWorker --workers 2 --bind 127.0.0.1:8083
+
+Settings come from the same LLMP_* variables as the ASGI host (`emulator.asgi`).  Each worker is a
+node runtime of its own over the node's one database, which is therefore always shared: any worker
+takes any request or message, and a stream's reader on one worker follows what another writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from aiohttp import web
+
+from emulator import http_app
+from emulator.homes import Home
+from emulator.node import NodeOptions, NodeRuntime, configure_logging
+
+
+async def create_app() -> web.Application:
+    """The application factory gunicorn's aiohttp worker awaits, once per worker."""
+    options = dataclasses.replace(NodeOptions.from_environment(), shared=True)
+    configure_logging(Home(options.home), options.verbose)
+    runtime = NodeRuntime(options)
+    app = http_app.create_app(await runtime.start())
+
+    async def shutdown(_app: web.Application) -> None:
+        await runtime.drain()
+        runtime.close_streams()
+
+    async def cleanup(_app: web.Application) -> None:
+        await runtime.stop()
+
+    app.on_shutdown.append(shutdown)
+    app.on_cleanup.append(cleanup)
+    return app

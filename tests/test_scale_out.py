@@ -1,0 +1,189 @@
+"""Scaling out, with real processes: a node as several gunicorn workers over one database, and a router
+as two replicas (one name, one key, one database) of which one is killed mid-run.
+
+The fake LLM runs in the test process, so its counters and the requests it saw can be read directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.cluster import CLIENT, DRIVER, DRIVER2, MODEL, ROUTER, STEP_S, Cluster, assert_in_order, final_of, follow, submit, text_of
+from tests.conftest import StartUpstream, Upstream
+from tests.databases import fresh_database, postgres_server
+from tests.helpers import expected_completion, recording_upstream
+from tests.sse_client import events
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+        yield session
+
+
+def answer_to(prompt: str) -> str:
+    return "".join(expected_completion([{"role": "user", "content": prompt}])[0])
+
+
+async def wire_driver(driver: Any, upstream: Upstream, router: str | None, capacity: int = 1) -> None:
+    if router is not None:
+        await driver.admin({"SetRouter": {"node": router}})
+    await driver.admin({"RegisterOaiProviderEndpoint": {"endpoint": upstream.url}}, "openai")
+    await driver.admin({"SetLocalDriver": {"model": MODEL, "is_public": True, "capacity": capacity}})
+
+
+# --- several gunicorn workers per node --------------------------------------------------------------
+
+
+async def sessions_per_worker(url: str, workers: int, stack: AsyncExitStack) -> list[aiohttp.ClientSession]:
+    """One client session (a connection of its own) answered by each worker: which worker accepts a new
+    connection is the kernel's choice, so connections are opened until every worker has answered one."""
+    found: dict[str, aiohttp.ClientSession] = {}
+    async with asyncio.timeout(STEP_S):
+        while len(found) < workers:
+            session = await stack.enter_async_context(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)))
+            async with session.get(f"{url}/healthz") as response:
+                worker = (await response.json())["worker"]
+            found.setdefault(worker, session)
+    return list(found.values())
+
+
+async def test_two_gunicorn_workers_serve_jobs_and_each_follows_what_the_other_writes(
+    tmp_path: Path, http: aiohttp.ClientSession, start_upstream: StartUpstream
+) -> None:
+    upstream = await start_upstream(ttft=0.0, tokens_per_second=40)  # slow enough to arrive in several chunks
+    cluster = Cluster(tmp_path, http)
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(cluster.close)
+        node = await cluster.gunicorn_node(DRIVER, workers=2)
+        await wire_driver(node, upstream, router=None, capacity=4)
+        first, second = await sessions_per_worker(node.url, 2, stack)
+
+        # Each job is served by the worker that took it, and read, chunk by chunk, from the other.
+        prompts = [f"worker job {i}" for i in range(8)]
+        created = [await submit((first, second)[i % 2], node.url, {"model": MODEL, "prompt": p}) for i, p in enumerate(prompts)]
+        streams = await asyncio.gather(*(follow((second, first)[i % 2], node.url, c["job_id"]) for i, c in enumerate(created)))
+        for prompt, updates in zip(prompts, streams):
+            assert_in_order(updates)
+            assert final_of(updates)["status"] == "succeeded", updates
+            assert text_of(updates) == answer_to(prompt)
+            assert len(updates) > 3  # followed as it streamed, not only replayed at the end
+        assert upstream.stats.requests == len(prompts)
+
+        # A cancellation taken by one worker stops the job the other serves.
+        slow = await submit(first, node.url, {"model": MODEL, "prompt": "long", "max_tokens": 10_000})
+        async with asyncio.timeout(STEP_S):
+            async with second.get(f"{node.url}/jobs/{slow['job_id']}/events") as response:
+                async for _ in events(response):
+                    break  # the job is streaming
+        async with second.delete(f"{node.url}/jobs/{slow['job_id']}") as response:
+            assert response.status == 200, await response.text()
+            assert (await response.json())["status"] == "cancelled"
+        async with asyncio.timeout(STEP_S):
+            while upstream.stats.active:  # another process's serving task: no event reaches this one
+                await asyncio.sleep(0.02)
+        async with first.get(f"{node.url}/jobs/{slow['job_id']}") as response:
+            assert (await response.json())["status"] == "cancelled"
+
+
+async def test_a_client_node_of_two_gunicorn_workers_gets_every_update_whichever_worker_it_reaches(
+    tmp_path: Path, http: aiohttp.ClientSession, start_upstream: StartUpstream
+) -> None:
+    upstream = await start_upstream(ttft=0.0, tokens_per_second=200)
+    cluster = Cluster(tmp_path, http)
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(cluster.close)
+        router, driver, client = await asyncio.gather(cluster.node(ROUTER), cluster.node(DRIVER), cluster.gunicorn_node(CLIENT, workers=2))
+        await router.admin("StartRouter")
+        await wire_driver(driver, upstream, router=ROUTER, capacity=4)
+        await client.admin({"SetRouter": {"node": ROUTER}})
+        sessions = await sessions_per_worker(client.url, 2, stack)
+        prompts = [f"through the router {i}" for i in range(12)]
+
+        async def run(i: int, prompt: str) -> list[dict[str, Any]]:
+            created = await submit(sessions[i % 2], client.url, {"model": MODEL, "prompt": prompt})
+            return await follow(sessions[(i + 1) % 2], client.url, created["job_id"])
+
+        for prompt, updates in zip(prompts, await asyncio.gather(*(run(i, p) for i, p in enumerate(prompts)))):
+            assert_in_order(updates)
+            assert final_of(updates)["status"] == "succeeded", updates
+            assert text_of(updates) == answer_to(prompt)
+
+
+# --- router replicas -------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+async def router_database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[list[str]]:
+    """`emulator node` flags for the replicas' one database: a fresh PostgreSQL database, or one SQLite file."""
+    if request.param == "sqlite":
+        yield ["--database-url", f"sqlite+aiosqlite:///{tmp_path / 'router.db'}"]
+        return
+    async with fresh_database(postgres_server()) as url:
+        yield ["--database-url", url]
+
+
+JOBS = 200
+KILL_AFTER = 70
+AT_ONCE = 24
+
+
+async def test_two_router_replicas_split_the_work_and_one_killed_midway_loses_and_repeats_no_job(
+    tmp_path: Path, http: aiohttp.ClientSession, router_database: list[str]
+) -> None:
+    cluster = Cluster(tmp_path, http, replicas={ROUTER: 2})
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(cluster.close)
+        upstream = await stack.enter_async_context(recording_upstream(ttft=0.0, tokens_per_second=200))
+        flags = ("--shared", "--verbose", *router_database)  # --verbose: each replica's access log shows its share
+        replica1 = await cluster.node(ROUTER, *flags)
+        replica2 = await cluster.node(ROUTER, *flags, replica=2)
+        await replica1.admin("StartRouter")
+        drivers = await asyncio.gather(cluster.node(DRIVER), cluster.node(DRIVER2))
+        for driver in drivers:
+            await wire_driver(driver, upstream, router=ROUTER, capacity=4)
+        client = await cluster.node(CLIENT)
+        await client.admin({"SetRouter": {"node": ROUTER}})
+
+        prompts = [f"replicated job {i} {random.random()}" for i in range(JOBS)]
+        finished = 0
+        halfway = asyncio.Event()
+        room = asyncio.Semaphore(AT_ONCE)
+
+        async def run(prompt: str) -> list[dict[str, Any]]:
+            nonlocal finished
+            async with room:
+                created = await submit(http, client.url, {"model": MODEL, "prompt": prompt})
+                updates = await follow(http, client.url, created["job_id"], bound=60.0)
+            finished += 1
+            if finished == KILL_AFTER:
+                halfway.set()
+            return updates
+
+        async def kill_one_midway() -> None:
+            await halfway.wait()
+            await cluster.kill9(replica1.name)
+
+        results, _ = await asyncio.gather(asyncio.gather(*(run(p) for p in prompts)), kill_one_midway())
+
+        assert finished == JOBS
+        for prompt, updates in zip(prompts, results):
+            assert_in_order(updates)
+            assert final_of(updates)["status"] == "succeeded", (prompt, updates)
+            assert text_of(updates) == answer_to(prompt)
+        # None ran twice: the LLM saw each prompt exactly once.
+        asked = Counter(request.body["messages"][-1]["content"] for request in upstream.requests)
+        assert sorted(asked.values()) == [1] * JOBS and set(asked) == set(prompts)
+        # Both replicas took part: senders take turns among a node's URLs, and each replica logged messages it took.
+        for replica in (replica1, replica2):
+            assert replica.output.read_text().count("POST /node/message") > 50, replica.name
+        assert not replica1.alive() and replica2.alive()
