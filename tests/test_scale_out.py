@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -16,12 +17,16 @@ from typing import Any
 
 import aiohttp
 import pytest
+from sqlalchemy import update
+
+from handlers import serving
+from store.models import ServedJob, Worker
 
 from tests.cluster import CLIENT, DRIVER, DRIVER2, MODEL, ROUTER, STEP_S, Cluster, assert_in_order, final_of, follow, submit, text_of
-from tests.conftest import StartUpstream, Upstream
+from tests.conftest import RunningNode, StartNode, StartUpstream, Upstream
 from tests.databases import fresh_database, postgres_server
-from tests.helpers import expected_completion, recording_upstream
-from tests.sse_client import events
+from tests.helpers import expected_completion, gated_upstream, recording_upstream, store_of
+from tests.sse_client import events, job_updates
 
 
 @pytest.fixture
@@ -187,3 +192,52 @@ async def test_two_router_replicas_split_the_work_and_one_killed_midway_loses_an
         for replica in (replica1, replica2):
             assert replica.output.read_text().count("POST /node/message") > 50, replica.name
         assert not replica1.alive() and replica2.alive()
+
+
+# --- processes sharing a store: whose jobs are orphans ------------------------------------------------
+
+
+async def served_by(node: RunningNode, job_id: str) -> tuple[str, str | None]:
+    async with store_of(node).reading() as session:
+        served = await session.get(ServedJob, job_id)
+        assert served is not None
+        return served.status, served.worker
+
+
+async def test_a_process_booting_beside_a_live_sibling_leaves_its_jobs_and_settles_them_once_it_is_dead(
+    start_node: StartNode, http: aiohttp.ClientSession
+) -> None:
+    async with gated_upstream(first="alpha") as upstream:
+        first = await start_node("solo.dev", shared=True)
+        await wire_driver(first, upstream, router=None)
+        created = await submit(http, first.url, {"model": MODEL, "prompt": "hi"})
+        job_id = created["job_id"]
+        async with asyncio.timeout(STEP_S):
+            async with http.get(f"{first.url}/jobs/{job_id}/events") as response:
+                async for _ in events(response):
+                    break  # the first process is streaming it
+        first_ctx = first.node.ctx
+        assert first_ctx is not None
+        assert await served_by(first, job_id) == ("running", first_ctx.worker)
+
+        # A second process of the node boots: its sibling is alive, so the job is not an orphan.
+        second = await start_node("solo.dev", shared=True, database_url=first.node.options.database_url)
+        second_ctx = second.node.ctx
+        assert second_ctx is not None
+        await serving.report_alive(first_ctx)
+        await serving.settle_orphans(second_ctx)
+        assert await served_by(first, job_id) == ("running", first_ctx.worker)
+
+        # The sibling falls silent past the limit, as a killed process does: now its job is settled, once.
+        async with store_of(first).writing() as session:
+            await session.execute(
+                update(Worker).where(Worker.id == first_ctx.worker).values(last_seen=time.time() - serving.WORKER_TTL_S - 1)
+            )
+        await serving.settle_orphans(second_ctx)
+        async with asyncio.timeout(STEP_S):
+            updates = await job_updates(http, second.url, job_id)
+        assert final_of(updates)["status"] == "failed" and "restarted" in updates[-1]["error"]
+        async with asyncio.timeout(STEP_S):
+            while (settled := await served_by(first, job_id))[0] == "running":  # written just after the final update
+                await asyncio.sleep(0.01)
+        assert settled == ("failed", second_ctx.worker)

@@ -824,3 +824,21 @@ async def test_an_envelope_for_one_router_replayed_to_another_is_refused(
     status, reply, _ = await post_signed(http, second_router, data, headers)  # fake2.dev never registered with fake5.dev
     assert await registrations(second_router) == []
     assert status == 401, reply
+
+
+async def test_a_message_one_replica_took_is_refused_as_a_replay_by_the_other(start_node: StartNode, http: aiohttp.ClientSession) -> None:
+    # Two processes of one router: one name, one home (key, admin token) and one database.
+    first = await start_node("fake.dev", shared=True)
+    await first.admin("StartRouter")
+    second = await start_node("fake.dev", shared=True, database_url=first.node.options.database_url)
+    driver = await start_node("fake2.dev")
+    data, headers = signed(envelope("fake2.dev", "driver", "router", register([MODEL], 2)), driver)
+    status, reply, _ = await post_signed(http, first, data, headers)
+    assert status == 200, reply
+    status, reply, _ = await post_signed(http, second, data, headers)
+    assert status == 401, reply
+    assert "replayed" in assert_error_body(reply, "replayed_message")["message"]
+    # The second replica takes fresh messages, into the one database both serve.
+    status, reply, _ = await post_envelope(http, second, envelope("fake2.dev", "driver", "router", register([MODEL], 3)), driver)
+    assert status == 200, reply
+    assert await registrations(first) == [("fake2.dev", MODEL, 3)]
