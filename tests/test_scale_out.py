@@ -7,6 +7,7 @@ The fake LLM runs in the test process, so its counters and the requests it saw c
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections import Counter
@@ -21,8 +22,20 @@ from sqlalchemy import update
 
 from handlers import serving
 from store.models import ServedJob, Worker
-
-from tests.cluster import CLIENT, DRIVER, DRIVER2, MODEL, ROUTER, STEP_S, Cluster, assert_in_order, final_of, follow, submit, text_of
+from tests.cluster import (
+    CLIENT,
+    DRIVER,
+    DRIVER2,
+    MODEL,
+    ROUTER,
+    STEP_S,
+    Cluster,
+    assert_in_order,
+    final_of,
+    follow,
+    submit,
+    text_of,
+)
 from tests.conftest import RunningNode, StartNode, StartUpstream, Upstream
 from tests.databases import fresh_database, postgres_server
 from tests.helpers import expected_completion, gated_upstream, recording_upstream, store_of
@@ -241,3 +254,26 @@ async def test_a_process_booting_beside_a_live_sibling_leaves_its_jobs_and_settl
             while (settled := await served_by(first, job_id))[0] == "running":  # written just after the final update
                 await asyncio.sleep(0.01)
         assert settled == ("failed", second_ctx.worker)
+
+
+async def test_a_reader_on_one_process_follows_the_chunks_another_process_of_the_node_writes(
+    start_node: StartNode, http: aiohttp.ClientSession, node_setup: str
+) -> None:
+    async with gated_upstream(first="alpha", rest=" omega") as upstream:
+        first = await start_node("solo.dev", shared=True)
+        await wire_driver(first, upstream, router=None)
+        second = await start_node("solo.dev", shared=True, database_url=first.node.options.database_url)
+        second_ctx = second.node.ctx
+        assert second_ctx is not None
+        created = await submit(http, first.url, {"model": MODEL, "prompt": "hi"})  # the first process serves it
+        woken = second_ctx.signals.watch(created["job_id"])
+        async with asyncio.timeout(STEP_S):
+            async with http.get(f"{second.url}/jobs/{created['job_id']}/events") as response:
+                stream = aiter(events(response))
+                assert json.loads((await anext(stream)).data)["delta"] == "alpha"
+                if node_setup == "postgres":
+                    await woken.wait()  # only a NOTIFY from the other process sets it: SQLite readers look again instead
+                upstream.gate.set()
+                rest = [json.loads(event.data) async for event in stream]
+    assert "".join(update["delta"] for update in rest) == " omega"
+    assert final_of(rest)["status"] == "succeeded"
