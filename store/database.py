@@ -49,6 +49,12 @@ def _configure_sqlite(engine: AsyncEngine, begin: str | None) -> None:
             connection.exec_driver_sql(begin)
 
 
+def insert_or_ignore(backend: str, model: type[Base]) -> Insert:
+    """An INSERT that skips rows whose key is taken, in the words of `backend` ("sqlite", "postgresql")."""
+    dialect = sqlite if backend == "sqlite" else postgresql
+    return dialect.insert(model).on_conflict_do_nothing()
+
+
 @dataclass
 class Store:
     """A node's database: `reading()` for queries, `writing()` for transactions that commit.
@@ -118,8 +124,7 @@ class Store:
 
     def insert_or_ignore(self, model: type[Base]) -> Insert:
         """An INSERT that skips rows whose key is taken; its rowcount says how many went in."""
-        dialect = sqlite if self.is_sqlite else postgresql
-        return dialect.insert(model).on_conflict_do_nothing()
+        return insert_or_ignore(make_url(self.url).get_backend_name(), model)
 
     # --- news between processes of a shared store ---
 

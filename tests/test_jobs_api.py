@@ -269,7 +269,8 @@ async def test_remote_job_is_routed_and_recorded_by_the_router(network: Network,
 
 async def test_healthz_names_each_node(network: Network, http: aiohttp.ClientSession) -> None:
     for node in (network.router, network.driver, network.client):
-        assert await get_json(http, f"{node.url}/healthz") == {"status": "ok", "node": node.name}
+        assert node.node.ctx is not None
+        assert await get_json(http, f"{node.url}/healthz") == {"status": "ok", "node": node.name, "worker": node.node.ctx.worker}
 
 
 async def test_models_on_client_node_come_through_the_router(network: Network, http: aiohttp.ClientSession) -> None:

@@ -42,12 +42,6 @@ from tests.helpers import expected_completion, gated_upstream, recording_upstrea
 from tests.sse_client import events, job_updates
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
-        yield session
-
-
 def answer_to(prompt: str) -> str:
     return "".join(expected_completion([{"role": "user", "content": prompt}])[0])
 

@@ -1,4 +1,5 @@
-"""The store: Alembic migrations on real SQLite files, WAL, concurrent writers, and nodes that restart on their home."""
+"""The store: Alembic migrations, concurrent writers, and nodes that restart on their home, each on a SQLite file and on
+PostgreSQL; and what only SQLite has: WAL, BEGIN IMMEDIATE, databases an older release left behind."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +16,20 @@ import aiohttp
 import pytest
 from alembic import command
 from alembic.script import ScriptDirectory
-from sqlalchemy import func, select, text
+from sqlalchemy import func, inspect, select, text
 from sqlalchemy.exc import OperationalError
 
 from emulator.directory import Peer
+from emulator.homes import Home
 from emulator.node import Node, NodeOptions
-from handlers.config import read_config
+from handlers import updates
+from handlers.config import config_for_update, read_config
+from schemas.jobs import JobUpdate
 from store.database import Store, sqlite_url
 from store.migrate import alembic_config
 from store.models import DriverRegistration, Job, JobChunk, NodeConfig, RoutedJob, ServedJob
 from tests.conftest import RunningNode, StartUpstream, Upstream, free_port, wire
-from handlers import updates
-from schemas.jobs import JobUpdate
+from tests.databases import fresh_database, postgres_server
 from tests.helpers import GUARD_S, MODEL, gated_upstream, get_json, run_job, submit
 from tests.sse_client import events, job_updates
 
@@ -38,13 +42,32 @@ def head_revision() -> str:
     return head
 
 
+OpenStore = Callable[[str], Store]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def postgres_url(request: pytest.FixtureRequest) -> str | None:
+    """The backend a test runs on: None for SQLite, or the PostgreSQL server's URL."""
+    return postgres_server() if request.param == "postgres" else None
+
+
 @pytest.fixture
-async def open_store(tmp_path: Path) -> AsyncIterator[Any]:
-    """`await open_store(path)`: a Store on a SQLite file, closed after the test."""
+async def database_url(postgres_url: str | None, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh, empty database: a SQLite file, or a new database on the PostgreSQL server (dropped afterwards)."""
+    if postgres_url is None:
+        yield sqlite_url(tmp_path / "node.db")
+        return
+    async with fresh_database(postgres_url) as url:
+        yield url
+
+
+@pytest.fixture
+async def open_store() -> AsyncIterator[OpenStore]:
+    """`open_store(url)`: a Store, closed after the test; several on one URL are several processes or boots."""
     stores: list[Store] = []
 
-    async def open_(path: Path) -> Store:
-        store = Store.open(sqlite_url(path))
+    def open_(url: str) -> Store:
+        store = Store.open(url)
         stores.append(store)
         return store
 
@@ -59,8 +82,8 @@ async def alembic_versions(store: Store) -> list[str]:
 
 
 async def table_names(store: Store) -> set[str]:
-    async with store.reading() as session:
-        return set(await session.scalars(text("SELECT name FROM sqlite_master WHERE type = 'table'")))
+    async with store.read_engine.connect() as connection:
+        return set(await connection.run_sync(lambda sync: inspect(sync).get_table_names()))
 
 
 def upgrade_with_alembic(path: Path, revision: str) -> None:
@@ -73,17 +96,16 @@ def upgrade_with_alembic(path: Path, revision: str) -> None:
 # --- migrations ------------------------------------------------------------------------------------
 
 
-async def test_fresh_database_is_migrated_to_the_alembic_head(tmp_path: Path, open_store: Any) -> None:
-    store = await open_store(tmp_path / "node.db")
+async def test_fresh_database_is_migrated_to_the_alembic_head(database_url: str, open_store: OpenStore) -> None:
+    store = open_store(database_url)
     await store.migrate()
     assert await alembic_versions(store) == [head_revision()]
     expected = {"alembic_version"} | {table.name for table in NodeConfig.metadata.sorted_tables}
     assert await table_names(store) == expected
 
 
-async def test_migrating_twice_is_harmless_and_keeps_rows(tmp_path: Path, open_store: Any) -> None:
-    path = tmp_path / "node.db"
-    store = await open_store(path)
+async def test_migrating_twice_is_harmless_and_keeps_rows(database_url: str, open_store: OpenStore) -> None:
+    store = open_store(database_url)
     await store.migrate()
     now = time.time()
     async with store.writing() as session:
@@ -91,7 +113,7 @@ async def test_migrating_twice_is_harmless_and_keeps_rows(tmp_path: Path, open_s
         session.add(Job(id="j1", client="c", model=MODEL, spec={}, status="succeeded", next_seq=1, created_at=now, deadline=now + 60))
         session.add(JobChunk(job_id="j1", seq=0, delta="kept"))
     await store.migrate()
-    again = await open_store(path)  # as a restarted node would
+    again = open_store(database_url)  # as a restarted node would
     await again.migrate()
     assert await alembic_versions(again) == [head_revision()]
     async with again.reading() as session:
@@ -101,7 +123,10 @@ async def test_migrating_twice_is_harmless_and_keeps_rows(tmp_path: Path, open_s
         assert list(await session.scalars(select(JobChunk.delta))) == ["kept"]
 
 
-async def test_database_from_the_first_revision_is_upgraded_keeping_its_data(tmp_path: Path, open_store: Any) -> None:
+# --- SQLite databases an older release left behind (built through the sqlite3 module) ---------------
+
+
+async def test_database_from_the_first_revision_is_upgraded_keeping_its_data(tmp_path: Path, open_store: OpenStore) -> None:
     path = tmp_path / "node.db"
     upgrade_with_alembic(path, FIRST_REVISION)
     now = time.time()
@@ -134,7 +159,7 @@ async def test_database_from_the_first_revision_is_upgraded_keeping_its_data(tmp
         )
     old.close()
 
-    store = await open_store(path)
+    store = open_store(sqlite_url(path))
     await store.migrate()
 
     assert await alembic_versions(store) == [head_revision()]
@@ -176,11 +201,34 @@ async def test_node_started_on_an_old_database_serves_its_records(tmp_path: Path
     assert [(u["seq"], u["delta"], u["is_final"]) for u in updates] == [(0, "from before", False), (1, "", True)]
 
 
-# --- SQLite settings and concurrency ------------------------------------------------------------------
+# --- concurrent writers ------------------------------------------------------------------------------
 
 
-async def test_sqlite_runs_in_wal_mode(tmp_path: Path, open_store: Any) -> None:
-    store = await open_store(tmp_path / "node.db")
+async def test_writers_from_two_stores_on_one_database_queue_and_lose_no_update(database_url: str, open_store: OpenStore) -> None:
+    """Two stores are two processes' worth of connections: read-then-write transactions must queue, not fail
+    ("database is locked") nor overwrite each other (PostgreSQL: the handlers' read locks the row)."""
+    first, second = open_store(database_url), open_store(database_url)
+    await first.migrate()
+    async with first.writing() as session:
+        await config_for_update(session)  # the defaults: capacity 1
+
+    async def increment(store: Store) -> None:
+        async with store.writing() as session:
+            (await config_for_update(session)).driver_capacity += 1
+
+    try:
+        await asyncio.gather(*(increment(store) for _ in range(10) for store in (first, second)))
+    except OperationalError as error:
+        pytest.fail(f"a writer failed: {error}")
+    async with second.reading() as session:
+        assert (await read_config(session)).driver_capacity == 21  # no increment lost
+
+
+# --- SQLite only: its pragmas, and BEGIN IMMEDIATE (PostgreSQL writers lock rows instead) -------------
+
+
+async def test_sqlite_runs_in_wal_mode(tmp_path: Path, open_store: OpenStore) -> None:
+    store = open_store(sqlite_url(tmp_path / "node.db"))
     await store.migrate()
     async with store.reading() as session:
         assert (await session.scalar(text("PRAGMA journal_mode"))) == "wal"
@@ -189,8 +237,8 @@ async def test_sqlite_runs_in_wal_mode(tmp_path: Path, open_store: Any) -> None:
         assert (await session.scalar(text("PRAGMA foreign_keys"))) == 1
 
 
-async def test_two_concurrent_write_transactions_both_commit(tmp_path: Path, open_store: Any) -> None:
-    store = await open_store(tmp_path / "node.db")
+async def test_sqlite_begin_immediate_serialises_whole_write_transactions(tmp_path: Path, open_store: OpenStore) -> None:
+    store = open_store(sqlite_url(tmp_path / "node.db"))
     await store.migrate()
     now = time.time()
 
@@ -206,44 +254,33 @@ async def test_two_concurrent_write_transactions_both_commit(tmp_path: Path, ope
     assert sorted(specs.values()) == [0, 1]  # serialised: the second saw the first
 
 
-async def test_writers_from_two_stores_on_one_file_never_hit_database_is_locked(tmp_path: Path, open_store: Any) -> None:
-    """Two stores are two processes' worth of connections: read-then-write transactions must queue, not fail."""
-    path = tmp_path / "node.db"
-    first, second = await open_store(path), await open_store(path)
-    await first.migrate()
-    async with first.writing() as session:
-        session.add(NodeConfig(id=1, is_router=False, driver_models=[], driver_is_public=True, driver_capacity=1))
-
-    async def increment(store: Store) -> None:
-        async with store.writing() as session:
-            config = await session.get(NodeConfig, 1)
-            assert config is not None
-            config.driver_capacity += 1
-
-    try:
-        await asyncio.gather(*(increment(store) for _ in range(10) for store in (first, second)))
-    except OperationalError as error:  # "database is locked"
-        pytest.fail(f"a writer failed: {error}")
-    async with second.reading() as session:
-        config = await session.get(NodeConfig, 1)
-        assert config is not None and config.driver_capacity == 21  # no increment lost
-
-
 # --- restarts ----------------------------------------------------------------------------------------
 
 
 class Cluster:
-    """Nodes on fixed ports and homes that a test may stop and start again, sharing one directory."""
+    """Nodes on fixed ports, homes and databases that a test may stop and start again, sharing one directory.
 
-    def __init__(self, root: Path) -> None:
+    On SQLite a node keeps its home's file; on PostgreSQL each name gets a fresh database, kept across its restarts.
+    """
+
+    def __init__(self, root: Path, postgres_url: str | None, databases: AsyncExitStack) -> None:
         self.root = root
+        self.postgres_url = postgres_url
+        self.databases = databases
         self.peers: dict[str, Peer] = {}
         self.ports: dict[str, int] = {}
+        self.postgres_databases: dict[str, str] = {}
         self.running: dict[str, Node] = {}
+
+    def database_url(self, name: str) -> str:
+        return self.postgres_databases.get(name) or sqlite_url(Home(self.root / name).database)
 
     async def start(self, name: str) -> RunningNode:
         port = self.ports.setdefault(name, free_port())
-        node = Node(NodeOptions(name=name, port=port, home=self.root / name, peers=self.peers))
+        if self.postgres_url is not None and name not in self.postgres_databases:
+            self.postgres_databases[name] = await self.databases.enter_async_context(fresh_database(self.postgres_url))
+        database_url = self.postgres_databases.get(name)  # None: the home's SQLite file
+        node = Node(NodeOptions(name=name, port=port, home=self.root / name, peers=self.peers, database_url=database_url))
         await node.__aenter__()
         self.running[name] = node
         self.peers[name] = Peer.at(node.url, node.public_key)
@@ -262,12 +299,13 @@ class Cluster:
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    nodes = Cluster(tmp_path)
-    try:
-        yield nodes
-    finally:
-        await nodes.close()
+async def cluster(tmp_path: Path, postgres_url: str | None) -> AsyncIterator[Cluster]:
+    async with AsyncExitStack() as databases:  # dropped after the nodes have stopped
+        nodes = Cluster(tmp_path, postgres_url, databases)
+        try:
+            yield nodes
+        finally:
+            await nodes.close()
 
 
 @pytest.fixture
@@ -281,9 +319,9 @@ async def seed_network(cluster: Cluster, upstream: Upstream) -> tuple[RunningNod
     return router, driver, client
 
 
-async def stored_config(home: Path) -> dict[str, Any]:
-    """The node_config row, read from the home's SQLite file while the node is stopped."""
-    store = Store.open(sqlite_url(home / "node.db"))
+async def stored_config(database_url: str) -> dict[str, Any]:
+    """The node_config row, read from the node's database while the node is stopped."""
+    store = Store.open(database_url)
     try:
         async with store.reading() as session:
             config = await read_config(session)
@@ -304,7 +342,7 @@ async def test_restarted_driver_keeps_its_configuration_and_serves_jobs(
     _, driver, client = await seed_network(cluster, fast_upstream)
     token = driver.node.home.admin_token()
     await cluster.stop("fake2.dev")
-    assert await stored_config(driver.home) == {
+    assert await stored_config(cluster.database_url("fake2.dev")) == {
         "is_router": False,
         "router_node": "fake.dev",
         "driver_models": [MODEL],
@@ -324,9 +362,9 @@ async def test_restarted_driver_keeps_its_configuration_and_serves_jobs(
 async def test_restarted_router_keeps_its_role_and_routes_jobs(
     cluster: Cluster, fast_upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
-    router, _, client = await seed_network(cluster, fast_upstream)
+    _, _, client = await seed_network(cluster, fast_upstream)
     await cluster.stop("fake.dev")
-    assert (await stored_config(router.home))["is_router"] is True
+    assert (await stored_config(cluster.database_url("fake.dev")))["is_router"] is True
     await cluster.start("fake.dev")
     created, updates = await run_job(http, client.url, {"model": MODEL, "prompt": "hello"})
     assert updates[-1]["status"] == "succeeded"
