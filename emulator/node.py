@@ -23,7 +23,7 @@ from emulator.llm_client import AiohttpLlmClient
 from emulator.signing import NodeKey
 from emulator.transport import HttpTransport
 from handlers import node as node_handlers
-from handlers import serving, upkeep
+from handlers import news, serving, upkeep
 from handlers.context import DEFAULT_JOB_TIMEOUT, NodeContext, Settings
 from schemas.messages import Message, Process, Source
 from store.database import Store, sqlite_url
@@ -121,6 +121,7 @@ class NodeRuntime:
             ),
         )
         await store.listen(self.ctx.signals.notify)
+        self.ctx.spawn(news.watch_the_store(self.ctx), name="news")
         self.home.write_info(options.name, self.url)
         self.ctx.spawn(self._upkeep(self.ctx), name="upkeep")
         logging.getLogger("llm_provider").info(

@@ -81,16 +81,11 @@ async def follow(ctx: NodeContext, job_id: str, after_seq: int = -1, idle: float
             heartbeat_at = loop.time() + idle
         if ctx.closing:
             return
-        # Another process sharing the store cannot set our event (without LISTEN): then look again soon.
-        wait = heartbeat_at - loop.time()
-        if ctx.store.poll_interval is not None:
-            wait = min(wait, ctx.store.poll_interval)
         try:
-            await asyncio.wait_for(wake.wait(), max(wait, 0.0))
+            await asyncio.wait_for(wake.wait(), max(heartbeat_at - loop.time(), 0.0))
         except TimeoutError:
-            if loop.time() >= heartbeat_at:
-                heartbeat_at = loop.time() + idle
-                yield None
+            heartbeat_at = loop.time() + idle
+            yield None
 
 
 def _news(job_id: str, after_seq: int) -> Select[Any]:

@@ -16,6 +16,10 @@ class JobSignals:
             event = self._events[job_id] = asyncio.Event()
         return event
 
+    def watched(self) -> list[str]:
+        """The jobs readers are waiting on."""
+        return list(self._events)
+
     def notify(self, job_id: str) -> None:
         event = self._events.pop(job_id, None)
         if event is not None:
