@@ -2,8 +2,9 @@
 
 The job came from this node's own client (local path) or from its router (remote path); either
 way its chunks go back as JobUpdates, the last with how it ended.  Crash rules: a job is marked
-`streamed` before its first chunk leaves; at boot, jobs the last process was serving end
-`failed`, or go back to the router if nothing of them had left.
+`streamed` before its first chunk leaves; at boot (and, where processes share the store, when
+one falls silent), jobs a dead process was serving end `failed`, or go back to the router if
+nothing of them had left.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from store.models import NodeConfig, ServedJob, Worker
 
 DELIVERY_BACKOFF_S = 0.1
 DELIVERY_BACKOFF_MAX_S = 2.0
-FINAL_DELIVERY_GRACE_S = 5.0
+FINAL_DELIVERY_GRACE_S = 5.0  # a timed_out update is sent at the deadline, and still needs a moment to arrive
 WORKER_TTL_S = 15.0  # a process sharing the store reports every few seconds; silent this long, it is dead
-FORGET_WORKER_S = 24 * 3600.0  # a timed_out update is sent at the deadline, and still needs a moment to arrive
+FORGET_WORKER_S = 24 * 3600.0
 
 
 def served_row(ctx: NodeContext, origin: str, spec: JobSpec) -> ServedJob:
