@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import time
+from collections import deque
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -66,17 +67,21 @@ class ReplayGuard:
         self.window = window
         self.booted_at = time.time()
         self._store = store if store is not None and store.shared else None
-        self._seen: dict[str, float] = {}
+        self._seen: set[str] = set()
+        # (when a nonce may be forgotten, nonce) in arrival order, so the oldest leave from the front
+        self._forget: deque[tuple[float, str]] = deque()
 
     async def check(self, sent_at: float, nonce: str) -> str | None:
         now = time.time()
         if sent_at < self.booted_at - 1.0 or abs(now - sent_at) > self.window:
             return "the message is too old, or from the future"
+        while self._forget and self._forget[0][0] <= now:
+            self._seen.discard(self._forget.popleft()[1])
         if nonce in self._seen:
             return "the message was replayed"
-        if len(self._seen) > 10_000:
-            self._seen = {n: t for n, t in self._seen.items() if now - t <= self.window}
-        self._seen[nonce] = sent_at
+        self._seen.add(nonce)
+        # A message sent up to `window` in the future stays acceptable for `window` after that.
+        self._forget.append((now + 2 * self.window, nonce))
         if self._store is not None and not await self._first_sight_in_store(self._store, sent_at, nonce):
             return "the message was replayed (to another process of this node)"
         return None
