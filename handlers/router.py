@@ -203,9 +203,9 @@ async def _check_queue_room(session: AsyncSession, model: str, limit: int) -> No
         raise HandlerError(429, "queue_full", f"the queue for {model} is full ({waiting} jobs waiting)", retry_after=QUEUE_FULL_RETRY_S)
 
 
-async def _clients_job(session: AsyncSession, source: Source, job_id: str) -> RoutedJob:
+async def _clients_job(session: AsyncSession, source: Source, job_id: str, for_update: bool = False) -> RoutedJob:
     """The job, if it is the asking node's."""
-    job = await session.get(RoutedJob, job_id)
+    job = await session.get(RoutedJob, job_id, with_for_update=for_update)
     if job is None:
         raise unknown_job(job_id)
     if job.client_node != source.node:
@@ -311,12 +311,13 @@ async def _requeue(ctx: NodeContext, job_id: str, driver: str, count_failure: bo
     now = time.time()
     async with ctx.store.writing() as session:
         if count_failure:
-            for row in await session.scalars(select(DriverRegistration).where(DriverRegistration.node == driver)):
+            for row in await session.scalars(select(DriverRegistration).where(DriverRegistration.node == driver).with_for_update()):
                 row.failures += 1
                 if row.failures >= FAILURES_BEFORE_COOLDOWN:
                     row.cooldown_until, row.failures = now + COOLDOWN_S, 0
                     log.warning("driver %s failed repeatedly; cooled down for %.0f s", driver, COOLDOWN_S)
-        job = await session.get(RoutedJob, job_id)
+        # Locked: on PostgreSQL a router replica may be ending this job at the same moment.
+        job = await session.get(RoutedJob, job_id, with_for_update=True)
         if job is None or job.status != "running" or job.driver_node != driver:
             return None
         job.status, job.driver_node, job.dispatched_at = "queued", None, None
@@ -386,7 +387,7 @@ async def _to_client(ctx: NodeContext, client_node: str, message: JobUpdate) -> 
 
 async def _finish(ctx: NodeContext, job_id: str, status: str) -> None:
     async with ctx.store.writing() as session:
-        row = await session.get(RoutedJob, job_id)
+        row = await session.get(RoutedJob, job_id, with_for_update=True)
         if row is not None and row.status not in FINAL_STATUSES:
             row.status, row.finished_at = status, time.time()
 
@@ -436,7 +437,7 @@ async def _dispatch_later(ctx: NodeContext, model: str, delay: float) -> None:
 
 async def _cancel(ctx: NodeContext, source: Source, job_id: str) -> None:
     async with ctx.store.writing() as session:
-        job = await _clients_job(session, source, job_id)
+        job = await _clients_job(session, source, job_id, for_update=True)
         if job.status in FINAL_STATUSES:
             return
         was_running, driver = job.status == "running", job.driver_node
