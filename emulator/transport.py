@@ -52,7 +52,8 @@ class HttpTransport:
                 continue
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as error:
                 # It may have taken the message before the connection broke: the sender decides whether to repeat it.
-                self._went_down(url)
+                if len(urls) > 1:  # with one URL there is nothing to try instead, nor in-flight messages to cut short
+                    self._went_down(url)
                 raise PeerError(503, "peer_unreachable", f"{node} at {url} did not answer: {error!r}") from error
             except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError) as error:
                 raise PeerError(503, "peer_unreachable", f"{node} at {url} did not answer: {error!r}") from error
@@ -60,7 +61,8 @@ class HttpTransport:
         raise PeerError(503, "peer_unreachable", f"{node} at {', '.join(urls)} did not answer: {failure!r}") from failure
 
     def _went_down(self, url: str) -> None:
-        """Try `url` last for a while, and drop its pooled connections: after a crash each would fail once more."""
+        """Try `url` last for a while, and drop its connections: after a crash each pooled one would fail
+        once more (messages in flight on them fail now, and their senders repeat them)."""
         self._down_until[url] = time.monotonic() + DOWN_S
         session = self._sessions.pop(url, None)
         if session is not None:
