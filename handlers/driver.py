@@ -10,7 +10,8 @@ or hands them to its router, and keeps what the client reads (`handlers.updates`
 | CancelJob (from our router)   | served_jobs         |                                         | served_jobs             | (stops serving)                |
 | JobUpdate (from our router)   | jobs                | from the job's router? new?             | jobs, job_chunks        | wakes the job's readers        |
 | serve (`serving.serve`)       | the LLM's stream    | retry elsewhere or fail?                | served_jobs             | JobUpdate per chunk, ReleaseJob|
-| boot                          | served_jobs         | which jobs died with the last process   | served_jobs             | ReleaseJob / JobUpdate, Register|
+| boot                          | served_jobs, workers| which jobs died with their process      | served_jobs, workers    | ReleaseJob / JobUpdate, Register|
+| heartbeat (every 5 s)         | served_jobs, workers| a sibling process silent too long?      | workers (+ served_jobs) | RegisterDriver (jobs served)   |
 """
 
 from __future__ import annotations
