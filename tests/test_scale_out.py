@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -20,7 +22,7 @@ import aiohttp
 import pytest
 from sqlalchemy import update
 
-from handlers import serving
+from handlers import router, serving
 from store.models import ServedJob, Worker
 from tests.cluster import (
     CLIENT,
@@ -39,6 +41,7 @@ from tests.cluster import (
 from tests.conftest import RunningNode, StartNode, StartUpstream, Upstream
 from tests.databases import fresh_database, postgres_server
 from tests.helpers import expected_completion, gated_upstream, recording_upstream, store_of
+from tests.processes import children_of
 from tests.sse_client import events, job_updates
 
 
@@ -105,6 +108,37 @@ async def test_two_gunicorn_workers_serve_jobs_and_each_follows_what_the_other_w
                 await asyncio.sleep(0.02)
         async with first.get(f"{node.url}/jobs/{slow['job_id']}") as response:
             assert (await response.json())["status"] == "cancelled"
+
+
+async def test_a_job_whose_gunicorn_workers_were_killed_is_ended_by_the_workers_that_replace_them(
+    tmp_path: Path, http: aiohttp.ClientSession, start_upstream: StartUpstream
+) -> None:
+    upstream = await start_upstream(ttft=0.0, tokens_per_second=2, default_tokens=1000)  # far longer than the test
+    cluster = Cluster(tmp_path, http)
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(cluster.close)
+        node = await cluster.gunicorn_node(DRIVER, workers=2)
+        await wire_driver(node, upstream, router=None)
+        created = await submit(http, node.url, {"model": MODEL, "prompt": "interrupted", "timeout": 300})
+        async with asyncio.timeout(STEP_S):
+            async with http.get(f"{node.url}/jobs/{created['job_id']}/events") as response:
+                async for _ in events(response):
+                    break  # a worker is streaming it
+        workers = children_of(node.pid)
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)  # gunicorn starts new workers; the job's process is gone
+        # The new workers take the old ones for dead once they have been silent for WORKER_TTL_S, and settle the job.
+        async with asyncio.timeout(serving.WORKER_TTL_S + 2 * router.HEARTBEAT_S + STEP_S):
+            while True:
+                try:
+                    updates = await job_updates(http, node.url, created["job_id"])
+                    break
+                except (aiohttp.ClientError, AssertionError):
+                    await asyncio.sleep(0.1)  # no worker answers yet: nothing to await but the port
+        final = final_of(updates)
+        assert (final["status"], final["error"]) == ("failed", "the driver restarted mid-job")
+        assert not workers & children_of(node.pid)
 
 
 async def test_a_client_node_of_two_gunicorn_workers_gets_every_update_whichever_worker_it_reaches(
