@@ -47,7 +47,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg  # type: ignore[import-untyped]
-from network import CLOCK_TICKS, cpu_seconds, ms
+from network import CLOCK_TICKS, cpu_seconds, fake_llm, ms
 from sqlalchemy.engine import URL, make_url
 
 from emulator.client import send_admin
@@ -493,21 +493,6 @@ async def timed_load(net: Network, watch: PgWatch | None, seconds: float) -> Res
 # --- the fake LLM -------------------------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def fake_llm(root: Path) -> AsyncIterator[str]:
-    """The fake upstream for every setup: no delay, 4 tokens; its OpenAI base URL."""
-    lab = Lab(root)
-    try:
-        port = lab.port()
-        args = ["emulator.cli", "fake-llm", "--port", str(port), "--ttft", "0", "--tps", "0", "--tokens", "4"]
-        proc = lab.spawn("fake-llm", port, args)
-        async with aiohttp.ClientSession() as http:
-            await wait_ready(http, proc)
-        yield f"{proc.url}/v1"
-    finally:
-        lab.kill_all()
-
-
 # --- report -------------------------------------------------------------------------------------------
 
 
@@ -608,13 +593,12 @@ async def run_all(args: argparse.Namespace) -> None:
     server = make_url(args.postgres_url) if args.postgres_url else None
     pg_version = await server_version(server) if server else None
     measured: dict[Setup, Result] = {}
-    with tempfile.TemporaryDirectory(prefix="llmp-scale-llm-") as llm_root:
-        async with fake_llm(Path(llm_root)) as llm:
-            for setup in [*ROUTER_SETUPS, *CLIENT_SETUPS[1:]]:
-                if setup.router_db == "postgres" and server is None:
-                    continue
-                print(f"measuring: {setup.label} ...", file=sys.stderr, flush=True)
-                measured[setup] = await measure(setup, llm, server, args.seconds)
+    async with fake_llm(free_port(set()), "--ttft", "0", "--tps", "0", "--tokens", "4") as llm:
+        for setup in [*ROUTER_SETUPS, *CLIENT_SETUPS[1:]]:
+            if setup.router_db == "postgres" and server is None:
+                continue
+            print(f"measuring: {setup.label} ...", file=sys.stderr, flush=True)
+            measured[setup] = await measure(setup, llm, server, args.seconds)
     print(f"## Scaling out\n\n{header(args.seconds, pg_version)}\n")
     if server is None:
         print("No PostgreSQL server (--postgres-url or LLMP_TEST_POSTGRES_URL): its rows are skipped.\n")

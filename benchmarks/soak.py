@@ -10,7 +10,6 @@ import asyncio
 import sys
 
 import aiohttp
-
 from network import chat, fake_llm, network, rss_bytes
 
 

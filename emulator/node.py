@@ -22,8 +22,8 @@ from emulator.http_app import create_app
 from emulator.llm_client import AiohttpLlmClient
 from emulator.signing import NodeKey
 from emulator.transport import HttpTransport
-from handlers import node as node_handlers
 from handlers import news, serving, upkeep
+from handlers import node as node_handlers
 from handlers.context import DEFAULT_JOB_TIMEOUT, NodeContext, Settings
 from schemas.messages import Message, Process, Source
 from store.database import Store, sqlite_url

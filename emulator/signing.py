@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from emulator.homes import create_once
 from handlers.errors import HandlerError
-from store.database import Store
+from store.database import Store, insert_or_ignore
 from store.models import SeenNonce
 
 SIGNATURE_HEADER = "X-Node-Signature"
@@ -88,9 +88,8 @@ class ReplayGuard:
 
     @staticmethod
     async def _first_sight_in_store(store: Store, sent_at: float, nonce: str) -> bool:
-        insert = store.insert_or_ignore(SeenNonce).values(nonce=nonce, sent_at=sent_at)
-
         async def remember(session: AsyncSession) -> bool:
+            insert = insert_or_ignore(session, SeenNonce).values(nonce=nonce, sent_at=sent_at)
             return bool((await session.execute(insert)).rowcount)  # type: ignore[attr-defined]
 
         return bool(await store.write_soon(remember))

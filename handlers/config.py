@@ -28,7 +28,7 @@ async def read_config(session: AsyncSession) -> NodeConfig:
 async def config_for_update(session: AsyncSession) -> NodeConfig:
     """The configuration row, locked until the transaction ends: processes sharing a PostgreSQL
     database change it one at a time (SQLite serializes whole write transactions anyway)."""
-    await session.execute(insert_or_ignore(session.get_bind().dialect.name, NodeConfig).values(**DEFAULTS))
+    await session.execute(insert_or_ignore(session, NodeConfig).values(**DEFAULTS))
     config = await session.get(NodeConfig, CONFIG_ID, with_for_update=True)
     assert config is not None
     return config

@@ -99,7 +99,7 @@ async def cancel(ctx: NodeContext, job_id: str) -> None:
         raise HandlerError(409, "job_finished", f"job {job_id} already ended: {job.status}")
     await updates.record_update(ctx, Update(job_id=job_id, seq=job.next_seq, is_final=True, status="cancelled", error="cancelled by the client"))
     if job.router_node is None:
-        await serving.cancel_local(ctx, job_id)
+        await serving.end_cancelled(ctx, job_id)
         return
     try:
         await ctx.transport.send("driver", job.router_node, "router", CancelJob(job_id=job_id))
@@ -141,15 +141,16 @@ async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | Jo
 
 async def boot(ctx: NodeContext) -> None:
     """After a restart: settle the jobs the last process was serving, then tell the router we are back."""
-    await serving.report_alive(ctx)
+    if ctx.store.shared:
+        await serving.report_alive(ctx)
     await serving.settle_orphans(ctx)
     await _tell_router_we_live(ctx, restarted=not ctx.store.shared)  # a new worker beside live siblings is no restart
 
 
 async def heartbeat(ctx: NodeContext) -> None:
     """Every few seconds: alive to the processes sharing the store (settling a dead one's jobs), and to the router."""
-    await serving.report_alive(ctx)
     if ctx.store.shared:
+        await serving.report_alive(ctx)
         await serving.settle_orphans(ctx)
     await _tell_router_we_live(ctx)
 

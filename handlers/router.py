@@ -20,7 +20,7 @@ import random
 import time
 from collections import Counter
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Executable, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from handlers.config import config_for_update, read_config
@@ -357,13 +357,18 @@ async def _relay(ctx: NodeContext, source: Source, message: JobUpdate) -> None:
         await ctx.store.write_soon(lambda session: _mark_streamed(session, job.id, source.node))
 
 
-async def _finish_and_assign(session: AsyncSession, job_id: str, status: str | None, model: str) -> list[tuple[str, str, JobSpec]]:
-    await session.execute(
+def _finished(job_id: str, status: str) -> Executable:
+    """The job's end, unless it has ended already (another event, or another replica, came first)."""
+    return (
         update(RoutedJob)
         .where(RoutedJob.id == job_id, RoutedJob.status.not_in(FINAL_STATUSES))
-        .values(status=status or "failed", finished_at=time.time())
+        .values(status=status, finished_at=time.time())
         .execution_options(synchronize_session=False)
     )
+
+
+async def _finish_and_assign(session: AsyncSession, job_id: str, status: str | None, model: str) -> list[tuple[str, str, JobSpec]]:
+    await session.execute(_finished(job_id, status or "failed"))
     return await _assign(session, model, time.time())
 
 
@@ -385,16 +390,9 @@ async def _to_client(ctx: NodeContext, client_node: str, message: JobUpdate) -> 
         log.warning("job %s: client node %s did not take update %d: %s", message.update.job_id, client_node, message.update.seq, error.message)
 
 
-async def _finish(ctx: NodeContext, job_id: str, status: str) -> None:
-    async with ctx.store.writing() as session:
-        row = await session.get(RoutedJob, job_id, with_for_update=True)
-        if row is not None and row.status not in FINAL_STATUSES:
-            row.status, row.finished_at = status, time.time()
-
-
 async def _end(ctx: NodeContext, job: RoutedJob, status: str, error: str) -> None:
     """End a job from the router: the client hears it as the job's final update; its slot goes to the queue."""
-    await _finish(ctx, job.id, status)
+    await ctx.store.write_soon(lambda session: session.execute(_finished(job.id, status)))
     final = Update(job_id=job.id, seq=0, is_final=True, status=status, driver=job.driver_node, error=error)  # type: ignore[arg-type]
     await _to_client(ctx, job.client_node, JobUpdate(update=final))
     ctx.spawn(dispatch(ctx, job.model), name=f"dispatch-{job.model}")

@@ -13,7 +13,6 @@ import asyncio
 import time
 from typing import Any
 
-from sqlalchemy import delete as sa_delete
 from sqlalchemy import select
 from sqlalchemy import update as sa_update
 
@@ -31,7 +30,6 @@ DELIVERY_BACKOFF_S = 0.1
 DELIVERY_BACKOFF_MAX_S = 2.0
 FINAL_DELIVERY_GRACE_S = 5.0  # a timed_out update is sent at the deadline, and still needs a moment to arrive
 WORKER_TTL_S = 15.0  # a process sharing the store reports every few seconds; silent this long, it is dead
-FORGET_WORKER_S = 24 * 3600.0
 
 
 def served_row(ctx: NodeContext, origin: str, spec: JobSpec) -> ServedJob:
@@ -86,24 +84,22 @@ def stop(ctx: NodeContext, job_id: str, reason: str | None = None) -> None:
         task.cancel(reason)
 
 
-async def cancel_local(ctx: NodeContext, job_id: str) -> None:
-    """The node's own client cancelled a job its LLM serves.  Another process of the node may be
+async def end_cancelled(ctx: NodeContext, job_id: str) -> None:
+    """End the job `cancelled` and stop its upstream request.  Another process of the node may be
     serving it: that one stops at its next chunk, which finds the job ended."""
     await _set_served(ctx, job_id, status="cancelled")
     stop(ctx, job_id)
 
 
 async def cancel(ctx: NodeContext, source: Source, job_id: str) -> None:
-    """CancelJob from where the job came from: end it here and stop the upstream request."""
-    async with ctx.store.writing() as session:
-        served = await session.get(ServedJob, job_id)
-        if served is None:
-            raise unknown_job(job_id)
-        if served.origin_node != source.node:
-            raise HandlerError(403, "not_the_jobs_origin", f"job {job_id} did not come from {source.node}")
-        if served.status == "running":
-            served.status, served.finished_at = "cancelled", time.time()
-    stop(ctx, job_id)
+    """CancelJob from where the job came from."""
+    async with ctx.store.reading() as session:
+        origin = await session.scalar(select(ServedJob.origin_node).where(ServedJob.id == job_id))
+    if origin is None:
+        raise unknown_job(job_id)
+    if origin != source.node:
+        raise HandlerError(403, "not_the_jobs_origin", f"job {job_id} did not come from {source.node}")
+    await end_cancelled(ctx, job_id)
 
 
 class _Serving:
@@ -274,7 +270,7 @@ async def settle_orphans(ctx: NodeContext) -> None:
 
 
 async def report_alive(ctx: NodeContext) -> None:
-    """This process's heartbeat, for the others sharing the store; long-dead processes are forgotten."""
+    """This process's heartbeat, for the others sharing the store."""
     now = time.time()
     async with ctx.store.writing() as session:
         worker = await session.get(Worker, ctx.worker)
@@ -282,7 +278,6 @@ async def report_alive(ctx: NodeContext) -> None:
             session.add(Worker(id=ctx.worker, started_at=now, last_seen=now))
         else:
             worker.last_seen = now
-        await session.execute(sa_delete(Worker).where(Worker.last_seen < now - FORGET_WORKER_S))
 
 
 async def serving_now(ctx: NodeContext) -> list[str]:

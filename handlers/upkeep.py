@@ -10,7 +10,7 @@ from sqlalchemy import delete, select
 from handlers import driver, router, updates
 from handlers.context import NodeContext, log
 from schemas.jobs import FINAL_STATUSES, JobUpdate
-from store.models import Job, RoutedJob, SeenNonce, ServedJob
+from store.models import Job, RoutedJob, SeenNonce, ServedJob, Worker
 
 SWEEP_INTERVAL_S = 0.5
 PRUNE_INTERVAL_S = 60.0
@@ -65,3 +65,4 @@ async def prune(ctx: NodeContext) -> None:
         await session.execute(delete(RoutedJob).where(RoutedJob.status.in_(final), RoutedJob.finished_at < before))
         await session.execute(delete(ServedJob).where(ServedJob.status.in_(final + ("failed",)), ServedJob.finished_at < before))
         await session.execute(delete(SeenNonce).where(SeenNonce.sent_at < time.time() - SEEN_NONCE_RETENTION_S))
+        await session.execute(delete(Worker).where(Worker.last_seen < before))

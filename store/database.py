@@ -50,9 +50,10 @@ def _configure_sqlite(engine: AsyncEngine, begin: str | None) -> None:
             connection.exec_driver_sql(begin)
 
 
-def insert_or_ignore(backend: str, model: type[Base]) -> Insert:
-    """An INSERT that skips rows whose key is taken, in the words of `backend` ("sqlite", "postgresql")."""
-    dialect = sqlite if backend == "sqlite" else postgresql
+def insert_or_ignore(session: AsyncSession, model: type[Base]) -> Insert:
+    """An INSERT that skips rows whose key is taken, in the words of the session's database; its
+    rowcount says how many went in."""
+    dialect = sqlite if session.get_bind().dialect.name == "sqlite" else postgresql
     return dialect.insert(model).on_conflict_do_nothing()
 
 
@@ -70,15 +71,13 @@ class Store:
     _read_sessions: async_sessionmaker[AsyncSession]
     _write_sessions: async_sessionmaker[AsyncSession]
     shared: bool = False
+    is_sqlite: bool = field(init=False)
     _group: GroupCommit = field(init=False)
     _listener: notifications.Listener | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self._group = GroupCommit(self.writing)
-
-    @property
-    def is_sqlite(self) -> bool:
-        return _is_sqlite(self.url)
+        self.is_sqlite = _is_sqlite(self.url)
 
     @classmethod
     def open(cls, url: str, shared: bool = False) -> Store:
@@ -123,10 +122,6 @@ class Store:
     async def write_soon(self, work: Work) -> Any:
         """`work(session)` in a write transaction it may share with other small writes (group commit)."""
         return await self._group.run(work)
-
-    def insert_or_ignore(self, model: type[Base]) -> Insert:
-        """An INSERT that skips rows whose key is taken; its rowcount says how many went in."""
-        return insert_or_ignore(make_url(self.url).get_backend_name(), model)
 
     # --- news between processes of a shared store ---
 

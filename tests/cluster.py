@@ -15,6 +15,8 @@ import os
 import signal
 import sqlite3
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,6 +244,25 @@ async def follow(http: aiohttp.ClientSession, url: str, job_id: str, bound: floa
     """Every update of the job (after `last_event_id`) up to the final one, within `bound` seconds."""
     async with asyncio.timeout(bound):
         return await job_updates(http, url, job_id, last_event_id)
+
+
+@dataclass
+class Followed:
+    """A submitted job whose events `reader` collects in the background, from its first to its final one."""
+
+    job_id: str
+    reader: asyncio.Task[list[dict[str, Any]]]
+
+
+@asynccontextmanager
+async def followed(http: aiohttp.ClientSession, url: str, body: dict[str, Any], bound: float = STEP_S) -> AsyncIterator[Followed]:
+    """Submit a job and follow it at once (`await job.reader`: every update, within `bound`); the reader is cancelled on the way out."""
+    created = await submit(http, url, body)
+    reader = asyncio.create_task(follow(http, url, created["job_id"], bound))
+    try:
+        yield Followed(created["job_id"], reader)
+    finally:
+        reader.cancel()
 
 
 async def run_to_end(http: aiohttp.ClientSession, url: str, body: dict[str, Any], bound: float = STEP_S) -> list[dict[str, Any]]:

@@ -122,17 +122,21 @@ async def wire(router: RunningNode, driver: RunningNode, client: RunningNode, up
     await client.admin({"SetRouter": {"node": router.name}})
 
 
+async def start_network(start_node: StartNode, upstream: Upstream) -> Network:
+    """Start fake.dev, fake2.dev and fake3.dev and wire them to `upstream` (any OpenAI-compatible one)."""
+    router = await start_node("fake.dev")
+    driver = await start_node("fake2.dev")
+    client = await start_node("fake3.dev")
+    await wire(router, driver, client, upstream)
+    return Network(router=router, driver=driver, client=client, upstream=upstream)
+
+
 @pytest.fixture
 async def make_network(start_node: StartNode, start_upstream: StartUpstream) -> Callable[..., Awaitable[Network]]:
     """`await make_network(ttft=..., tokens_per_second=...)`: fake.dev, fake2.dev, fake3.dev wired to a fake LLM."""
 
     async def make(**upstream_settings: Any) -> Network:
-        upstream = await start_upstream(**upstream_settings)
-        router = await start_node("fake.dev")
-        driver = await start_node("fake2.dev")
-        client = await start_node("fake3.dev")
-        await wire(router, driver, client, upstream)
-        return Network(router=router, driver=driver, client=client, upstream=upstream)
+        return await start_network(start_node, await start_upstream(**upstream_settings))
 
     return make
 

@@ -19,10 +19,11 @@ from alembic import command
 from sqlalchemy import func, select
 
 from emulator.fake_llm import STATS, ChatRequest, FakeLlmSettings, FakeLlmStats, create_app, generate_completion
+from schemas.sse import ServerSentEvent
 from store.database import Store
 from store.migrate import alembic_config
 from tests.conftest import RunningNode, StartNode, Upstream, serve_app
-from tests.sse_client import job_updates
+from tests.sse_client import events, job_updates
 
 # A guard against hangs only: every awaited outcome arrives in milliseconds on loopback when the code works.
 GUARD_S = 5.0
@@ -90,9 +91,33 @@ async def run_job(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -
 async def get_json(http: aiohttp.ClientSession, url: str, expected_status: int = 200) -> dict[str, Any]:
     async with http.get(url) as response:
         text = await response.text()
-        assert response.status == expected_status, text
+        assert response.status == expected_status, f"GET {url}: {response.status} {text}"
         body: dict[str, Any] = json.loads(text)
     return body
+
+
+@asynccontextmanager
+async def job_stream(http: aiohttp.ClientSession, url: str, job_id: str) -> AsyncIterator[AsyncIterator[ServerSentEvent]]:
+    """The job's event stream, held open to be read an update at a time (`next_update`, `updates_to_final`)."""
+    async with http.get(f"{url}/jobs/{job_id}/events") as response:
+        assert response.status == 200, await response.text()
+        yield aiter(events(response))
+
+
+async def next_update(stream: AsyncIterator[ServerSentEvent]) -> dict[str, Any]:
+    event = await anext(stream)
+    assert event.event == "job_update"
+    update: dict[str, Any] = json.loads(event.data)
+    assert event.id == str(update["seq"])
+    return update
+
+
+async def updates_to_final(stream: AsyncIterator[ServerSentEvent]) -> list[dict[str, Any]]:
+    """The stream's updates from here to the final one, inclusive."""
+    updates = [await next_update(stream)]
+    while not updates[-1]["is_final"]:
+        updates.append(await next_update(stream))
+    return updates
 
 
 def assert_error_body(body: Any, code: str | None = None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -17,8 +18,8 @@ from emulator.signing import SIGNATURE_HEADER, NodeKey
 from handlers.config import read_config
 from schemas.sse import ServerSentEvent
 from store.models import Job, JobChunk, RoutedJob, ServedJob
-from tests.conftest import Network, RunningNode, StartNode, wire
-from tests.helpers import (  # noqa: F401  (start_node, migrated_database: fixtures)
+from tests.conftest import Network, RunningNode, StartNode, start_network
+from tests.helpers import (
     GUARD_S,
     MODEL,
     GatedUpstream,
@@ -26,12 +27,15 @@ from tests.helpers import (  # noqa: F401  (start_node, migrated_database: fixtu
     count_rows,
     gated_upstream,
     get_json,
-    migrated_database,
+    job_stream,
+    next_update,
     run_job,
-    start_node,
     store_of,
     submit,
+    updates_to_final,
 )
+from tests.helpers import migrated_database as migrated_database  # a fixture, used by start_node
+from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
 from tests.sse_client import events, job_updates
 
 ONE_MIB = 1024 * 1024
@@ -331,7 +335,7 @@ async def test_admin_token_of_another_node_is_refused(network: Network, http: ai
         http, f"{network.client.url}/admin", {"SetRouter": {"node": "evil.dev"}}, {"Authorization": f"Bearer {other}"}
     )
     assert status == 401
-    assert_error_body(body)
+    assert_error_body(body, "admin_token_required")
     assert (await node_config(network.client))["router_node"] == "fake.dev"
 
 
@@ -409,18 +413,24 @@ async def gated() -> AsyncIterator[GatedUpstream]:
 
 @pytest.fixture
 async def gated_network(start_node: StartNode, gated: GatedUpstream) -> Network:
-    router = await start_node("fake.dev")
-    driver = await start_node("fake2.dev")
-    client = await start_node("fake3.dev")
-    await wire(router, driver, client, gated)
-    return Network(router=router, driver=driver, client=client, upstream=gated)
+    return await start_network(start_node, gated)
 
 
-async def next_update(stream: AsyncIterator[ServerSentEvent]) -> dict[str, Any]:
-    event = await anext(stream)
-    assert event.event == "job_update"
-    update: dict[str, Any] = json.loads(event.data)
-    return update
+@asynccontextmanager
+async def held_job(http: aiohttp.ClientSession, net: Network) -> AsyncIterator[tuple[str, AsyncIterator[ServerSentEvent]]]:
+    """Submit a job through the gated network and open its event stream: (job id, stream) once the first
+    chunk ("alpha") arrived, the job held running until `finish`.  The whole block is bounded by GUARD_S."""
+    created = await submit(http, net.client.url, {"model": MODEL, "prompt": "hi"})
+    async with asyncio.timeout(GUARD_S), job_stream(http, net.client.url, created["job_id"]) as stream:
+        assert (await next_update(stream))["delta"] == "alpha"  # the job is running, one chunk in
+        yield created["job_id"], stream
+
+
+async def finish(net: Network, stream: AsyncIterator[ServerSentEvent]) -> list[dict[str, Any]]:
+    """Release the gated upstream: the held job's remaining updates, to the final one."""
+    assert isinstance(net.upstream, GatedUpstream)
+    net.upstream.gate.set()
+    return await updates_to_final(stream)
 
 
 async def chunks_of(node: RunningNode, job_id: str) -> list[tuple[int, str]]:
@@ -430,13 +440,8 @@ async def chunks_of(node: RunningNode, job_id: str) -> list[tuple[int, str]]:
 
 
 async def test_job_update_to_client_from_a_node_not_its_router_is_403(gated_network: Network, http: aiohttp.ClientSession) -> None:
-    net, gate = gated_network, gated_network.upstream
-    assert isinstance(gate, GatedUpstream)
-    created = await submit(http, net.client.url, {"model": MODEL, "prompt": "hi"})
-    job_id = created["job_id"]
-    async with asyncio.timeout(GUARD_S), http.get(f"{net.client.url}{created['events_url']}") as response:
-        stream = aiter(events(response))
-        assert (await next_update(stream))["delta"] == "alpha"  # the job is running, one chunk in
+    net = gated_network
+    async with held_job(http, net) as (job_id, stream):
         # Its own driver, authenticated, is still not the job's router; nor can it pass for the router.
         for claimed, signer, status_code, code in (
             ("fake2.dev", net.driver, 403, "not_the_jobs_router"),
@@ -454,22 +459,14 @@ async def test_job_update_to_client_from_a_node_not_its_router_is_403(gated_netw
         assert await chunks_of(net.client, job_id) == [(0, "alpha")]
         record = await get_json(http, f"{net.client.url}/jobs/{job_id}")
         assert record["status"] == "running"
-        gate.gate.set()
-        rest = [await next_update(stream)]
-        while not rest[-1]["is_final"]:
-            rest.append(await next_update(stream))
+        rest = await finish(net, stream)
     assert "".join(u["delta"] for u in rest) == " omega"
     assert rest[-1]["status"] == "succeeded"
 
 
 async def test_job_update_to_router_from_a_node_not_the_jobs_driver_is_403(gated_network: Network, http: aiohttp.ClientSession) -> None:
-    net, gate = gated_network, gated_network.upstream
-    assert isinstance(gate, GatedUpstream)
-    created = await submit(http, net.client.url, {"model": MODEL, "prompt": "hi"})
-    job_id = created["job_id"]
-    async with asyncio.timeout(GUARD_S), http.get(f"{net.client.url}{created['events_url']}") as response:
-        stream = aiter(events(response))
-        assert (await next_update(stream))["delta"] == "alpha"
+    net = gated_network
+    async with held_job(http, net) as (job_id, stream):
         update = {"job_id": job_id, "seq": 1, "delta": "EVIL", "is_final": True, "status": "failed"}
         for claimed, signer, status_code, code in (
             ("fake3.dev", net.client, 403, "not_the_jobs_driver"),
@@ -483,10 +480,7 @@ async def test_job_update_to_router_from_a_node_not_the_jobs_driver_is_403(gated
             routed = await session.get(RoutedJob, job_id)
             assert routed is not None and routed.status == "running" and routed.driver_node == "fake2.dev"
         assert await chunks_of(net.client, job_id) == [(0, "alpha")]
-        gate.gate.set()
-        final = await next_update(stream)
-        while not final["is_final"]:
-            final = await next_update(stream)
+        final = (await finish(net, stream))[-1]
     assert final["status"] == "succeeded"
     assert (await get_json(http, f"{net.client.url}/jobs/{job_id}"))["text"] == "alpha omega"
 

@@ -29,6 +29,7 @@ import openai
 import pytest
 
 from tests.conftest import free_port
+from tests.helpers import get_json
 from tests.processes import (
     EMULATOR,
     TIMEOUT_S,
@@ -125,12 +126,6 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
         yield started
     finally:
         started.kill_all()
-
-
-async def get_json(http: aiohttp.ClientSession, url: str) -> Any:
-    async with http.get(url) as response:
-        assert response.status == 200, f"GET {url}: {response.status} {await response.text()}"
-        return await response.json()
 
 
 async def cli(up: Up, *args: str, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess[str]:

@@ -10,7 +10,7 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
-from emulator.fake_llm import STATS, FakeLlmSettings, WORDS, create_app
+from emulator.fake_llm import STATS, WORDS, FakeLlmSettings, create_app, messages_seed
 
 FAST = FakeLlmSettings(ttft=0.0, tokens_per_second=0.0, default_tokens=8)
 MESSAGES = [{"role": "user", "content": "tell me a short story please"}]
@@ -73,7 +73,12 @@ async def test_stream_shape_and_determinism(client: TestClient) -> None:
 
 
 async def test_seed_defaults_to_hash_of_messages(client: TestClient) -> None:
-    assert streamed_text(await stream(client)) == streamed_text(await stream(client))
+    unseeded = streamed_text(await stream(client))
+    assert unseeded == streamed_text(await stream(client))
+    assert unseeded == streamed_text(await stream(client, seed=messages_seed(MESSAGES)))
+    other = [{"role": "user", "content": "another story"}]
+    assert streamed_text(await stream(client, messages=other)) == streamed_text(await stream(client, seed=messages_seed(other)))
+    assert streamed_text(await stream(client, messages=other)) != unseeded
 
 
 async def test_max_tokens_cuts_with_length(client: TestClient) -> None:

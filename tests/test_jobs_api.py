@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from typing import Any
 
 import aiohttp
@@ -13,20 +14,24 @@ import pytest
 from handlers import jobs
 from schemas.jobs import JobRecord
 from store.models import Job, RoutedJob
-from tests.conftest import Network, StartNode, wire
-from tests.helpers import (  # noqa: F401  (start_node, migrated_database: fixtures)
+from tests.conftest import Network, StartNode, start_network
+from tests.helpers import (
     GUARD_S,
     MODEL,
     RecordingUpstream,
     count_rows,
     expected_completion,
+    gated_upstream,
     get_json,
-    migrated_database,
+    job_stream,
+    next_update,
     recording_upstream,
     run_job,
-    start_node,
     submit,
+    updates_to_final,
 )
+from tests.helpers import migrated_database as migrated_database  # a fixture, used by start_node
+from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
 from tests.sse_client import events, job_updates
 
 HELLO = [{"role": "user", "content": "hello"}]
@@ -45,11 +50,16 @@ async def upstream() -> AsyncIterator[RecordingUpstream]:
 @pytest.fixture
 async def recorded_network(start_node: StartNode, upstream: RecordingUpstream) -> Network:
     """The seed's three nodes wired to an upstream that records what it was asked."""
-    router = await start_node("fake.dev")
-    driver = await start_node("fake2.dev")
-    client = await start_node("fake3.dev")
-    await wire(router, driver, client, upstream)
-    return Network(router=router, driver=driver, client=client, upstream=upstream)
+    return await start_network(start_node, upstream)
+
+
+def sent_upstream(network: Network) -> dict[str, Any]:
+    """The body of the one chat request the recording upstream received."""
+    upstream = network.upstream
+    assert isinstance(upstream, RecordingUpstream)
+    assert len(upstream.requests) == 1, upstream.requests
+    body: dict[str, Any] = upstream.requests[0].body
+    return body
 
 
 # --- POST /jobs ---------------------------------------------------------------------------
@@ -67,16 +77,18 @@ async def test_submit_answers_202_with_job_id_events_url_and_status(network: Net
         await job_updates(http, network.client.url, created["job_id"])
 
 
-async def test_prompt_becomes_one_user_message_for_the_upstream(network: Network, http: aiohttp.ClientSession) -> None:
-    _, updates = await run_job(http, network.client.url, {"model": MODEL, "prompt": "hello"})
+async def test_prompt_becomes_one_user_message_for_the_upstream(recorded_network: Network, http: aiohttp.ClientSession) -> None:
+    _, updates = await run_job(http, recorded_network.client.url, {"model": MODEL, "prompt": "hello"})
+    assert sent_upstream(recorded_network)["messages"] == HELLO
     tokens, _ = expected_completion(HELLO)
     assert text_of(updates) == "".join(tokens)
 
 
-async def test_messages_form_is_sent_to_the_upstream_as_given(network: Network, http: aiohttp.ClientSession) -> None:
+async def test_messages_form_is_sent_to_the_upstream_as_given(recorded_network: Network, http: aiohttp.ClientSession) -> None:
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "name a colour"}]
-    _, updates = await run_job(http, network.client.url, {"model": MODEL, "messages": messages})
+    _, updates = await run_job(http, recorded_network.client.url, {"model": MODEL, "messages": messages})
     assert updates[-1]["status"] == "succeeded"
+    assert sent_upstream(recorded_network)["messages"] == messages
     tokens, _ = expected_completion(messages)
     assert text_of(updates) == "".join(tokens)
 
@@ -88,13 +100,10 @@ async def test_prompt_and_equivalent_messages_give_the_same_text(network: Networ
 
 
 async def test_sampling_parameters_reach_the_upstream(recorded_network: Network, http: aiohttp.ClientSession) -> None:
-    upstream = recorded_network.upstream
-    assert isinstance(upstream, RecordingUpstream)
     body = {"model": MODEL, "prompt": "hello", "seed": 7, "max_tokens": 5, "temperature": 0.25, "top_p": 0.5, "stop": ["zzz"]}
     _, updates = await run_job(http, recorded_network.client.url, body)
     assert updates[-1]["status"] == "succeeded"
-    assert len(upstream.requests) == 1
-    sent = upstream.requests[0].body
+    sent = sent_upstream(recorded_network)  # exactly one request
     assert sent["model"] == MODEL
     assert sent["messages"] == HELLO
     assert sent["stream"] is True
@@ -102,10 +111,8 @@ async def test_sampling_parameters_reach_the_upstream(recorded_network: Network,
 
 
 async def test_unset_sampling_parameters_are_not_sent_upstream(recorded_network: Network, http: aiohttp.ClientSession) -> None:
-    upstream = recorded_network.upstream
-    assert isinstance(upstream, RecordingUpstream)
     await run_job(http, recorded_network.client.url, {"model": MODEL, "prompt": "hello"})
-    sent = upstream.requests[0].body
+    sent = sent_upstream(recorded_network)
     assert not {"seed", "max_tokens", "temperature", "top_p", "stop"} & set(sent)
 
 
@@ -182,18 +189,20 @@ async def test_second_reader_after_finish_gets_the_same_full_stream(network: Net
 
 
 async def test_concurrent_readers_of_a_running_job_get_the_same_stream(start_node: StartNode, http: aiohttp.ClientSession) -> None:
-    async with recording_upstream(ttft=0.0, tokens_per_second=500, default_tokens=12) as upstream:
-        router = await start_node("fake.dev")
-        driver = await start_node("fake2.dev")
-        client = await start_node("fake3.dev")
-        await wire(router, driver, client, upstream)
-        created = await submit(http, client.url, {"model": MODEL, "prompt": "hello"})
-        async with asyncio.timeout(GUARD_S):
-            readers = [job_updates(http, client.url, created["job_id"]) for _ in range(3)]
-            first, second, third = await asyncio.gather(*readers)
+    # The gated upstream holds the job running after its first chunk until every reader is connected.
+    async with gated_upstream(first="alpha", rest=" omega") as upstream:
+        net = await start_network(start_node, upstream)
+        created = await submit(http, net.client.url, {"model": MODEL, "prompt": "hello"})
+        async with asyncio.timeout(GUARD_S), AsyncExitStack() as stack:
+            streams = [await stack.enter_async_context(job_stream(http, net.client.url, created["job_id"])) for _ in range(3)]
+            heads = [await next_update(stream) for stream in streams]
+            assert (await get_json(http, f"{net.client.url}/jobs/{created['job_id']}"))["status"] == "running"
+            upstream.gate.set()
+            tails = await asyncio.gather(*(updates_to_final(stream) for stream in streams))
+    first, second, third = ([head, *tail] for head, tail in zip(heads, tails))
     assert first == second == third
     assert first[-1]["status"] == "succeeded"
-    assert len(text_of(first).split()) == 12
+    assert text_of(first) == "alpha omega"
 
 
 @pytest.mark.parametrize("resume_at", ["first", "last_chunk"])

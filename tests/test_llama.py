@@ -41,7 +41,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.helpers import submit
+from tests.helpers import get_json, submit
 from tests.processes import EMULATOR, TIMEOUT_S, RunningUp, children_of, cmdline, pick_ports, start_up, wait_gone
 from tests.sse_client import events, job_updates
 
@@ -180,14 +180,6 @@ def network(networks: Networks, llm_url: str) -> Network:
 
 
 # --- helpers ----------------------------------------------------------------------------------------
-
-
-async def get_json(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
-    async with http.get(url) as response:
-        text = await response.text()
-        assert response.status == 200, f"GET {url}: {response.status} {text}"
-        body: dict[str, Any] = json.loads(text)
-    return body
 
 
 async def run_job(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:

@@ -31,6 +31,7 @@ from tests.cluster import (
     first_update,
     first_updates,
     follow,
+    followed,
     job_body,
     record,
     run_to_end,
@@ -201,10 +202,8 @@ async def test_idempotency_key_returns_the_same_job(cluster: Cluster, http: aioh
 async def test_delete_cancels_a_running_job_end_to_end_and_frees_the_driver(cluster: Cluster, http: aiohttp.ClientSession) -> None:
     nodes = await cluster.network(llm={"ttft": 0, "tps": 5, "tokens": 200}, capacity=1)
     client = nodes[CLIENT].url
-    created = await submit(http, client, job_body("cancel me", timeout=60))
-    job_id = created["job_id"]
-    reader = asyncio.create_task(follow(http, client, job_id))
-    try:
+    async with followed(http, client, job_body("cancel me", timeout=60)) as job:
+        job_id = job.job_id
         started = await first_update(http, client, job_id)
         assert started["driver"] == DRIVER
 
@@ -214,9 +213,7 @@ async def test_delete_cancels_a_running_job_end_to_end_and_frees_the_driver(clus
                 cancelled = await response.json()
         assert cancelled["status"] == "cancelled"
 
-        updates = await reader
-    finally:
-        reader.cancel()
+        updates = await job.reader
     assert final_of(updates)["status"] == "cancelled"
     assert_in_order(updates)
 
@@ -257,23 +254,22 @@ async def test_router_killed_with_jobs_queued_restarts_and_every_job_completes(c
 async def test_driver_killed_mid_job_the_job_ends_and_the_other_driver_serves_the_next(cluster: Cluster, http: aiohttp.ClientSession) -> None:
     nodes = await cluster.network(llm={"ttft": 0, "tps": 5, "tokens": 200}, drivers=(DRIVER, DRIVER2), capacity=1)
     client = nodes[CLIENT].url
-    created = await submit(http, client, job_body("long", timeout=60))
-    job_id = created["job_id"]
-    reader = asyncio.create_task(follow(http, client, job_id, bound=40))  # the router gives up on a silent driver after ~20 s
-    try:
+    # the router gives up on a silent driver after ~20 s
+    async with followed(http, client, job_body("long", timeout=60), bound=40) as job:
+        job_id = job.job_id
         serving = (await first_update(http, client, job_id))["driver"]
         assert serving in (DRIVER, DRIVER2)
         survivor = DRIVER2 if serving == DRIVER else DRIVER
 
         assert await cluster.kill9(serving) == -signal.SIGKILL
-        updates = await reader
-    finally:
-        reader.cancel()
+        updates = await job.reader
 
     final = final_of(updates)
     assert final["status"] in ("succeeded", "failed"), final
     if final["status"] == "failed":
         assert serving in (final.get("error") or ""), f"the error should name the lost driver: {final}"
+    else:  # handed to the other driver before any of its output reached the client
+        assert final["driver"] == survivor, final
     job = await record(http, client, job_id)
     assert job["status"] == final["status"] and job["text"] == text_of(updates)
 
@@ -285,17 +281,14 @@ async def test_driver_killed_mid_job_the_job_ends_and_the_other_driver_serves_th
 async def test_driver_restarted_mid_job_ends_it_failed_and_serves_again(cluster: Cluster, http: aiohttp.ClientSession) -> None:
     nodes = await cluster.network(llm={"ttft": 0, "tps": 5, "tokens": 200}, capacity=1)
     client = nodes[CLIENT].url
-    created = await submit(http, client, job_body("long", timeout=60))
-    job_id = created["job_id"]
-    reader = asyncio.create_task(follow(http, client, job_id))  # no 20 s wait: the driver says so itself when it is back
-    try:
+    # no 20 s wait for the reader: the driver says so itself when it is back
+    async with followed(http, client, job_body("long", timeout=60)) as job:
+        job_id = job.job_id
         # Two chunks seen: the driver sends its second only after it recorded that it had sent the first.
         assert (await first_updates(http, client, job_id, 2))[0]["driver"] == DRIVER
         assert await cluster.kill9(DRIVER) == -signal.SIGKILL
         await cluster.restart(DRIVER)
-        updates = await reader
-    finally:
-        reader.cancel()
+        updates = await job.reader
 
     final = final_of(updates)
     assert final["status"] == "failed" and "restarted" in (final.get("error") or ""), final
@@ -313,26 +306,21 @@ async def test_a_job_whose_output_reached_the_client_is_not_handed_out_again(clu
     state such a crash leaves, while the driver is down."""
     nodes = await cluster.network(llm={"ttft": 0, "tps": 5, "tokens": 200}, capacity=1)
     client = nodes[CLIENT].url
-    created = await submit(http, client, job_body("long", timeout=8))
-    job_id = created["job_id"]
-    reader = asyncio.create_task(follow(http, client, job_id))
-    try:
+    async with followed(http, client, job_body("long", timeout=8)) as job:
+        job_id = job.job_id
         assert (await first_update(http, client, job_id))["driver"] == DRIVER
         assert await cluster.kill9(DRIVER) == -signal.SIGKILL
         # the router notes that the job streamed right after relaying its first chunk
-        for _ in range(200):
-            if db_row(nodes[ROUTER].home, "SELECT streamed FROM routed_jobs WHERE id = ?", job_id) == (1,):
-                break
-            await asyncio.sleep(0.01)  # polling another process's database: there is no event to await
+        async with asyncio.timeout(STEP_S):
+            while db_row(nodes[ROUTER].home, "SELECT streamed FROM routed_jobs WHERE id = ?", job_id) != (1,):
+                await asyncio.sleep(0.01)  # polling another process's database: there is no event to await
         assert db_row(nodes[ROUTER].home, "SELECT streamed FROM routed_jobs WHERE id = ?", job_id) == (1,)
         connection = sqlite3.connect(Home(nodes[DRIVER].home).database)
         with connection:
             connection.execute("UPDATE served_jobs SET streamed = 0 WHERE id = ?", (job_id,))
         connection.close()
         await cluster.restart(DRIVER)
-        updates = await reader
-    finally:
-        reader.cancel()
+        updates = await job.reader
 
     final = final_of(updates)
     assert final["status"] == "failed", final  # not handed out again: its first chunk is already the client's
@@ -367,11 +355,8 @@ async def test_sigterm_drains_the_running_job_refuses_new_ones_and_exits_zero(cl
     # One node, serving llama3 with its own LLM: jobs submitted to it are served locally.
     nodes = await cluster.network(llm={"ttft": 0, "tps": 10, "tokens": 30}, router=False, client=False, driver_flags=("--drain-grace", "5"))
     node = nodes[DRIVER]
-    created = await submit(http, node.url, job_body("drain me", timeout=30))
-    job_id = created["job_id"]
-    reader = asyncio.create_task(follow(http, node.url, job_id))
-    try:
-        await first_update(http, node.url, job_id)  # it is streaming now
+    async with followed(http, node.url, job_body("drain me", timeout=30)) as job:
+        await first_update(http, node.url, job.job_id)  # it is streaming now
         node.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
 
         # The node takes no new job while it drains.  A probe that lands before the signal is handled
@@ -387,9 +372,7 @@ async def test_sigterm_drains_the_running_job_refuses_new_ones_and_exits_zero(cl
                         assert response.status == 202, body
         assert refused["error"]["code"] == "shutting_down", refused
 
-        updates = await reader
-    finally:
-        reader.cancel()
+        updates = await job.reader
     final = final_of(updates)
     assert final["status"] == "succeeded", final
     assert_in_order(updates)

@@ -31,17 +31,17 @@ from emulator.fake_llm import ChatRequest, FakeLlmSettings, FakeLlmStats, genera
 from emulator.signing import SIGNATURE_HEADER, NodeKey, ReplayGuard
 from store.models import ApiKey, Base, DriverRegistration, Job, RoutedJob, ServedJob
 from tests.conftest import Network, RunningNode, StartNode, StartUpstream, Upstream, serve_app
-from tests.helpers import (  # noqa: F401  (start_node, migrated_database: fixtures)
+from tests.helpers import (
     GUARD_S,
     MODEL,
     assert_error_body,
     count_rows,
     get_json,
-    migrated_database,
-    start_node,
     store_of,
     submit,
 )
+from tests.helpers import migrated_database as migrated_database  # a fixture
+from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
 from tests.sse_client import events, job_updates
 
 BURST_GUARD_S = 20.0  # 50 jobs through 3 drivers one at a time: about a second when the code works

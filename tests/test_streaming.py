@@ -13,18 +13,18 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import Network, StartNode, wire
-from tests.helpers import (  # noqa: F401  (start_node, migrated_database: fixtures)
+from tests.conftest import Network, StartNode, start_network
+from tests.helpers import (
     GUARD_S,
     MODEL,
     RecordingUpstream,
     expected_completion,
     get_json,
-    migrated_database,
     recording_upstream,
-    start_node,
     submit,
 )
+from tests.helpers import migrated_database as migrated_database  # a fixture, used by start_node
+from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
 from tests.sse_client import events
 
 TOKEN_INTERVAL_S = 0.3  # the paced upstream produces one token every 300 ms
@@ -41,15 +41,12 @@ async def paced() -> AsyncIterator[RecordingUpstream]:
 
 @pytest.fixture
 async def paced_network(start_node: StartNode, paced: RecordingUpstream) -> Network:
-    router = await start_node("fake.dev")
-    driver = await start_node("fake2.dev")
-    client = await start_node("fake3.dev")
-    await wire(router, driver, client, paced)
+    network = await start_network(start_node, paced)
     # A full collection over everything earlier tests left on the heap can pause this process for
     # a second: do it now, and keep those objects out of later collections, before anything is timed.
     gc.collect()
     gc.freeze()
-    return Network(router=router, driver=driver, client=client, upstream=paced)
+    return network
 
 
 def upstream_started(upstream: RecordingUpstream) -> float:
