@@ -530,6 +530,7 @@ async def test_router_messages_to_a_node_that_is_not_a_router_are_503(network: N
 
 FAIL = [{"role": "user", "content": "FAIL"}]
 FAILING_JOB_DEADLINE_S = 2.0
+HELD_JOB_DEADLINE_S = 2.0
 
 
 async def test_upstream_500_fails_a_local_job(network: Network, http: aiohttp.ClientSession) -> None:
@@ -583,7 +584,9 @@ async def test_upstream_500_ends_a_streamed_chat_completion_with_an_error(networ
 
 
 async def test_job_past_its_deadline_ends_timed_out(gated_network: Network, http: aiohttp.ClientSession) -> None:
-    created = await submit(http, gated_network.client.url, {"model": MODEL, "prompt": "hi", "timeout": 0.3})
+    # The deadline must leave room for the first chunk to cross three nodes on a loaded machine:
+    # 0.3 s was once too short in CI.  The upstream then holds the job until the deadline ends it.
+    created = await submit(http, gated_network.client.url, {"model": MODEL, "prompt": "hi", "timeout": HELD_JOB_DEADLINE_S})
     async with asyncio.timeout(GUARD_S):
         updates = await job_updates(http, gated_network.client.url, created["job_id"])
     assert [u["delta"] for u in updates[:-1]] == ["alpha"]
