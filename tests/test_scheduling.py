@@ -471,12 +471,6 @@ async def test_a_full_queue_429_on_the_clients_node_carries_retry_after(held_net
     assert int(headers["Retry-After"]) >= 1
 
 
-STALL_GUARD_S = 1.0  # the driver is free in milliseconds once its job ended
-
-
-STALL_GUARD_S = 1.0  # the driver is free in milliseconds once its job ended
-
-
 @dataclass
 class StallingProxy:
     """Passes node messages on to `target` only once `opened` is set: a node that is slow to answer."""
@@ -514,7 +508,9 @@ async def first_update(http: aiohttp.ClientSession, url: str, job_id: str) -> di
     raise AssertionError(f"job {job_id}: the stream ended without an update")
 
 
-STALL_GUARD_S = 1.0  # the driver is free in milliseconds once its job ended
+# The driver is free in milliseconds once its job ended; a send stalled behind the slow node would hold it
+# for the transport's 30 s timeout.  5 s tells the two apart, even on a loaded machine.
+STALL_GUARD_S = 5.0
 
 
 async def test_a_slow_client_node_does_not_hold_the_drivers_slot_after_the_job_ended(
