@@ -123,6 +123,11 @@ class Store:
         """`work(session)` in a write transaction it may share with other small writes (group commit)."""
         return await self._group.run(work)
 
+    @property
+    def write_soon_transactions(self) -> int:
+        """Transactions `write_soon` has begun in this process (a figure for benchmarks and tests)."""
+        return self._group.transactions
+
     # --- news between processes of a shared store ---
 
     @property

@@ -21,6 +21,7 @@ class GroupCommit:
         self._transaction = transaction
         self._pending: list[tuple[Work, asyncio.Future[Any]]] = []
         self._flushing = False
+        self.transactions = 0  # begun so far: with many writes in flight, far fewer than writes
 
     async def run(self, work: Work) -> Any:
         """Run `work` in a write transaction, shared with whatever else is waiting; its result once committed."""
@@ -40,6 +41,7 @@ class GroupCommit:
             self._flushing = False
 
     async def _commit(self, batch: list[tuple[Work, asyncio.Future[Any]]]) -> None:
+        self.transactions += 1
         try:
             async with self._transaction() as session:
                 results = [await work(session) for work, _ in batch]

@@ -60,30 +60,3 @@ async def test_postgresql_is_migrated_by_the_same_revisions_and_matches_the_mode
             await engine.dispose()
     assert differences == []
 
-
-async def test_postgresql_store_takes_concurrent_writes_and_group_commits() -> None:
-    import asyncio
-
-    from sqlalchemy import func, select
-    from sqlalchemy.ext.asyncio import AsyncSession
-
-    from store.database import Store
-    from store.models import Job
-    from tests.databases import fresh_database, postgres_server
-
-    async with fresh_database(postgres_server()) as url:
-        store = Store.open(url)
-        try:
-            await store.migrate()
-
-            async def add(i: int) -> None:
-                async def write(session: AsyncSession) -> None:
-                    session.add(Job(id=f"j{i}", client="c", model="m", spec={}, status="queued", next_seq=0, created_at=0, deadline=0))
-
-                await store.write_soon(write)
-
-            await asyncio.gather(*(add(i) for i in range(50)))
-            async with store.reading() as session:
-                assert await session.scalar(select(func.count()).select_from(Job)) == 50
-        finally:
-            await store.close()

@@ -17,7 +17,8 @@ import pytest
 from alembic import command
 from alembic.script import ScriptDirectory
 from sqlalchemy import func, inspect, select, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from emulator.directory import Peer
 from emulator.homes import Home
@@ -223,6 +224,34 @@ async def test_writers_from_two_stores_on_one_database_queue_and_lose_no_update(
     async with second.reading() as session:
         assert (await read_config(session)).driver_capacity == 21  # no increment lost
 
+
+
+def queued_job(job_id: str) -> Job:
+    return Job(id=job_id, client="c", model=MODEL, spec={}, status="queued", next_seq=0, created_at=0, deadline=0)
+
+
+async def test_small_writes_in_flight_share_transactions_and_a_failing_one_fails_alone(database_url: str, open_store: OpenStore) -> None:
+    store = open_store(database_url)
+    await store.migrate()
+
+    async def add(job_id: str) -> str:
+        async def write(session: AsyncSession) -> str:
+            session.add(queued_job(job_id))
+            return job_id
+
+        result: str = await store.write_soon(write)
+        return result
+
+    first = [f"j{i}" for i in range(50)]
+    assert await asyncio.gather(*(add(job_id) for job_id in first)) == first
+    assert store.write_soon_transactions <= 2, "50 writes in flight at once must share their commits"
+
+    # "j0" exists: its batch fails as a whole, then each write runs alone and only "j0" fails.
+    results = await asyncio.gather(add("k1"), add("j0"), add("k2"), return_exceptions=True)
+    assert results[0] == "k1" and results[2] == "k2", results
+    assert isinstance(results[1], IntegrityError), results
+    async with store.reading() as session:
+        assert set(await session.scalars(select(Job.id))) == {*first, "k1", "k2"}
 
 # --- SQLite only: its pragmas, and BEGIN IMMEDIATE (PostgreSQL writers lock rows instead) -------------
 
