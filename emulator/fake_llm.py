@@ -104,13 +104,24 @@ class FakeLlmStats:
     requests: int = 0
     active: int = 0
     max_active: int = 0
+    _idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def __post_init__(self) -> None:
+        self._idle.set()
 
     def enter(self) -> None:
         self.active += 1
         self.max_active = max(self.max_active, self.active)
+        self._idle.clear()
 
     def leave(self) -> None:
         self.active -= 1
+        if self.active == 0:
+            self._idle.set()
+
+    async def until_idle(self) -> None:
+        """Return once no completion is in flight (a client's disconnect has reached the server)."""
+        await self._idle.wait()
 
 
 SETTINGS = web.AppKey("fake_llm_settings", FakeLlmSettings)

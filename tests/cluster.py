@@ -28,11 +28,11 @@ from emulator.directory import Peer, write_directory
 from emulator.homes import Home
 from emulator.signing import NodeKey
 from tests.conftest import free_port
+from tests.helpers import MODEL
 from tests.processes import kill_group, wait_healthy
 from tests.sse_client import events, job_updates
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = "llama3"
 ROUTER, DRIVER, CLIENT, DRIVER2 = "fake.dev", "fake2.dev", "fake3.dev", "fake4.dev"
 NAMES = (ROUTER, DRIVER, CLIENT, DRIVER2)
 FINAL = {"succeeded", "failed", "timed_out", "cancelled"}

@@ -28,6 +28,10 @@ from tests.conftest import free_port
 EMULATOR = Path(sys.executable).parent / "emulator"
 TIMEOUT_S = 60.0  # the most any one step may take before the test fails instead of hanging
 POLL_S = 0.05  # between polls of what sends no event (a port opening, another process's child exiting)
+WOODCHUCK = "How much wood could a woodchuck chuck? Be concise."  # the seed's prompt
+RUN_JOB_SUMMARY = re.compile(
+    r"^job (?P<job_id>[0-9a-f]{16,}) · (?P<status>\w+) · driver (?P<driver>\S+) · first token (?P<ttft>\d+ ms|-) · total (?P<total>\d+) ms"
+)
 
 
 # --- ports ------------------------------------------------------------------------------------
@@ -167,8 +171,9 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = TIME
     )
 
 
-def start_up(argv: list[str], root: Path) -> subprocess.Popen[str]:
-    """Start `emulator up` (argv in full) for the network under `root`, in a session of its own, output piped."""
+def start_up(root: Path, base: int, nodes: int, *options: str) -> subprocess.Popen[str]:
+    """Start `emulator up --nodes N` for the network under `root`, ports from `base`, in a session of its own, output piped."""
+    argv = [str(EMULATOR), "up", "--nodes", str(nodes), "--base-port", str(base), "--root", str(root), *options]
     return subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,
@@ -178,6 +183,14 @@ def start_up(argv: list[str], root: Path) -> subprocess.Popen[str]:
         env={**os.environ, "LLM_PROVIDER_ROOT": str(root), "PYTHONUNBUFFERED": "1"},
         start_new_session=True,
     )
+
+
+def summary_of(result: subprocess.CompletedProcess[str]) -> tuple[str, re.Match[str]]:
+    """run-job's output: the answer as it streamed, then a summary line."""
+    answer, _, last = result.stdout.rstrip("\n").rpartition("\n")
+    match = RUN_JOB_SUMMARY.match(last)
+    assert match, f"no summary line in run-job's output:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return answer, match
 
 
 @dataclass(kw_only=True)
@@ -225,6 +238,12 @@ class RunningUp:
             if match := re.search(pattern, line):
                 return match, seen
             seen.append(line)
+
+    def wait_ready(self) -> list[str]:
+        """Read output to `ready` (the lines before it); the network's processes are known from then on."""
+        _, before = self.expect(r"^ready$")
+        self.children = children_of(self.proc.pid)
+        return before
 
     def port(self, index: int) -> int:
         return self.base + index - 1

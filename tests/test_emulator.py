@@ -29,12 +29,12 @@ import openai
 import pytest
 
 from tests.conftest import free_port
-from tests.helpers import get_json
+from tests.helpers import MODEL, get_json
 from tests.processes import (
     EMULATOR,
     TIMEOUT_S,
+    WOODCHUCK,
     RunningUp,
-    children_of,
     is_listening,
     is_running,
     kill_group,
@@ -42,16 +42,12 @@ from tests.processes import (
     run_cli,
     start_up,
     started_for,
+    summary_of,
     wait_gone,
     wait_healthy,
 )
 from tests.sse_client import job_updates
 
-MODEL = "llama3"
-WOODCHUCK = "How much wood could a woodchuck chuck? Be concise.".split()
-SUMMARY = re.compile(
-    r"^job (?P<job_id>[0-9a-f]{16,}) · (?P<status>\w+) · driver (?P<driver>\S+) · first token (?P<ttft>\d+ ms|-) · total (?P<total>\d+) ms"
-)
 TABLE_ROW = re.compile(
     r"^(?P<name>fake\d*\.dev)\s+(?P<role>router \+ driver|router|driver|client)\s+(?P<url>http://\S+)\s+(?P<home>\S+)\s+(?P<log>\S+)$"
 )
@@ -97,13 +93,11 @@ class Processes:
     def up(self, nodes: int = 3, *extra: str, ready: bool = True, ports: tuple[int, int] | None = None) -> Up:
         base, llm_port = ports or pick_ports(nodes)
         root = self.tmp_path / f"net{len(self.ups) + 1}"
-        argv = [str(EMULATOR), "up", "--nodes", str(nodes), "--base-port", str(base), "--llm-port", str(llm_port), "--root", str(root)]
-        proc = start_up([*argv, *extra], root)
+        proc = start_up(root, base, nodes, "--llm-port", str(llm_port), *extra)
         running = Up(proc=proc, root=root, base=base, llm_port=llm_port, nodes=nodes)
         self.ups.append(running)
         if ready:
-            _, running.table = running.expect(r"^ready$")
-            running.children = children_of(proc.pid)
+            running.table = running.wait_ready()
         return running
 
     def start(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
@@ -130,14 +124,6 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 
 async def cli(up: Up, *args: str, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(up.cli, *args, timeout=timeout)
-
-
-def summary_of(result: subprocess.CompletedProcess[str]) -> tuple[str, re.Match[str]]:
-    """run-job's output: the answer as it streamed, then a summary line."""
-    answer, _, last = result.stdout.rstrip("\n").rpartition("\n")
-    match = SUMMARY.match(last)
-    assert match, f"no summary line in run-job's output:\n{result.stdout}\nstderr:\n{result.stderr}"
-    return answer, match
 
 
 def assert_job_ran(result: subprocess.CompletedProcess[str], driver: str) -> tuple[str, str]:
@@ -220,7 +206,7 @@ async def test_up_runs_the_seed_network_and_stops_it_on_ctrl_c(processes: Proces
         assert (directory[name] if isinstance(directory[name], str) else directory[name]["url"]) == up.url(index), directory
 
     # the seed's job, through the CLI
-    result = await cli(up, "run-job", "-p", str(up.base + 2), MODEL, *WOODCHUCK)
+    result = await cli(up, "run-job", "-p", str(up.base + 2), MODEL, *WOODCHUCK.split())
     answer, job_id = assert_job_ran(result, driver="fake2.dev")
 
     # the same network over plain HTTP, and through the official OpenAI client
@@ -264,7 +250,7 @@ async def test_no_wire_then_the_seeds_admin_commands_by_hand(processes: Processe
 
     # unwired, the client node has nowhere to send a job; and mistakes a user makes typing admin commands
     refused, bad_json, unknown, unknown_json, wrong_token = await asyncio.gather(
-        cli(up, "run-job", "-p", str(b + 2), MODEL, *WOODCHUCK),
+        cli(up, "run-job", "-p", str(b + 2), MODEL, *WOODCHUCK.split()),
         cli(up, "admin", "-p", str(b), '{"SetRouter": {"node": "fake.dev"}'),
         cli(up, "admin", "-p", str(b), "Bogus"),
         cli(up, "admin", "-p", str(b), '{"Bogus": {}}'),
@@ -290,7 +276,7 @@ async def test_no_wire_then_the_seeds_admin_commands_by_hand(processes: Processe
         assert result.returncode == 0, f"{shlex.join(command)}:\n{result.stdout}\n{result.stderr}"
         assert json.loads(result.stdout)["ok"] is True, result.stdout
 
-    assert_job_ran(await cli(up, "run-job", "-p", str(b + 2), MODEL, *WOODCHUCK), driver="fake2.dev")
+    assert_job_ran(await cli(up, "run-job", "-p", str(b + 2), MODEL, *WOODCHUCK.split()), driver="fake2.dev")
 
     # SIGTERM stops everything too
     up.proc.send_signal(signal.SIGTERM)
@@ -324,7 +310,7 @@ async def test_a_killed_node_is_reported_and_can_be_started_again_by_hand(proces
     hand = processes.start([str(EMULATOR), *command[1:]], env=up.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     await wait_healthy(http, up.url(2), hand.poll)
     assert up.pid_of("fake2.dev") == hand.pid
-    assert_job_ran(await cli(up, "run-job", "-p", str(up.base + 2), MODEL, *WOODCHUCK), driver="fake2.dev")
+    assert_job_ran(await cli(up, "run-job", "-p", str(up.base + 2), MODEL, *WOODCHUCK.split()), driver="fake2.dev")
 
     hand.send_signal(signal.SIGTERM)
     assert hand.wait(timeout=TIMEOUT_S) == 0
@@ -340,7 +326,7 @@ async def test_a_single_node_routes_and_drives(processes: Processes) -> None:
     up = processes.up(1)
     assert table_rows(up) == [expected_row(up, 1, "fake.dev", "router + driver")], up.transcript()
     assert f"emulator run-job -p {up.base} {MODEL}" in up.transcript()
-    assert_job_ran(await cli(up, "run-job", "-p", str(up.base), MODEL, *WOODCHUCK), driver="fake.dev")
+    assert_job_ran(await cli(up, "run-job", "-p", str(up.base), MODEL, *WOODCHUCK.split()), driver="fake.dev")
 
 
 async def test_four_nodes_share_jobs_between_two_drivers(processes: Processes, http: aiohttp.ClientSession) -> None:
@@ -432,4 +418,4 @@ async def test_a_restarted_driver_takes_jobs_at_once_even_after_failed_hand_offs
     hand = processes.start([str(EMULATOR), *shlex.split(match[1])[1:]], env=up.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     await wait_healthy(http, up.url(2), hand.poll)
     # a job takes about a second here, CLI start included; 6 s is plenty unless the router still shuns the driver
-    assert_job_ran(await cli(up, "run-job", "-p", str(up.base + 2), MODEL, *WOODCHUCK, timeout=6), driver="fake2.dev")
+    assert_job_ran(await cli(up, "run-job", "-p", str(up.base + 2), MODEL, *WOODCHUCK.split(), timeout=6), driver="fake2.dev")

@@ -41,8 +41,8 @@ import aiohttp
 import openai
 import pytest
 
-from tests.helpers import get_json, submit
-from tests.processes import EMULATOR, TIMEOUT_S, RunningUp, children_of, cmdline, pick_ports, start_up, wait_gone
+from tests.helpers import MODEL, get_json, submit
+from tests.processes import TIMEOUT_S, WOODCHUCK, RunningUp, cmdline, pick_ports, start_up, summary_of, wait_gone
 from tests.sse_client import events, job_updates
 
 pytestmark = pytest.mark.llama
@@ -57,11 +57,6 @@ BUILD_TIMEOUT_S = 900.0  # the first start on a fresh machine compiles llama.cpp
 STOP_TIMEOUT_S = 15.0
 
 GUARD_S = 30.0  # a job against the tiny model takes well under a second; this only catches hangs
-MODEL = "llama3"
-WOODCHUCK = "How much wood could a woodchuck chuck? Be concise."
-SUMMARY = re.compile(
-    r"^job (?P<job_id>[0-9a-f]{16,}) · (?P<status>\w+) · driver (?P<driver>\S+) · first token (?P<ttft>\d+ ms|-) · total (?P<total>\d+) ms"
-)
 # Accepted by our schema (OpenAI's newer name for "system"), refused by llama-cpp-python's: HTTP 500.
 REJECTED_MESSAGES = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": WOODCHUCK}]
 COMPLETE = ("stop", "length")
@@ -151,12 +146,9 @@ class Networks:
     def up(self, llm: str) -> Network:
         base, _ = pick_ports(3)
         root = self.tmp_path / f"net{len(self.started) + 1}"
-        argv = [str(EMULATOR), "up", "--nodes", "3", "--llm", llm, "--base-port", str(base), "--root", str(root)]
-        proc = start_up(argv, root)
-        network = Network(proc=proc, root=root, base=base)
+        network = Network(proc=start_up(root, base, 3, "--llm", llm), root=root, base=base)
         self.started.append(network)
-        network.expect(r"^ready$")
-        network.children = children_of(proc.pid)
+        network.wait_ready()
         assert f"LLM: {llm}" in network.output, network.transcript()
         return network
 
@@ -223,9 +215,8 @@ async def test_run_job_from_node_3_is_served_by_the_real_llm_on_fake2(network: N
 
     assert result.returncode == 0, f"run-job failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     assert "Traceback" not in result.stderr, result.stderr
-    answer, _, last = result.stdout.rstrip("\n").rpartition("\n")
-    summary = SUMMARY.match(last)
-    assert summary, f"no summary line in run-job's output:\n{result.stdout}"
+    answer, summary = summary_of(result)
+    last = summary.string
     assert summary["status"] == "succeeded", last
     assert summary["driver"] == "fake2.dev", last
     assert summary["ttft"] != "-", last
@@ -303,7 +294,7 @@ async def test_a_request_the_real_server_rejects_fails_the_job_with_the_upstream
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
 async def test_a_request_the_real_server_rejects_is_a_clear_error_for_an_openai_client(network: Network, stream: bool) -> None:
-    def ask() -> Exception:
+    def ask() -> openai.APIError:
         client = openai.OpenAI(base_url=f"{network.url(3)}/v1", api_key="x", timeout=TIMEOUT_S, max_retries=0)
         try:
             if stream:

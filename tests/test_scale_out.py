@@ -104,8 +104,7 @@ async def test_two_gunicorn_workers_serve_jobs_and_each_follows_what_the_other_w
             assert response.status == 200, await response.text()
             assert (await response.json())["status"] == "cancelled"
         async with asyncio.timeout(STEP_S):
-            while upstream.stats.active:  # another process's serving task: no event reaches this one
-                await asyncio.sleep(0.02)
+            await upstream.stats.until_idle()  # the other worker closed its request to the LLM
         async with first.get(f"{node.url}/jobs/{slow['job_id']}") as response:
             assert (await response.json())["status"] == "cancelled"
 
