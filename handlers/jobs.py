@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from sqlalchemy import Select, select
@@ -50,7 +50,7 @@ async def _queue_position(ctx: NodeContext, job: Job) -> int | None:
     return QueuePlace.model_validate(reply).position
 
 
-async def follow(ctx: NodeContext, job_id: str, after_seq: int = -1, idle: float = 15.0) -> AsyncIterator[JobUpdate | None]:
+async def follow(ctx: NodeContext, job_id: str, after_seq: int = -1, idle: float = 15.0) -> AsyncGenerator[JobUpdate | None, None]:
     """Every update after `after_seq`, in order, ending with the final one.
 
     Yields None after `idle` seconds without news, so a transport can send a heartbeat.

@@ -59,6 +59,12 @@ class Proc:
         return f"http://127.0.0.1:{self.port}"
 
     @property
+    def database(self) -> Path:
+        """A node's SQLite file (a fake LLM has no home, hence none)."""
+        assert self.home is not None, f"{self.name} has no home"
+        return Home(self.home).database
+
+    @property
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
@@ -288,9 +294,9 @@ def job_body(prompt: str, **extra: Any) -> dict[str, Any]:
     return {"model": MODEL, "prompt": prompt, **extra}
 
 
-def db_row(home: Path, sql: str, *params: Any) -> tuple[Any, ...] | None:
+def db_row(database: Path, sql: str, *params: Any) -> tuple[Any, ...] | None:
     """One row from a node's SQLite file, read while the node runs (WAL lets readers in)."""
-    connection = sqlite3.connect(Home(home).database, timeout=STEP_S)
+    connection = sqlite3.connect(database, timeout=STEP_S)
     try:
         row: tuple[Any, ...] | None = connection.execute(sql, params).fetchone()
         return row

@@ -6,7 +6,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -42,7 +42,7 @@ ONE_MIB = 1024 * 1024
 
 
 async def post_raw(
-    http: aiohttp.ClientSession, url: str, data: bytes, headers: dict[str, str] | None = None
+    http: aiohttp.ClientSession, url: str, data: bytes, headers: Mapping[str, str] | None = None
 ) -> tuple[int, Any]:
     """POST raw bytes; the status and the decoded JSON body (the error shape must be JSON)."""
     async with http.post(url, data=data, headers={"Content-Type": "application/json", **(headers or {})}) as response:
@@ -50,7 +50,7 @@ async def post_raw(
         return response.status, await response.json()
 
 
-async def post_json(http: aiohttp.ClientSession, url: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+async def post_json(http: aiohttp.ClientSession, url: str, body: Any, headers: Mapping[str, str] | None = None) -> tuple[int, Any]:
     return await post_raw(http, url, json.dumps(body).encode(), headers)
 
 

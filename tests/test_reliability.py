@@ -17,7 +17,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from emulator.homes import Home
 from tests.cluster import (
     CLIENT,
     DRIVER,
@@ -84,7 +83,7 @@ async def test_deadline_ends_a_slow_job_timed_out_and_frees_the_driver(cluster: 
     assert final_of(after)["status"] == "succeeded", after[-1]
     assert text_of(after)
     # The serving driver itself stopped the job at its deadline (not only the router's and client's bookkeeping).
-    assert db_row(nodes[DRIVER].home, "SELECT status FROM served_jobs WHERE id = ?", created["job_id"]) == ("timed_out",)
+    assert db_row(nodes[DRIVER].database, "SELECT status FROM served_jobs WHERE id = ?", created["job_id"]) == ("timed_out",)
 
 
 async def test_a_job_queued_past_its_deadline_times_out_while_the_driver_is_busy(cluster: Cluster, http: aiohttp.ClientSession) -> None:
@@ -107,8 +106,8 @@ async def test_a_job_queued_past_its_deadline_times_out_while_the_driver_is_busy
     # The router ended it in its queue (the client's own fallback comes a second later, and says otherwise),
     # and no driver was ever given it.
     assert "queued" in (final.get("error") or ""), final
-    assert db_row(nodes[ROUTER].home, "SELECT status, driver_node FROM routed_jobs WHERE id = ?", queued["job_id"]) == ("timed_out", None)
-    assert db_row(nodes[DRIVER].home, "SELECT count(*) FROM served_jobs WHERE id = ?", queued["job_id"]) == (0,)
+    assert db_row(nodes[ROUTER].database, "SELECT status, driver_node FROM routed_jobs WHERE id = ?", queued["job_id"]) == ("timed_out", None)
+    assert db_row(nodes[DRIVER].database, "SELECT count(*) FROM served_jobs WHERE id = ?", queued["job_id"]) == (0,)
 
 
 async def test_first_token_timeout_ends_the_job_timed_out(cluster: Cluster, http: aiohttp.ClientSession) -> None:
@@ -193,7 +192,7 @@ async def test_idempotency_key_returns_the_same_job(cluster: Cluster, http: aioh
     assert racing[0]["job_id"] not in (one["job_id"], other["job_id"])
     for job_id in (one["job_id"], other["job_id"], racing[0]["job_id"]):
         assert final_of(await follow(http, client, job_id))["status"] == "succeeded"
-    assert db_row(nodes[ROUTER].home, "SELECT count(*) FROM routed_jobs") == (3,), "one job per key reached the router"
+    assert db_row(nodes[ROUTER].database, "SELECT count(*) FROM routed_jobs") == (3,), "one job per key reached the router"
 
 
 # --- 6. cancellation ------------------------------------------------------------------------------
@@ -218,8 +217,8 @@ async def test_delete_cancels_a_running_job_end_to_end_and_frees_the_driver(clus
     assert_in_order(updates)
 
     # The router's and the serving driver's records ended too (both are written before DELETE answers).
-    assert db_row(nodes[ROUTER].home, "SELECT status FROM routed_jobs WHERE id = ?", job_id) == ("cancelled",)
-    assert db_row(nodes[DRIVER].home, "SELECT status FROM served_jobs WHERE id = ?", job_id) == ("cancelled",)
+    assert db_row(nodes[ROUTER].database, "SELECT status FROM routed_jobs WHERE id = ?", job_id) == ("cancelled",)
+    assert db_row(nodes[DRIVER].database, "SELECT status FROM served_jobs WHERE id = ?", job_id) == ("cancelled",)
 
     # The single driver is free: the next job runs to the end.
     after = await run_to_end(http, client, job_body("next", max_tokens=2, timeout=10))
@@ -270,8 +269,8 @@ async def test_driver_killed_mid_job_the_job_ends_and_the_other_driver_serves_th
         assert serving in (final.get("error") or ""), f"the error should name the lost driver: {final}"
     else:  # handed to the other driver before any of its output reached the client
         assert final["driver"] == survivor, final
-    job = await record(http, client, job_id)
-    assert job["status"] == final["status"] and job["text"] == text_of(updates)
+    stored = await record(http, client, job_id)
+    assert stored["status"] == final["status"] and stored["text"] == text_of(updates)
 
     after = await run_to_end(http, client, job_body("after", max_tokens=3, timeout=20))
     assert final_of(after)["status"] == "succeeded", after[-1]
@@ -312,10 +311,10 @@ async def test_a_job_whose_output_reached_the_client_is_not_handed_out_again(clu
         assert await cluster.kill9(DRIVER) == -signal.SIGKILL
         # the router notes that the job streamed right after relaying its first chunk
         async with asyncio.timeout(STEP_S):
-            while db_row(nodes[ROUTER].home, "SELECT streamed FROM routed_jobs WHERE id = ?", job_id) != (1,):
+            while db_row(nodes[ROUTER].database, "SELECT streamed FROM routed_jobs WHERE id = ?", job_id) != (1,):
                 await asyncio.sleep(0.01)  # polling another process's database: there is no event to await
-        assert db_row(nodes[ROUTER].home, "SELECT streamed FROM routed_jobs WHERE id = ?", job_id) == (1,)
-        connection = sqlite3.connect(Home(nodes[DRIVER].home).database)
+        assert db_row(nodes[ROUTER].database, "SELECT streamed FROM routed_jobs WHERE id = ?", job_id) == (1,)
+        connection = sqlite3.connect(nodes[DRIVER].database)
         with connection:
             connection.execute("UPDATE served_jobs SET streamed = 0 WHERE id = ?", (job_id,))
         connection.close()
