@@ -5,7 +5,8 @@
 | StartRouter (admin)            |                             |                                         | config                     |                                |
 | RegisterDriver (driver, beat)  | registrations               |                                         | registrations              | (dispatch)                     |
 | RunJob (client's driver)       | routed_jobs, registrations  | a repeat? is the model on offer to it?  | routed_jobs (queued)       | (dispatch)                     |
-| dispatch                       | queue, registrations, loads | least-loaded ready driver per job       | routed_jobs (running)      | RunJob → driver                |
+| dispatch                       | queue, registrations, loads | least-loaded ready driver per job, not  | routed_jobs (running)      | RunJob → driver                |
+|                                |                             | the one that gave it back if another is |                            |                                |
 | JobUpdate (job's driver)       | routed_jobs                 | from the job's driver? still running?   | routed_jobs (first, final) | JobUpdate → client, (dispatch) |
 | ReleaseJob (job's driver)      | routed_jobs, registrations  | retry (with backoff) or give up?        | routed_jobs, registrations | JobUpdate (failed) → client    |
 | CancelJob (job's client)       | routed_jobs                 |                                         | routed_jobs                | CancelJob → driver             |
@@ -143,7 +144,7 @@ async def _register(ctx: NodeContext, node: str, message: RegisterDriver) -> Non
             )
         ).all()
     for job in lost:
-        await _take_back(ctx, job, node, f"driver {node} no longer has the job")
+        await _take_back(ctx, job, node, f"driver {node} no longer has the job", driver_failed=False)
     for model in models:
         ctx.spawn(dispatch(ctx, model), name=f"dispatch-{model}")
 
@@ -298,8 +299,10 @@ async def _assign(session: AsyncSession, model: str, now: float) -> list[tuple[s
         ready = [d for d in drivers if loads[d.node] < d.capacity and (d.is_public or d.node == job.client_node)]
         if not ready:
             continue
-        least = min(loads[d.node] / d.capacity for d in ready)
-        driver = random.choice([d for d in ready if loads[d.node] / d.capacity == least]).node
+        # A job a driver gave back goes elsewhere if it can: the same LLM would likely fail it again.
+        candidates = [d for d in ready if d.node != job.returned_by] or ready
+        least = min(loads[d.node] / d.capacity for d in candidates)
+        driver = random.choice([d for d in candidates if loads[d.node] / d.capacity == least]).node
         loads[driver] += 1
         job.status, job.driver_node, job.dispatched_at = "running", driver, now
         assignments.append((job.id, driver, JobSpec.model_validate(job.spec)))
@@ -320,7 +323,7 @@ async def _requeue(ctx: NodeContext, job_id: str, driver: str, count_failure: bo
         job = await session.get(RoutedJob, job_id, with_for_update=True)
         if job is None or job.status != "running" or job.driver_node != driver:
             return None
-        job.status, job.driver_node, job.dispatched_at = "queued", None, None
+        job.status, job.driver_node, job.dispatched_at, job.returned_by = "queued", None, None, driver
         job.attempts += 1
         return job
 
@@ -391,32 +394,30 @@ async def _to_client(ctx: NodeContext, client_node: str, message: JobUpdate) -> 
 
 
 async def _end(ctx: NodeContext, job: RoutedJob, status: str, error: str) -> None:
-    """End a job from the router: the client hears it as the job's final update; its slot goes to the queue."""
-    await ctx.store.write_soon(lambda session: session.execute(_finished(job.id, status)))
+    """End a job from the router: the client hears it as the job's final update; its slot goes to the queue.
+    Nothing happens if the job has ended already (its final arrived, or another replica ended it)."""
+    ended = await ctx.store.write_soon(lambda session: _end_row(session, job.id, status))
+    if not ended:
+        return
     final = Update(job_id=job.id, seq=0, is_final=True, status=status, driver=job.driver_node, error=error)  # type: ignore[arg-type]
     await _to_client(ctx, job.client_node, JobUpdate(update=final))
     ctx.spawn(dispatch(ctx, job.model), name=f"dispatch-{job.model}")
 
 
+async def _end_row(session: AsyncSession, job_id: str, status: str) -> bool:
+    result = await session.execute(_finished(job_id, status))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
 async def _released(ctx: NodeContext, source: Source, job_id: str, reason: str) -> None:
+    """The job's driver could not serve it (its LLM refused or failed before the first chunk)."""
     async with ctx.store.reading() as session:
-        current = await session.get(RoutedJob, job_id)
-    if current is not None and current.streamed and current.driver_node == source.node:
-        # Some of it reached the client: a second generation would not continue the same text.
-        await _end(ctx, current, "failed", f"{reason} (after part of the answer was sent)")
-        return
-    job = await _requeue(ctx, job_id, source.node, count_failure=True)
+        job = await session.get(RoutedJob, job_id)
     if job is None:
+        raise unknown_job(job_id)
+    if job.status != "running" or job.driver_node != source.node:
         raise HandlerError(409, "not_running_there", f"job {job_id} is not running on {source.node}")
-    if job.attempts >= ctx.settings.max_attempts:
-        await _end(ctx, job, "failed", f"gave up after {job.attempts} attempts; last: {reason}")
-        return
-    if not await _has_ready_driver(ctx, job.model):
-        await _end(ctx, job, "failed", f"no driver left to retry on; last: {reason}")
-        return
-    log.info("job %s released by %s (%s); retry %d", job_id, source.node, reason, job.attempts)
-    backoff = RETRY_BACKOFF_S * 2 ** (job.attempts - 1)
-    ctx.spawn(_dispatch_later(ctx, job.model, backoff), name=f"retry-{job_id}")
+    await _take_back(ctx, job, source.node, reason, driver_failed=True)
 
 
 async def _has_ready_driver(ctx: NodeContext, model: str) -> bool:
@@ -477,13 +478,24 @@ async def _driver_lost(ctx: NodeContext, node: str) -> None:
         await session.execute(delete(DriverRegistration).where(DriverRegistration.node == node))
         stranded = (await session.scalars(select(RoutedJob).where(RoutedJob.driver_node == node, RoutedJob.status == "running"))).all()
     for job in stranded:
-        await _take_back(ctx, job, node, f"driver {node} went silent mid-job")
+        await _take_back(ctx, job, node, f"driver {node} went silent mid-job", driver_failed=False)
 
 
-async def _take_back(ctx: NodeContext, job: RoutedJob, driver: str, reason: str) -> None:
-    """A job its driver lost: queued again if none of it reached the client, ended `failed` if some did."""
+async def _take_back(ctx: NodeContext, job: RoutedJob, driver: str, reason: str, *, driver_failed: bool) -> None:
+    """A running job `driver` no longer serves.  If part of it reached the client it ends `failed`: another
+    generation would not continue the same text.  Otherwise it is queued again, for another driver if one
+    is ready, after a backoff, while attempts remain.  `driver_failed` counts towards the driver's cool-down."""
     if job.streamed:
-        await _end(ctx, job, "failed", reason)
-    elif (requeued := await _requeue(ctx, job.id, driver, count_failure=False)) is not None:
-        log.info("job %s requeued: %s", job.id, reason)
-        ctx.spawn(dispatch(ctx, requeued.model), name=f"dispatch-{requeued.model}")
+        await _end(ctx, job, "failed", f"{reason} (after part of the answer was sent)")
+        return
+    requeued = await _requeue(ctx, job.id, driver, count_failure=driver_failed)
+    if requeued is None:  # it ended, or moved on, meanwhile
+        return
+    if requeued.attempts >= ctx.settings.max_attempts:
+        await _end(ctx, requeued, "failed", f"gave up after {requeued.attempts} attempts; last: {reason}")
+    elif not await _has_ready_driver(ctx, requeued.model):
+        await _end(ctx, requeued, "failed", f"no driver left to retry on; last: {reason}")
+    else:
+        log.info("job %s taken back from %s (%s); retry %d", job.id, driver, reason, requeued.attempts)
+        backoff = RETRY_BACKOFF_S * 2 ** (requeued.attempts - 1)
+        ctx.spawn(_dispatch_later(ctx, requeued.model, backoff), name=f"retry-{job.id}")

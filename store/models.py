@@ -109,6 +109,7 @@ class RoutedJob(Base):
     status: Mapped[str] = mapped_column(String(16))
     driver_node: Mapped[str | None] = mapped_column(String(255))
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    returned_by: Mapped[str | None] = mapped_column(String(255))  # the driver that last gave it back: tried last next time
     streamed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[float] = mapped_column(Float)
     dispatched_at: Mapped[float | None] = mapped_column(Float)

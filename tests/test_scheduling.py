@@ -301,6 +301,78 @@ async def test_a_driver_of_capacity_two_runs_two_jobs_at_once_and_queues_the_thi
     assert held["job-4"].started >= min(held["job-2"].finished or 0, held["job-3"].finished or 0)
 
 
+# --- 2b. a driver whose LLM cannot take the job ----------------------------------------------------------
+
+
+@pytest.fixture
+async def overloaded() -> AsyncIterator[Upstream]:
+    """An LLM endpoint that answers every request 503 with a plain-text body: busy, worth trying elsewhere."""
+    stats = FakeLlmStats()
+
+    async def chat_completions(request: web.Request) -> web.Response:
+        stats.requests += 1
+        return web.Response(status=503, text="overloaded, try again later")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    runner, port = await serve_app(app)
+    try:
+        yield Upstream(url=f"http://127.0.0.1:{port}/v1", stats=stats)
+    finally:
+        await runner.cleanup()
+
+
+async def routed_row(router: RunningNode, job_id: str) -> RoutedJob:
+    async with store_of(router).reading() as session:
+        row = await session.get(RoutedJob, job_id)
+    assert row is not None, job_id
+    return row
+
+
+async def test_a_job_a_drivers_llm_gives_back_is_retried_on_another_driver(
+    start_node: StartNode, start_held: StartHeld, overloaded: Upstream, http: aiohttp.ClientSession
+) -> None:
+    router = await start_router(start_node)
+    healthy = await start_held("good")
+    await start_driver(start_node, "fake2.dev", router, healthy, model=MODEL, capacity=2)
+    client = await start_client(start_node, router)
+    busy = await submit(http, client.url, {"model": MODEL, "prompt": "keeps fake2.dev half busy"})
+    await healthy.wait_arrivals(1)
+    # Least loaded now: fake4.dev (0 of 1) before fake2.dev (1 of 2), so the next job goes to fake4.dev first.
+    await start_driver(start_node, "fake4.dev", router, overloaded, model=MODEL, capacity=1)
+
+    retried = await submit(http, client.url, {"model": MODEL, "prompt": "given back"})
+    await healthy.wait_arrivals(2)  # on fake2.dev, after fake4.dev's LLM answered 503
+    healthy.release_all()
+    updates = await final_of(http, client.url, retried["job_id"])
+    assert updates[-1]["status"] == "succeeded" and updates[-1]["driver"] == "fake2.dev", updates[-1]
+    assert "".join(u["delta"] for u in updates) == "good:given back| done"
+    assert overloaded.stats.requests == 1, "tried once on fake4.dev, then elsewhere (not back on the least-loaded driver)"
+    row = await routed_row(router, retried["job_id"])
+    assert (row.attempts, row.returned_by, row.driver_node) == (1, "fake4.dev", "fake2.dev")
+    assert (await final_of(http, client.url, busy["job_id"]))[-1]["status"] == "succeeded"
+
+
+async def test_a_job_no_driver_can_take_fails_after_its_attempts_with_the_llms_reason(
+    start_node: StartNode, overloaded: Upstream, http: aiohttp.ClientSession
+) -> None:
+    router = await start_router(start_node)
+    await start_driver(start_node, "fake4.dev", router, overloaded, model=MODEL, capacity=1)
+    client = await start_client(start_node, router)
+
+    created = await submit(http, client.url, {"model": MODEL, "prompt": "nobody can"})
+    updates = await final_of(http, client.url, created["job_id"])
+    final = updates[-1]
+    assert final["status"] == "failed" and not "".join(u["delta"] for u in updates), final
+    assert "gave up after 3 attempts" in final["error"] and "HTTP 503" in final["error"], final
+    assert overloaded.stats.requests == 3  # the only driver, tried again with backoff, up to max_attempts
+    row = await routed_row(router, created["job_id"])
+    assert (row.status, row.attempts) == ("failed", 3)
+    # three failures in a row cool the driver down
+    (driver,) = (await router_status(router))["drivers"]
+    assert driver["node"] == "fake4.dev" and driver["cooled_down_until"] is not None, driver
+
+
 # --- 3. burst -------------------------------------------------------------------------------------------
 
 
