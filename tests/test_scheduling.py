@@ -845,6 +845,29 @@ async def test_a_replayed_registration_is_refused_and_does_not_undo_a_newer_one(
     assert await count_rows(net.router, RoutedJob) == 1
 
 
+
+async def test_a_runjob_sent_again_after_a_lost_answer_is_the_same_job(held_net: GatedNet, http: aiohttp.ClientSession) -> None:
+    """A client node whose router replica died before answering sends the RunJob again, in a fresh envelope
+    (a retry, not a replay): the router answers for the job it has, and hands it out once."""
+    net = held_net
+    spec = job_spec("sent-twice", "fake3.dev")
+    replies = []
+    for _ in range(2):
+        status, reply, _ = await post_envelope(http, net.router, envelope("fake3.dev", "driver", "router", {"RunJob": {"job": spec}}), net.client)
+        assert status == 200, reply
+        replies.append(reply["job_id"])
+    assert replies == ["sent-twice", "sent-twice"]
+    assert await count_rows(net.router, RoutedJob) == 1
+    (held,) = await net.upstream.wait_arrivals(1)
+    assert held.prompt == "hello"
+    # Another node may not claim the job's id.
+    raw = envelope("fake2.dev", "driver", "router", {"RunJob": {"job": job_spec("sent-twice", "fake2.dev")}})
+    status, reply, _ = await post_envelope(http, net.router, raw, net.driver)
+    assert status == 409, reply
+    assert_error_body(reply, "duplicate_job")
+    assert await count_rows(net.router, RoutedJob) == 1
+    assert net.upstream.stats.requests == 1
+
 async def test_envelopes_sent_outside_the_replay_window_are_refused(
     start_node: StartNode, start_held: StartHeld, http: aiohttp.ClientSession
 ) -> None:
