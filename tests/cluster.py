@@ -130,11 +130,23 @@ class Cluster:
 
     async def gunicorn_node(self, name: str, workers: int, **environ: str) -> Proc:
         """Start node `name` as gunicorn with aiohttp's worker, `workers` processes sharing its home's database."""
-        home, port = self.root / name, self.ports[name]
         args = [
             "gunicorn", "emulator.gunicorn:create_app", "--worker-class", "aiohttp.GunicornWebWorker",
-            "--workers", str(workers), "--bind", f"127.0.0.1:{port}", "--graceful-timeout", "5",
+            "--workers", str(workers), "--bind", f"127.0.0.1:{self.ports[name]}", "--graceful-timeout", "5",
         ]
+        return await self._server_node(name, args, environ)
+
+    async def uvicorn_node(self, name: str, workers: int, **environ: str) -> Proc:
+        """Start node `name` as the ASGI app under uvicorn, `workers` processes sharing its home's database."""
+        args = [
+            "uvicorn", "emulator.asgi:create_app", "--factory", "--workers", str(workers),
+            "--host", "127.0.0.1", "--port", str(self.ports[name]), "--timeout-graceful-shutdown", "5",
+        ]
+        return await self._server_node(name, args, {"LLMP_SHARED": "1", **environ})
+
+    async def _server_node(self, name: str, args: list[str], environ: dict[str, str]) -> Proc:
+        """A node run by a web server's own command line, configured through LLMP_* variables."""
+        home, port = self.root / name, self.ports[name]
         env = {**os.environ, "LLMP_NAME": name, "LLMP_HOME": str(home), "LLMP_PORT": str(port), "LLMP_DIRECTORY": str(self.directory), **environ}
         proc = Proc(name=name, args=args, port=port, output=self.root / f"{name}.out", home=home, env=env)
         self.procs[name] = proc

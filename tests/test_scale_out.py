@@ -72,14 +72,17 @@ async def sessions_per_worker(url: str, workers: int, stack: AsyncExitStack) -> 
     return list(found.values())
 
 
-async def test_two_gunicorn_workers_serve_jobs_and_each_follows_what_the_other_writes(
-    tmp_path: Path, http: aiohttp.ClientSession, start_upstream: StartUpstream
+@pytest.mark.parametrize("server", ["gunicorn", "uvicorn"])
+async def test_two_workers_serve_jobs_and_each_follows_what_the_other_writes(
+    tmp_path: Path, http: aiohttp.ClientSession, start_upstream: StartUpstream, server: str
 ) -> None:
+    """Two worker processes of one node: gunicorn with aiohttp's worker, or uvicorn running the ASGI app."""
     upstream = await start_upstream(ttft=0.0, tokens_per_second=40)  # slow enough to arrive in several chunks
     cluster = Cluster(tmp_path, http)
     async with AsyncExitStack() as stack:
         stack.push_async_callback(cluster.close)
-        node = await cluster.gunicorn_node(DRIVER, workers=2)
+        start = cluster.gunicorn_node if server == "gunicorn" else cluster.uvicorn_node
+        node = await start(DRIVER, workers=2)
         await wire_driver(node, upstream, router=None, capacity=4)
         first, second = await sessions_per_worker(node.url, 2, stack)
 
