@@ -22,7 +22,7 @@ from emulator.fake_llm import STATS, ChatRequest, FakeLlmSettings, FakeLlmStats,
 from schemas.sse import ServerSentEvent
 from store.database import Store
 from store.migrate import alembic_config
-from tests.conftest import RunningNode, StartNode, Upstream, serve_app
+from tests.conftest import Network, RunningNode, StartNode, Upstream, serve_app, start_network
 from tests.sse_client import events, job_updates
 
 # A guard against hangs only: every awaited outcome arrives in milliseconds on loopback when the code works.
@@ -228,3 +228,16 @@ async def gated_upstream(first: str = "alpha", rest: str = " omega") -> AsyncIte
     finally:
         upstream.gate.set()
         await runner.cleanup()
+
+
+@pytest.fixture
+async def gated() -> AsyncIterator[GatedUpstream]:
+    """A fixture: the gated upstream, streaming "alpha", then " omega" once the test sets `gate`."""
+    async with gated_upstream(first="alpha", rest=" omega") as upstream:
+        yield upstream
+
+
+@pytest.fixture
+async def gated_network(start_node: StartNode, gated: GatedUpstream) -> Network:
+    """A fixture: router, driver and client nodes, the driver's LLM the gated upstream."""
+    return await start_network(start_node, gated)

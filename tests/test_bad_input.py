@@ -11,21 +11,19 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
-import pytest
 from sqlalchemy import select
 
 from emulator.signing import SIGNATURE_HEADER, NodeKey
 from handlers.config import read_config
 from schemas.sse import ServerSentEvent
 from store.models import Job, JobChunk, RoutedJob, ServedJob
-from tests.conftest import Network, RunningNode, StartNode, start_network
+from tests.conftest import Network, RunningNode, StartNode
 from tests.helpers import (
     GUARD_S,
     MODEL,
     GatedUpstream,
     assert_error_body,
     count_rows,
-    gated_upstream,
     get_json,
     job_stream,
     next_update,
@@ -34,6 +32,8 @@ from tests.helpers import (
     submit,
     updates_to_final,
 )
+from tests.helpers import gated as gated  # a fixture
+from tests.helpers import gated_network as gated_network  # a fixture
 from tests.helpers import migrated_database as migrated_database  # a fixture, used by start_node
 from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
 from tests.sse_client import events, job_updates
@@ -403,17 +403,6 @@ async def test_malformed_envelope_is_422(network: Network, http: aiohttp.ClientS
 
 
 # --- spoofed senders (a job held running by a gated upstream) ------------------------------------------
-
-
-@pytest.fixture
-async def gated() -> AsyncIterator[GatedUpstream]:
-    async with gated_upstream(first="alpha", rest=" omega") as upstream:
-        yield upstream
-
-
-@pytest.fixture
-async def gated_network(start_node: StartNode, gated: GatedUpstream) -> Network:
-    return await start_network(start_node, gated)
 
 
 @asynccontextmanager

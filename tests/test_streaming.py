@@ -11,33 +11,23 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import Network, StartNode, start_network
+from tests.conftest import Network
 from tests.helpers import (
     GUARD_S,
     MODEL,
     GatedUpstream,
     expected_completion,
-    gated_upstream,
     get_json,
     submit,
 )
+from tests.helpers import gated as gated  # a fixture
+from tests.helpers import gated_network as gated_network  # a fixture
 from tests.helpers import migrated_database as migrated_database  # a fixture, used by start_node
 from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
 from tests.sse_client import events
 
 SEED = 11
 HELLO = [{"role": "user", "content": "hello"}]
-
-
-@pytest.fixture
-async def held() -> AsyncIterator[GatedUpstream]:
-    async with gated_upstream(first="alpha", rest=" omega") as upstream:
-        yield upstream
-
-
-@pytest.fixture
-async def held_network(start_node: StartNode, held: GatedUpstream) -> Network:
-    return await start_network(start_node, held)
 
 
 # --- the jobs API ------------------------------------------------------------------------------
@@ -47,16 +37,16 @@ async def held_network(start_node: StartNode, held: GatedUpstream) -> Network:
 
 
 async def test_first_job_update_arrives_while_the_upstream_still_holds_the_rest(
-    held_network: Network, held: GatedUpstream, http: aiohttp.ClientSession
+    gated_network: Network, gated: GatedUpstream, http: aiohttp.ClientSession
 ) -> None:
-    created = await submit(http, held_network.client.url, {"model": MODEL, "prompt": "hello"})
+    created = await submit(http, gated_network.client.url, {"model": MODEL, "prompt": "hello"})
     updates: list[dict[str, Any]] = []
-    async with asyncio.timeout(GUARD_S), http.get(f"{held_network.client.url}{created['events_url']}") as response:
+    async with asyncio.timeout(GUARD_S), http.get(f"{gated_network.client.url}{created['events_url']}") as response:
         async for event in events(response):
             update = json.loads(event.data)
             updates.append(update)
             if update["delta"]:
-                held.gate.set()  # the first token is here: let the upstream go on
+                gated.gate.set()  # the first token is here: let the upstream go on
             if update["is_final"]:
                 break
     # Each upstream token travels as its own update, the first one before the upstream sent the second.
@@ -65,12 +55,12 @@ async def test_first_job_update_arrives_while_the_upstream_still_holds_the_rest(
 
 
 async def test_first_chat_chunk_arrives_while_the_upstream_still_holds_the_rest(
-    held_network: Network, held: GatedUpstream, http: aiohttp.ClientSession
+    gated_network: Network, gated: GatedUpstream, http: aiohttp.ClientSession
 ) -> None:
     body = {"model": MODEL, "messages": HELLO, "stream": True}
     contents: list[str] = []
     finish_reasons: list[str] = []
-    async with asyncio.timeout(GUARD_S), http.post(f"{held_network.client.url}/v1/chat/completions", json=body) as response:
+    async with asyncio.timeout(GUARD_S), http.post(f"{gated_network.client.url}/v1/chat/completions", json=body) as response:
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/event-stream")
         async for event in events(response):
@@ -79,7 +69,7 @@ async def test_first_chat_chunk_arrives_while_the_upstream_still_holds_the_rest(
             choice = json.loads(event.data)["choices"][0]
             if choice["delta"].get("content"):
                 contents.append(choice["delta"]["content"])
-                held.gate.set()
+                gated.gate.set()
             if choice["finish_reason"]:
                 finish_reasons.append(choice["finish_reason"])
     assert contents == ["alpha", " omega"]
