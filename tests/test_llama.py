@@ -353,8 +353,9 @@ async def test_a_rejected_request_does_not_take_the_driver_away_from_the_next_jo
     _, updates = await run_job(http, network.url(3), {"model": MODEL, "messages": REJECTED_MESSAGES})
     assert updates[-1]["status"] == "failed", updates[-1]
 
-    # a valid job right after: against this LLM it takes well under a second
-    job_id, updates = await run_job(http, network.url(3), {"model": MODEL, "prompt": WOODCHUCK, "timeout": 5})
+    # A valid job right after: against this LLM it takes well under a second.  A driver wrongly cooled down
+    # (30 s) would leave it queued past this deadline; 20 s leaves room for a slow machine.
+    job_id, updates = await run_job(http, network.url(3), {"model": MODEL, "prompt": WOODCHUCK, "timeout": 20})
     record = await get_json(http, f"{network.url(3)}/jobs/{job_id}")
     assert updates[-1]["status"] == "succeeded", (record, network.node_log("fake.dev")[-2000:])
 

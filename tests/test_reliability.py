@@ -61,10 +61,11 @@ async def cluster(tmp_path: Path, http: aiohttp.ClientSession) -> AsyncIterator[
 
 @pytest.mark.parametrize("where", ["request", "node"])
 async def test_deadline_ends_a_slow_job_timed_out_and_frees_the_driver(cluster: Cluster, http: aiohttp.ClientSession, where: str) -> None:
-    client_flags = ("--job-timeout", "1.5") if where == "node" else ()
+    # The job would take 50 s; its deadline leaves room for the first tokens to arrive on a slow machine.
+    client_flags = ("--job-timeout", "3") if where == "node" else ()
     nodes = await cluster.network(llm={"ttft": 0, "tps": 2, "tokens": 100}, client_flags=client_flags)
     client = nodes[CLIENT].url
-    body = job_body("slow", **({"timeout": 1.5} if where == "request" else {}))
+    body = job_body("slow", **({"timeout": 3} if where == "request" else {}))
 
     created = await submit(http, client, body)
     updates = await follow(http, client, created["job_id"])
