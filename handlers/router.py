@@ -415,8 +415,10 @@ async def _released(ctx: NodeContext, source: Source, job_id: str, reason: str) 
         job = await session.get(RoutedJob, job_id)
     if job is None:
         raise unknown_job(job_id)
-    if job.status != "running" or job.driver_node != source.node:
-        raise HandlerError(409, "not_running_there", f"job {job_id} is not running on {source.node}")
+    if job.driver_node != source.node:
+        raise HandlerError(403, "not_the_jobs_driver", f"job {job_id} is not with {source.node}")
+    if job.status != "running":
+        raise HandlerError(409, "job_finished", f"job {job_id} already ended: {job.status}")
     await _take_back(ctx, job, source.node, reason, driver_failed=True)
 
 

@@ -474,6 +474,33 @@ async def test_job_update_to_router_from_a_node_not_the_jobs_driver_is_403(gated
     assert (await get_json(http, f"{net.client.url}/jobs/{job_id}"))["text"] == "alpha omega"
 
 
+
+async def test_release_of_a_job_by_a_node_not_its_driver_is_403_and_the_job_runs_on(
+    gated_network: Network, http: aiohttp.ClientSession
+) -> None:
+    net = gated_network
+    async with held_job(http, net) as (job_id, stream):
+        for job, claimed, signer, status_code, code in (
+            (job_id, "fake3.dev", net.client, 403, "not_the_jobs_driver"),
+            (job_id, "fake2.dev", net.client, 401, "bad_signature"),
+            ("nope", "fake2.dev", net.driver, 404, "job_not_found"),
+        ):
+            raw = envelope(claimed, "driver", "router", {"ReleaseJob": {"job_id": job, "reason": "spoofed"}})
+            status, body = await post_envelope(http, net.router, raw, signer)
+            assert status == status_code, body
+            assert_error_body(body, code)
+        async with store_of(net.router).reading() as session:
+            routed = await session.get(RoutedJob, job_id)
+            assert routed is not None and (routed.status, routed.driver_node, routed.attempts) == ("running", "fake2.dev", 0)
+        final = (await finish(net, stream))[-1]
+    assert final["status"] == "succeeded"
+    # Once the job has ended, its own driver cannot give it back either.
+    raw = envelope("fake2.dev", "driver", "router", {"ReleaseJob": {"job_id": job_id, "reason": "late"}})
+    status, body = await post_envelope(http, net.router, raw, net.driver)
+    assert status == 409, body
+    assert_error_body(body, "job_finished")
+    assert (await get_json(http, f"{net.client.url}/jobs/{job_id}"))["text"] == "alpha omega"
+
 async def test_job_update_for_an_unknown_job_is_404(network: Network, http: aiohttp.ClientSession) -> None:
     update = {"job_id": "nope", "seq": 0, "delta": "x"}
     for to, signer, target in ((network.client, network.router, "driver"), (network.router, network.driver, "router")):
