@@ -50,12 +50,11 @@ class HttpTransport:
                 self._went_down(url)
                 failure = error
                 continue
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as error:
-                # It may have taken the message before the connection broke: the sender decides whether to repeat it.
-                if len(urls) > 1:  # with one URL there is nothing to try instead, nor in-flight messages to cut short
-                    self._went_down(url)
-                raise PeerError(503, "peer_unreachable", f"{node} at {url} did not answer: {error!r}") from error
             except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError) as error:
+                # A broken connection may have carried the message first: the sender decides whether to repeat it.
+                # With one URL there is nothing to try instead, nor in-flight messages to cut short.
+                if isinstance(error, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)) and len(urls) > 1:
+                    self._went_down(url)
                 raise PeerError(503, "peer_unreachable", f"{node} at {url} did not answer: {error!r}") from error
             return body
         raise PeerError(503, "peer_unreachable", f"{node} at {', '.join(urls)} did not answer: {failure!r}") from failure
@@ -70,6 +69,8 @@ class HttpTransport:
 
     def _in_turn(self, node: str, urls: tuple[str, ...]) -> list[str]:
         """A node's URLs in the order to try them: replicas take turns, and those lately down go last."""
+        if len(urls) == 1:  # most nodes: nothing to choose, on every message
+            return list(urls)
         turn = self._turns[node] = (self._turns.get(node, -1) + 1) % len(urls)
         rotated = urls[turn:] + urls[:turn]
         now = time.monotonic()

@@ -17,11 +17,12 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections import Counter
 
-from sqlalchemy import Executable, delete, func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from handlers.config import config_for_update, read_config
@@ -309,8 +310,12 @@ async def _assign(session: AsyncSession, model: str, now: float) -> list[tuple[s
     return assignments
 
 
-async def _requeue(ctx: NodeContext, job_id: str, driver: str, count_failure: bool) -> RoutedJob | None:
-    """Take the job back from `driver`; a driver that keeps failing is cooled down for a while."""
+async def _requeue(
+    ctx: NodeContext, job_id: str, driver: str, count_failure: bool, attempts_allowed: float = math.inf
+) -> RoutedJob | None:
+    """Take the job back from `driver` and queue it again; a driver that keeps failing is cooled down for a
+    while.  A job out of attempts stays with `driver` for the caller to end: queued, a dispatch could hand
+    it out first.  None if the job is not running on `driver` (any more)."""
     now = time.time()
     async with ctx.store.writing() as session:
         if count_failure:
@@ -323,8 +328,9 @@ async def _requeue(ctx: NodeContext, job_id: str, driver: str, count_failure: bo
         job = await session.get(RoutedJob, job_id, with_for_update=True)
         if job is None or job.status != "running" or job.driver_node != driver:
             return None
-        job.status, job.driver_node, job.dispatched_at, job.returned_by = "queued", None, None, driver
         job.attempts += 1
+        if job.attempts < attempts_allowed:
+            job.status, job.driver_node, job.dispatched_at, job.returned_by = "queued", None, None, driver
         return job
 
 
@@ -346,7 +352,8 @@ async def _relay(ctx: NodeContext, source: Source, message: JobUpdate) -> None:
     update_.driver = source.node
     if update_.is_final and not repeated_final:
         # The slot frees, and the next queued job takes it, before the client hears: a slow client holds nothing.
-        assignments = await ctx.store.write_soon(lambda session: _finish_and_assign(session, job.id, update_.status, job.model))
+        ended_as = update_.status or "failed"
+        assignments = await ctx.store.write_soon(lambda session: _finish_and_assign(session, job.id, ended_as, job.model))
         if assignments:
             ctx.spawn(_hand_over(ctx, job.model, assignments), name=f"hand-over-{job.model}")
     try:
@@ -360,18 +367,17 @@ async def _relay(ctx: NodeContext, source: Source, message: JobUpdate) -> None:
         await ctx.store.write_soon(lambda session: _mark_streamed(session, job.id, source.node))
 
 
-def _finished(job_id: str, status: str) -> Executable:
-    """The job's end, unless it has ended already (another event, or another replica, came first)."""
-    return (
+async def _finish_and_assign(session: AsyncSession, job_id: str, status: str, model: str) -> list[tuple[str, str, JobSpec]] | None:
+    """End the job and give its slot to the queue; None if it had ended already (another event, or
+    another replica, came first)."""
+    ended = await session.execute(
         update(RoutedJob)
         .where(RoutedJob.id == job_id, RoutedJob.status.not_in(FINAL_STATUSES))
         .values(status=status, finished_at=time.time())
         .execution_options(synchronize_session=False)
     )
-
-
-async def _finish_and_assign(session: AsyncSession, job_id: str, status: str | None, model: str) -> list[tuple[str, str, JobSpec]]:
-    await session.execute(_finished(job_id, status or "failed"))
+    if not ended.rowcount:  # type: ignore[attr-defined]
+        return None
     return await _assign(session, model, time.time())
 
 
@@ -396,17 +402,13 @@ async def _to_client(ctx: NodeContext, client_node: str, message: JobUpdate) -> 
 async def _end(ctx: NodeContext, job: RoutedJob, status: str, error: str) -> None:
     """End a job from the router: the client hears it as the job's final update; its slot goes to the queue.
     Nothing happens if the job has ended already (its final arrived, or another replica ended it)."""
-    ended = await ctx.store.write_soon(lambda session: _end_row(session, job.id, status))
-    if not ended:
+    assignments = await ctx.store.write_soon(lambda session: _finish_and_assign(session, job.id, status, job.model))
+    if assignments is None:
         return
+    if assignments:
+        ctx.spawn(_hand_over(ctx, job.model, assignments), name=f"hand-over-{job.model}")
     final = Update(job_id=job.id, seq=0, is_final=True, status=status, driver=job.driver_node, error=error)  # type: ignore[arg-type]
     await _to_client(ctx, job.client_node, JobUpdate(update=final))
-    ctx.spawn(dispatch(ctx, job.model), name=f"dispatch-{job.model}")
-
-
-async def _end_row(session: AsyncSession, job_id: str, status: str) -> bool:
-    result = await session.execute(_finished(job_id, status))
-    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 async def _released(ctx: NodeContext, source: Source, job_id: str, reason: str) -> None:
@@ -490,10 +492,10 @@ async def _take_back(ctx: NodeContext, job: RoutedJob, driver: str, reason: str,
     if job.streamed:
         await _end(ctx, job, "failed", f"{reason} (after part of the answer was sent)")
         return
-    requeued = await _requeue(ctx, job.id, driver, count_failure=driver_failed)
+    requeued = await _requeue(ctx, job.id, driver, count_failure=driver_failed, attempts_allowed=ctx.settings.max_attempts)
     if requeued is None:  # it ended, or moved on, meanwhile
         return
-    if requeued.attempts >= ctx.settings.max_attempts:
+    if requeued.status == "running":  # out of attempts
         await _end(ctx, requeued, "failed", f"gave up after {requeued.attempts} attempts; last: {reason}")
     elif not await _has_ready_driver(ctx, requeued.model):
         await _end(ctx, requeued, "failed", f"no driver left to retry on; last: {reason}")

@@ -212,7 +212,7 @@ async def _set_served(ctx: NodeContext, job_id: str, status: str | None = None, 
 
 
 async def _settle_orphan(ctx: NodeContext, served: ServedJob) -> None:
-    """A job the previous process was serving when it died."""
+    """A job whose serving process died (the previous one on this store, or a silent sibling)."""
     if not served.streamed and served.origin_node != ctx.name:
         job = _Serving(ctx, JobSpec.model_validate(served.spec), served.origin_node)
         await _release(ctx, job, "the driver restarted before it sent anything")
@@ -258,10 +258,11 @@ async def settle_orphans(ctx: NodeContext) -> None:
     """Jobs whose serving process died end, or go back to the router.  Alone on its store, a process
     takes every job it is not serving as the last process's; sharing it, only those of processes
     not seen for WORKER_TTL_S.  Each orphan is claimed in one UPDATE, so one process settles it."""
-    dead = ServedJob.worker.is_(None) | (ServedJob.worker != ctx.worker)
     if ctx.store.shared:
         live = select(Worker.id).where(Worker.last_seen >= time.time() - WORKER_TTL_S)
         dead = ServedJob.worker.is_(None) | ServedJob.worker.not_in(live)
+    else:
+        dead = ServedJob.worker.is_(None) | (ServedJob.worker != ctx.worker)
     claim = sa_update(ServedJob).where(ServedJob.status == "running", dead).values(worker=ctx.worker).returning(ServedJob)
     async with ctx.store.writing() as session:
         orphans = (await session.scalars(claim.execution_options(synchronize_session=False))).all()

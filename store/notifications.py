@@ -3,8 +3,8 @@
 A reader of a job's stream waits on an in-process event; when another process (a gunicorn worker,
 a router replica) writes the job's next chunk, that event must be set from the database.  On
 PostgreSQL the writer NOTIFYs in its transaction (delivered at commit) and each process LISTENs on
-one connection of its own; SQLite has no such thing, so readers there look again every few
-milliseconds instead.
+one connection of its own; SQLite has no such thing, so one task per process looks at the watched
+jobs every SQLITE_POLL_S instead (`handlers.news`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class Listener:
 
     @classmethod
     async def start(cls, url: str, on_news: Callable[[str], None]) -> Listener:
-        import asyncpg  # type: ignore[import-untyped]
+        import asyncpg
 
         dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
         connection = await asyncpg.connect(dsn)
