@@ -28,7 +28,7 @@ from emulator.directory import Peer, write_directory
 from emulator.homes import Home
 from emulator.signing import NodeKey
 from tests.conftest import free_port
-from tests.helpers import MODEL
+from tests.helpers import MODEL, submit
 from tests.processes import kill_group, wait_healthy
 from tests.sse_client import events, job_updates
 
@@ -238,15 +238,6 @@ class Cluster:
 
 
 # --- HTTP -------------------------------------------------------------------------------------
-
-
-async def submit(http: aiohttp.ClientSession, url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
-    async with asyncio.timeout(STEP_S):
-        async with http.post(f"{url}/jobs", json=body, headers=headers or {}) as response:
-            text = await response.text()
-    assert response.status == 202, text
-    created: dict[str, Any] = json.loads(text)
-    return created
 
 
 async def record(http: aiohttp.ClientSession, url: str, job_id: str) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from tests.sse_client import events, job_updates
 
 # A guard against hangs only: every awaited outcome arrives in milliseconds on loopback when the code works.
 GUARD_S = 5.0
+SUBMIT_GUARD_S = 15.0  # POST /jobs answers once the job is stored (and, routed, accepted): this only catches hangs
 
 MODEL = "llama3"
 
@@ -71,9 +72,9 @@ async def count_rows(node: RunningNode, table: type[Any]) -> int:
         return int(await session.scalar(select(func.count()).select_from(table)) or 0)
 
 
-async def submit(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> dict[str, Any]:
+async def submit(http: aiohttp.ClientSession, url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
     """POST /jobs and return the 202 body."""
-    async with http.post(f"{url}/jobs", json=body) as response:
+    async with asyncio.timeout(SUBMIT_GUARD_S), http.post(f"{url}/jobs", json=body, headers=headers or {}) as response:
         text = await response.text()
         assert response.status == 202, text
         created: dict[str, Any] = json.loads(text)

@@ -30,6 +30,7 @@ from emulator.directory import Peer
 from emulator.fake_llm import ChatRequest, FakeLlmSettings, FakeLlmStats, generate_completion
 from emulator.signing import SIGNATURE_HEADER, NodeKey, ReplayGuard
 from store.models import ApiKey, Base, DriverRegistration, Job, RoutedJob, ServedJob
+from tests.cluster import first_update
 from tests.conftest import Network, RunningNode, StartNode, StartUpstream, Upstream, serve_app
 from tests.helpers import (
     GUARD_S,
@@ -42,7 +43,7 @@ from tests.helpers import (
 )
 from tests.helpers import migrated_database as migrated_database  # a fixture
 from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
-from tests.sse_client import events, job_updates
+from tests.sse_client import job_updates
 
 BURST_GUARD_S = 20.0  # 50 jobs through 3 drivers one at a time: about a second when the code works
 
@@ -570,14 +571,6 @@ async def stalling_proxy(target: str) -> AsyncIterator[StallingProxy]:
     finally:
         proxy.opened.set()
         await runner.cleanup()
-
-
-async def first_update(http: aiohttp.ClientSession, url: str, job_id: str) -> dict[str, Any]:
-    async with asyncio.timeout(GUARD_S), http.get(f"{url}/jobs/{job_id}/events") as response:
-        async for event in events(response):
-            update: dict[str, Any] = json.loads(event.data)
-            return update
-    raise AssertionError(f"job {job_id}: the stream ended without an update")
 
 
 # The driver is free in milliseconds once its job ended; a send stalled behind the slow node would hold it
