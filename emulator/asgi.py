@@ -71,9 +71,9 @@ class NodeAsgi:
             await _send_json(send, http_api.not_found(method, path, sorted({m for m, _, _ in matches})))
             return
         try:
-            body = await _read_body(receive)
+            body = await _read_body(receive, self.api.max_message_bytes)
         except BodyTooLarge:
-            await _send_json(send, http_api.too_large())
+            await _send_json(send, http_api.too_large(self.api.max_message_bytes))
             return
         request = HttpRequest(
             headers={name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]},
@@ -89,7 +89,7 @@ class NodeAsgi:
             await _stream(reply, receive, send)
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def _read_body(receive: Receive, limit: int) -> bytes:
     parts: list[bytes] = []
     size = 0
     while True:
@@ -98,7 +98,7 @@ async def _read_body(receive: Receive) -> bytes:
             break
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > http_api.MAX_BODY_BYTES:
+        if size > limit:
             raise BodyTooLarge
         parts.append(chunk)
         if not message.get("more_body", False):

@@ -17,16 +17,16 @@ from pydantic import BaseModel, ValidationError
 
 from emulator import signing
 from emulator.directory import Directory
-from handlers import api_keys, chat, driver, jobs, node
+from handlers import api_keys, driver, jobs, node, v1
 from handlers.api_keys import Caller
 from handlers.context import NodeContext, log
 from handlers.errors import HandlerError
-from schemas.jobs import ErrorBody, ErrorResponse, JobRequest
+from schemas.jobs import ErrorBody, ErrorResponse
 from schemas.messages import Envelope, Process
-from schemas.openai_api import ChatCompletionRequest
+from schemas.openai_api import JobKind, JobOrder
 from schemas.sse import encode_comment, encode_event
 
-MAX_BODY_BYTES = 1024 * 1024
+ENVELOPE_ALLOWANCE_BYTES = 64 * 1024  # a node message carries a client's body (up to the limit) and its envelope
 SSE_RETRY_MS = 2000
 SSE_HEARTBEAT_S = 15.0
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -68,6 +68,16 @@ class NodeApi:
     directory: Directory
     replay_guard: signing.ReplayGuard
 
+    @property
+    def max_body_bytes(self) -> int:
+        """A client's body may be this large."""
+        return self.ctx.settings.max_body_bytes
+
+    @property
+    def max_message_bytes(self) -> int:
+        """What a host reads at most: a node message, which carries a client's body in its envelope."""
+        return self.ctx.settings.max_body_bytes + ENVELOPE_ALLOWANCE_BYTES
+
 
 Route = Callable[[NodeApi, HttpRequest], Awaitable[Reply]]
 
@@ -93,6 +103,8 @@ async def answer(route: Route, api: NodeApi, request: HttpRequest) -> Reply:
     try:
         return await route(api, request)
     except HandlerError as error:
+        if error.body is not None:
+            return JsonReply(error.status, json.dumps(error.body).encode())
         return error_reply(error.status, error.code, error.message, error.details, error.retry_after)
     except ValidationError as error:
         details = error.errors(include_url=False, include_context=False, include_input=False)
@@ -102,8 +114,8 @@ async def answer(route: Route, api: NodeApi, request: HttpRequest) -> Reply:
         return error_reply(500, "internal_error", "the node failed to handle this request; see its log")
 
 
-def too_large() -> JsonReply:
-    return error_reply(413, "body_too_large", f"request body over {MAX_BODY_BYTES} bytes")
+def too_large(limit: int) -> JsonReply:
+    return error_reply(413, "body_too_large", f"request body over {limit} bytes")
 
 
 def not_found(method: str, path: str, allowed: list[str]) -> JsonReply:
@@ -115,7 +127,9 @@ def not_found(method: str, path: str, allowed: list[str]) -> JsonReply:
 # --- request parts ------------------------------------------------------------------------------
 
 
-def read_json(request: HttpRequest) -> Any:
+def read_json(request: HttpRequest, limit: int) -> Any:
+    if len(request.body) > limit:
+        raise HandlerError(413, "body_too_large", f"request body over {limit} bytes")
     try:
         return json.loads(request.body)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
@@ -147,8 +161,8 @@ async def healthz(api: NodeApi, request: HttpRequest) -> Reply:
 
 
 async def submit_job(api: NodeApi, request: HttpRequest) -> Reply:
-    job_request = JobRequest.model_validate(read_json(request))
-    created = await driver.submit(api.ctx, caller_of(request), job_request, request.headers.get("idempotency-key"))
+    order = JobOrder.read(JobKind.CHAT, read_json(request, api.max_body_bytes), jobs_api=True)
+    created = await driver.submit(api.ctx, caller_of(request), order, request.headers.get("idempotency-key"))
     return json_reply(created, status=202)
 
 
@@ -180,20 +194,33 @@ async def job_events(api: NodeApi, request: HttpRequest) -> Reply:
     return StreamReply(chunks())
 
 
-async def chat_completions(api: NodeApi, request: HttpRequest) -> Reply:
-    completion_request = ChatCompletionRequest.model_validate(read_json(request))
-    job_id, created = await chat.start(api.ctx, caller_of(request), completion_request)
-    if not completion_request.stream:
-        return json_reply(await chat.complete(api.ctx, job_id, created, completion_request))
+def openai_endpoint(kind: JobKind) -> Route:
+    """`POST /v1/<kind>`: the request runs as a job; its answer streams back, or comes whole."""
 
-    async def chunks() -> AsyncIterator[bytes]:
-        async for payload in chat.stream(api.ctx, job_id, created, completion_request):
-            if payload is None:
-                yield encode_comment("heartbeat")
-            else:
-                yield b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-        yield b"data: [DONE]\n\n"
+    async def answer_request(api: NodeApi, request: HttpRequest) -> Reply:
+        order = JobOrder.read(kind, read_json(request, api.max_body_bytes))
+        answer = await v1.start(api.ctx, caller_of(request), order, request.headers.get("idempotency-key"))
+        if not (order.envelope.stream and kind.streams):
+            return JsonReply(200, json.dumps(await v1.complete(api.ctx, answer)).encode())
+        # The status waits for the first chunk, so that the LLM's refusal reaches the client as its own.
+        first = await v1.first_update(api.ctx, answer, api.ctx.settings.status_hold)
+        if first is not None and first.is_final and first.status != "succeeded":
+            raise v1.refusal(first)
+        return StreamReply(_openai_stream(api, answer), _cancel_on_hang_up(api, answer.job_id))
 
+    return answer_request
+
+
+async def _openai_stream(api: NodeApi, answer: v1.Answer) -> AsyncIterator[bytes]:
+    async for payload in v1.stream(api.ctx, answer):
+        if payload is None:
+            yield encode_comment("heartbeat")
+        else:
+            yield b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+    yield b"data: [DONE]\n\n"
+
+
+def _cancel_on_hang_up(api: NodeApi, job_id: str) -> Callable[[], Awaitable[None]]:
     async def abandoned() -> None:
         # An OpenAI stream cannot be resumed: a client that hangs up has given up on the job.
         try:
@@ -201,19 +228,19 @@ async def chat_completions(api: NodeApi, request: HttpRequest) -> Reply:
         except HandlerError:
             pass  # it ended meanwhile
 
-    return StreamReply(chunks(), abandoned)
+    return abandoned
 
 
 async def list_models(api: NodeApi, request: HttpRequest) -> Reply:
     await api_keys.client_identity(api.ctx, caller_of(request))
-    return json_reply(await chat.models(api.ctx))
+    return json_reply(await v1.models(api.ctx))
 
 
 # --- nodes and admin -------------------------------------------------------------------------------
 
 
 async def node_message(api: NodeApi, request: HttpRequest) -> Reply:
-    envelope = Envelope.model_validate(read_json(request))
+    envelope = Envelope.model_validate(read_json(request, api.max_message_bytes))
     if envelope.destination != api.ctx.name:
         raise HandlerError(401, "wrong_destination", f"the envelope is for {envelope.destination}, not {api.ctx.name}")
     peer = api.directory.peer(envelope.source.node)
@@ -232,7 +259,7 @@ async def admin_message(api: NodeApi, request: HttpRequest) -> Reply:
     if target is not None and target not in node.PROCESSES:
         raise HandlerError(404, "unknown_process", f"no process {target!r}; processes: {', '.join(node.PROCESSES)}")
     process: Process | None = target  # type: ignore[assignment]
-    return json_reply(await node.admin(api.ctx, process, read_json(request)))
+    return json_reply(await node.admin(api.ctx, process, read_json(request, api.max_body_bytes)))
 
 
 ROUTES: list[tuple[str, str, Route]] = [
@@ -241,7 +268,9 @@ ROUTES: list[tuple[str, str, Route]] = [
     ("GET", "/jobs/{job_id}", get_job),
     ("DELETE", "/jobs/{job_id}", cancel_job),
     ("GET", "/jobs/{job_id}/events", job_events),
-    ("POST", "/v1/chat/completions", chat_completions),
+    ("POST", "/v1/chat/completions", openai_endpoint(JobKind.CHAT)),
+    ("POST", "/v1/completions", openai_endpoint(JobKind.COMPLETION)),
+    ("POST", "/v1/embeddings", openai_endpoint(JobKind.EMBEDDING)),
     ("GET", "/v1/models", list_models),
     ("POST", "/node/message", node_message),
     ("POST", "/admin", admin_message),

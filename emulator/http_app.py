@@ -31,7 +31,7 @@ def _handler(route: Route) -> Handler:
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return await _write(request, http_api.too_large())
+            return await _write(request, http_api.too_large(request.app[API].max_message_bytes))
         http_request = HttpRequest(
             headers={name.lower(): value for name, value in request.headers.items()},
             body=body,
@@ -68,7 +68,7 @@ async def _write(request: web.Request, reply: Reply) -> web.StreamResponse:
 
 
 def create_app(api: NodeApi) -> web.Application:
-    app = web.Application(middlewares=[unknown_routes_as_json], client_max_size=http_api.MAX_BODY_BYTES)
+    app = web.Application(middlewares=[unknown_routes_as_json], client_max_size=api.max_message_bytes)
     app[API] = api
     for method, path, route in http_api.ROUTES:
         app.router.add_route(method, path, _handler(route))

@@ -28,5 +28,15 @@ class AiohttpLlmClient:
         except (TimeoutError, aiohttp.ClientError) as error:
             raise LlmUnreachable(repr(error)) from error
 
+    async def post(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> str:
+        try:
+            async with self._session.post(url, json=body, headers=headers) as response:
+                text = await response.text()
+        except (TimeoutError, aiohttp.ClientError) as error:
+            raise LlmUnreachable(repr(error)) from error
+        if response.status != 200:
+            raise LlmHttpError(response.status, text)
+        return text
+
     async def close(self) -> None:
         await self._session.close()

@@ -17,6 +17,7 @@ from store.database import Store
 log = logging.getLogger("llm_provider")
 
 DEFAULT_JOB_TIMEOUT = 60.0
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024  # room for images sent inline
 
 
 class Transport(Protocol):
@@ -33,6 +34,10 @@ class LlmClient(Protocol):
         status other than 200, LlmUnreachable when no (whole) answer came."""
         ...
 
+    async def post(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> str:
+        """POST `body` as JSON and return the whole answer; the same errors as `stream_lines`."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -45,6 +50,8 @@ class Settings:
     retention: float = 24 * 3600.0
     max_attempts: int = 3
     drain_grace: float = 10.0
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    status_hold: float = 10.0  # a streamed /v1 answer waits this long for the first chunk or a refusal before it commits to 200
 
 
 @dataclass

@@ -28,15 +28,14 @@ from handlers.api_keys import Caller
 from handlers.config import config_for_update, read_config
 from handlers.context import NodeContext, log
 from handlers.errors import HandlerError, PeerError, unknown_job, unknown_model
-from schemas.jobs import FINAL_STATUSES, JobCreated, JobRequest, JobSpec
-from schemas.jobs import JobUpdate as Update
+from schemas.jobs import FINAL_STATUSES, JobCreated, JobSpec, JobUpdate
 from schemas.messages import (
     Ack,
     ApiKeyCreated,
     CancelJob,
     CreateApiKey,
     JobAccepted,
-    JobUpdate,
+    JobUpdateMessage,
     ListModels,
     Message,
     ModelInfo,
@@ -50,12 +49,13 @@ from schemas.messages import (
     SetRouter,
     Source,
 )
+from schemas.openai_api import JobOrder
 from store.models import Job, NodeConfig
 
 # --- events ---------------------------------------------------------------------
 
 
-async def submit(ctx: NodeContext, caller: Caller, request: JobRequest, idempotency_key: str | None = None) -> JobCreated:
+async def submit(ctx: NodeContext, caller: Caller, order: JobOrder, idempotency_key: str | None = None) -> JobCreated:
     """A client's job: serve it with our own LLM, or hand it to our router.  One transaction decides and stores it."""
     if ctx.draining:
         raise HandlerError(503, "shutting_down", f"{ctx.name} is shutting down and takes no new jobs")
@@ -65,7 +65,7 @@ async def submit(ctx: NodeContext, caller: Caller, request: JobRequest, idempote
             client = await api_keys.identify(session, config, caller)
             if idempotency_key is not None and (earlier := await _earlier_submission(session, client, idempotency_key)):
                 return earlier
-            spec = _new_spec(ctx, request, config)
+            spec = _new_spec(ctx, order, config)
             local = spec.model in config.driver_models
             if local:
                 session.add_all([_job_row(client, spec, "running", None, ctx.name, idempotency_key), serving.served_row(ctx, ctx.name, spec)])
@@ -97,7 +97,7 @@ async def cancel(ctx: NodeContext, job_id: str) -> None:
         raise unknown_job(job_id)
     if job.status in FINAL_STATUSES:
         raise HandlerError(409, "job_finished", f"job {job_id} already ended: {job.status}")
-    await updates.record_update(ctx, Update(job_id=job_id, seq=job.next_seq, is_final=True, status="cancelled", error="cancelled by the client"))
+    await updates.record_update(ctx, JobUpdate(job_id=job_id, seq=job.next_seq, is_final=True, status="cancelled", error="cancelled by the client"))
     if job.router_node is None:
         await serving.end_cancelled(ctx, job_id)
         return
@@ -133,7 +133,7 @@ async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | Jo
         case CancelJob(job_id=job_id):
             await serving.cancel(ctx, source, job_id)
             return Ack()
-        case JobUpdate(update=update):
+        case JobUpdateMessage(update=update):
             await updates.record_from_router(ctx, source, update)
             return Ack()
     raise HandlerError(400, "unsupported_message", f"the driver does not take {message.type}")  # type: ignore[attr-defined]
@@ -183,16 +183,18 @@ async def models(ctx: NodeContext) -> list[ModelInfo]:
 # --- submission -------------------------------------------------------------------
 
 
-def _new_spec(ctx: NodeContext, request: JobRequest, config: NodeConfig) -> JobSpec:
+def _new_spec(ctx: NodeContext, order: JobOrder, config: NodeConfig) -> JobSpec:
     now = time.time()
+    request = order.envelope
     default = config.job_timeout or ctx.settings.job_timeout
     timeout = min(request.timeout or default, max(default, ctx.settings.max_job_timeout))
     return JobSpec(
         job_id=uuid.uuid4().hex,
         client_node=ctx.name,
         model=request.model,
-        messages=request.chat_messages(),
-        params=request.sampling(),
+        kind=order.kind,
+        body=order.body,
+        stream_options=request.stream_options.model_dump() if request.stream_options else None,
         created_at=now,
         deadline=now + timeout,
         first_token_timeout=request.first_token_timeout or ctx.settings.first_token_timeout,

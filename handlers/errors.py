@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from schemas.jobs import LlmError
 
 
 class HandlerError(Exception):
     """A refusal with an HTTP status, a stable code and a message for people."""
 
-    def __init__(self, status: int, code: str, message: str, details: Any = None, retry_after: float | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, details: Any = None, retry_after: float | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.details = details
         self.retry_after = retry_after
+        self.body = body  # the error body to answer with as it is (the LLM's own), instead of one made of the above
 
 
 class PeerError(HandlerError):
@@ -26,11 +33,13 @@ class UpstreamError(Exception):
 
     `retryable`: the endpoint may serve the job another time (it could not be reached, was busy,
     or broke off); a refusal of the request itself, or a malformed answer, is not retried.
+    `llm_error`: the LLM refused the client's request; its status and body go back to the client.
     """
 
-    def __init__(self, message: str, retryable: bool = False) -> None:
+    def __init__(self, message: str, retryable: bool = False, llm_error: LlmError | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.llm_error = llm_error
 
 
 def unknown_job(job_id: str) -> HandlerError:

@@ -10,7 +10,9 @@ from sqlalchemy import Select, select
 
 from handlers.context import NodeContext
 from handlers.errors import PeerError, unknown_job
-from schemas.jobs import FINAL_STATUSES, JobRecord, JobUpdate, Usage
+from handlers.assembly import assemble
+from schemas.jobs import FINAL_STATUSES, JobRecord, JobSpec, JobUpdate, LlmError, output_chunks
+from schemas.openai_api import JobKind, Usage
 from schemas.messages import QueuePlace, QueuePosition
 from store.models import Job, JobChunk
 
@@ -20,7 +22,14 @@ async def record(ctx: NodeContext, job_id: str, with_queue_position: bool = Fals
         job = await session.get(Job, job_id)
         if job is None:
             raise unknown_job(job_id)
-        text = "".join(await session.scalars(select(JobChunk.delta).where(JobChunk.job_id == job_id).order_by(JobChunk.seq)))
+        rows = (await session.execute(select(JobChunk.seq, JobChunk.delta, JobChunk.chunks).where(JobChunk.job_id == job_id).order_by(JobChunk.seq))).all()
+    kind = JobSpec.model_validate(job.spec).kind
+    chunks = [chunk for row in rows for chunk in output_chunks(row.seq, row.delta, row.chunks)]
+    usage = Usage.model_validate(job.usage) if job.usage else None
+    response = whole_answer(
+        kind, chunks, response_id=kind.id_prefix + job.id, created=int(job.created_at), model=job.model,
+        finish_reason=job.finish_reason, usage=usage,
+    )
     return JobRecord(
         job_id=job.id,
         model=job.model,
@@ -32,12 +41,28 @@ async def record(ctx: NodeContext, job_id: str, with_queue_position: bool = Fals
         first_token_at=job.first_token_at,
         finished_at=job.finished_at,
         deadline=job.deadline,
-        text=text,
+        text="".join(row.delta for row in rows),
+        response=response if chunks else None,
         finish_reason=job.finish_reason,
-        usage=Usage.model_validate(job.usage) if job.usage else None,
+        usage=usage,
         error=job.error,
+        llm_error=LlmError.model_validate(job.llm_error) if job.llm_error else None,
         queue_position=await _queue_position(ctx, job) if with_queue_position else None,
     )
+
+
+def whole_answer(
+    kind: JobKind, chunks: list[dict[str, Any]], *, response_id: str, created: int, model: str, finish_reason: str | None,
+    usage: Usage | None,
+) -> dict[str, Any]:
+    """The answer a non-streamed request gets, from the job's chunks and what its final update said."""
+    response = assemble(kind, chunks, response_id=response_id, created=created, model=model)
+    for choice in response["choices"] if kind.streams else []:
+        if choice["index"] == 0 and choice["finish_reason"] is None:
+            choice["finish_reason"] = finish_reason  # a job stored before chunks were kept
+    if usage is not None and response.get("usage") is None:
+        response["usage"] = usage.model_dump()
+    return response
 
 
 async def _queue_position(ctx: NodeContext, job: Job) -> int | None:
@@ -76,7 +101,7 @@ async def follow(ctx: NodeContext, job_id: str, after_seq: int = -1, idle: float
                 ctx.signals.notify(job_id)  # nothing more will come: drop the job's wake-up event
                 yield _final_update(row)
                 return
-            yield JobUpdate(job_id=job_id, seq=row.seq, delta=row.delta, driver=row.driver_node)
+            yield JobUpdate(job_id=job_id, seq=row.seq, delta=row.delta, chunks=row.chunks, driver=row.driver_node)
             last = row.seq
             heartbeat_at = loop.time() + idle
         if ctx.closing:
@@ -91,7 +116,10 @@ async def follow(ctx: NodeContext, job_id: str, after_seq: int = -1, idle: float
 def _news(job_id: str, after_seq: int) -> Select[Any]:
     """One statement: the job's state, joined with its chunks after `after_seq` (none: one row of NULLs)."""
     return (
-        select(Job.id, Job.status, Job.next_seq, Job.driver_node, Job.finish_reason, Job.usage, Job.error, JobChunk.seq, JobChunk.delta)
+        select(
+            Job.id, Job.status, Job.next_seq, Job.driver_node, Job.finish_reason, Job.usage, Job.error, Job.llm_error,
+            JobChunk.seq, JobChunk.delta, JobChunk.chunks,
+        )
         .outerjoin(JobChunk, (JobChunk.job_id == Job.id) & (JobChunk.seq > after_seq))
         .where(Job.id == job_id)
         .order_by(JobChunk.seq)
@@ -103,10 +131,12 @@ def _final_update(job: Any) -> JobUpdate:
         job_id=job.id,
         seq=job.seq,
         delta=job.delta,
+        chunks=job.chunks,
         is_final=True,
         status=job.status,  # type: ignore[arg-type]
         driver=job.driver_node,
         finish_reason=job.finish_reason,
         usage=Usage.model_validate(job.usage) if job.usage else None,
         error=job.error,
+        llm_error=LlmError.model_validate(job.llm_error) if job.llm_error else None,
     )

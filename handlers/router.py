@@ -28,14 +28,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from handlers.config import config_for_update, read_config
 from handlers.context import NodeContext, log
 from handlers.errors import HandlerError, PeerError, unknown_job, unknown_model
-from schemas.jobs import FINAL_STATUSES, JobSpec
-from schemas.jobs import JobUpdate as Update
+from schemas.jobs import FINAL_STATUSES, JobSpec, JobUpdate
 from schemas.messages import (
     Ack,
     CancelJob,
     DriverState,
     JobAccepted,
-    JobUpdate,
+    JobUpdateMessage,
     ListModels,
     Message,
     ModelInfo,
@@ -90,7 +89,7 @@ async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | Jo
             return Ack()
         case RunJob(job=spec):
             return await _enqueue(ctx, source, spec)
-        case JobUpdate():
+        case JobUpdateMessage():
             await _relay(ctx, source, message)
             return Ack()
         case ReleaseJob(job_id=job_id, reason=reason):
@@ -337,7 +336,7 @@ async def _requeue(
 # --- updates from drivers ------------------------------------------------------------------
 
 
-async def _relay(ctx: NodeContext, source: Source, message: JobUpdate) -> None:
+async def _relay(ctx: NodeContext, source: Source, message: JobUpdateMessage) -> None:
     update_ = message.update
     columns = (RoutedJob.id, RoutedJob.driver_node, RoutedJob.client_node, RoutedJob.status, RoutedJob.streamed, RoutedJob.model)
     async with ctx.store.reading() as session:
@@ -392,7 +391,7 @@ async def _mark_streamed(session: AsyncSession, job_id: str, driver: str) -> Non
     )
 
 
-async def _to_client(ctx: NodeContext, client_node: str, message: JobUpdate) -> None:
+async def _to_client(ctx: NodeContext, client_node: str, message: JobUpdateMessage) -> None:
     try:
         await ctx.transport.send("router", client_node, "driver", message)
     except PeerError as error:
@@ -407,8 +406,8 @@ async def _end(ctx: NodeContext, job: RoutedJob, status: str, error: str) -> Non
         return
     if assignments:
         ctx.spawn(_hand_over(ctx, job.model, assignments), name=f"hand-over-{job.model}")
-    final = Update(job_id=job.id, seq=0, is_final=True, status=status, driver=job.driver_node, error=error)  # type: ignore[arg-type]
-    await _to_client(ctx, job.client_node, JobUpdate(update=final))
+    final = JobUpdate(job_id=job.id, seq=0, is_final=True, status=status, driver=job.driver_node, error=error)  # type: ignore[arg-type]
+    await _to_client(ctx, job.client_node, JobUpdateMessage(update=final))
 
 
 async def _released(ctx: NodeContext, source: Source, job_id: str, reason: str) -> None:

@@ -21,9 +21,9 @@ from handlers.coalesce import batches
 from handlers.config import read_config
 from handlers.context import NodeContext, log
 from handlers.errors import HandlerError, PeerError, UpstreamError, unknown_job, unknown_model
-from schemas.jobs import JobSpec, Usage
-from schemas.jobs import JobUpdate as Update
-from schemas.messages import JobAccepted, JobUpdate, ReleaseJob, Source
+from schemas.jobs import JobSpec, JobUpdate, LlmError
+from schemas.messages import JobAccepted, JobUpdateMessage, ReleaseJob, Source
+from schemas.openai_api import Usage
 from store.models import NodeConfig, ServedJob, Worker
 
 DELIVERY_BACKOFF_S = 0.1
@@ -114,22 +114,27 @@ class _Serving:
         self.seq = 0
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
-        self.tail = ""  # text that arrived together with the end: it travels in the final update
+        self.tail: list[openai.Piece] = []  # what arrived together with the end: it travels in the final update
 
     async def stream(self) -> None:
         """Raises TimeoutError at the deadline, or when the LLM is silent longer than the job allows."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, self.spec.deadline - time.time())
         async with asyncio.timeout_at(self._limit(deadline, self.spec.first_token_timeout)) as timer:
-            async for pieces, ended in batches(openai.stream_chat(self.ctx, self.endpoint, self.spec)):
+            if not self.spec.kind.streams:
+                answer = await openai.fetch_answer(self.ctx, self.endpoint, self.spec)
+                usage = answer.get("usage")
+                self.tail = [openai.Piece(chunks=[answer], usage=Usage.model_validate(usage) if isinstance(usage, dict) else None)]
+                self.usage = self.tail[0].usage
+                return
+            async for pieces, ended in batches(openai.stream_answer(self.ctx, self.endpoint, self.spec)):
                 for piece in pieces:
                     self.finish_reason = piece.finish_reason or self.finish_reason
                     self.usage = piece.usage or self.usage
-                delta = "".join(piece.delta for piece in pieces)
                 if ended:
-                    self.tail = delta  # one message instead of two
-                elif delta:
-                    await self.deliver(Update(job_id=self.job_id, seq=self.seq, delta=delta, driver=self.ctx.name))
+                    self.tail = pieces  # one message instead of two
+                elif pieces:
+                    await self.deliver(_update(self.job_id, self.seq, pieces, driver=self.ctx.name))
                     timer.reschedule(self._limit(deadline, self.spec.idle_timeout))
 
     @staticmethod
@@ -143,18 +148,24 @@ class _Serving:
             return f"no first token within {self.spec.first_token_timeout} s"
         return f"the LLM was silent for more than {self.spec.idle_timeout} s"
 
-    async def deliver(self, update: Update) -> None:
+    async def deliver(self, update: JobUpdate) -> None:
         if self.seq == 0 and self.origin != self.ctx.name:
             # Written before the chunk leaves: after a crash, a job that may have reached its client is never handed over.
             await _set_served(self.ctx, self.job_id, streamed=True)
         await _deliver(self.ctx, self.origin, update, self.spec.deadline)
         self.seq += 1
 
-    def final(self, status: str, error: str | None = None) -> Update:
-        return Update(
-            job_id=self.job_id, seq=self.seq, delta=self.tail, is_final=True, status=status, driver=self.ctx.name,  # type: ignore[arg-type]
-            finish_reason=self.finish_reason if status == "succeeded" else None, usage=self.usage, error=error,
+    def final(self, status: str, error: str | None = None, llm_error: LlmError | None = None) -> JobUpdate:
+        return _update(
+            self.job_id, self.seq, self.tail, driver=self.ctx.name, is_final=True, status=status,
+            finish_reason=self.finish_reason if status == "succeeded" else None, usage=self.usage, error=error, llm_error=llm_error,
         )
+
+
+def _update(job_id: str, seq: int, pieces: list[openai.Piece], **fields: Any) -> JobUpdate:
+    """One update carrying what `pieces` hold: every chunk whole, and choice 0's text."""
+    chunks = [chunk for piece in pieces for chunk in piece.chunks]
+    return JobUpdate(job_id=job_id, seq=seq, delta="".join(piece.text for piece in pieces), chunks=chunks, **fields)
 
 
 async def serve(ctx: NodeContext, spec: JobSpec, origin: str, endpoint: openai.Endpoint | None) -> None:
@@ -170,7 +181,7 @@ async def serve(ctx: NodeContext, spec: JobSpec, origin: str, endpoint: openai.E
         if error.retryable and job.seq == 0 and job.origin != ctx.name:
             await _release(ctx, job, str(error))
             return
-        final = job.final("failed", str(error))
+        final = job.final("failed", str(error), error.llm_error)
     except PeerError as error:
         log.warning("job %s: %s stopped taking its updates (%s); serving stopped", job_id, job.origin, error.message)
         await _set_served(ctx, job_id, status="failed")
@@ -184,7 +195,7 @@ async def serve(ctx: NodeContext, spec: JobSpec, origin: str, endpoint: openai.E
     await _finish(ctx, job.origin, final, job.spec.deadline + FINAL_DELIVERY_GRACE_S)
 
 
-async def _finish(ctx: NodeContext, origin: str, final: Update, deadline: float) -> None:
+async def _finish(ctx: NodeContext, origin: str, final: JobUpdate, deadline: float) -> None:
     try:
         await _deliver(ctx, origin, final, deadline)
     except PeerError as error:
@@ -217,11 +228,11 @@ async def _settle_orphan(ctx: NodeContext, served: ServedJob) -> None:
         job = _Serving(ctx, JobSpec.model_validate(served.spec), served.origin_node)
         await _release(ctx, job, "the driver restarted before it sent anything")
         return
-    final = Update(job_id=served.id, seq=0, is_final=True, status="failed", driver=ctx.name, error="the driver restarted mid-job")
+    final = JobUpdate(job_id=served.id, seq=0, is_final=True, status="failed", driver=ctx.name, error="the driver restarted mid-job")
     await _finish(ctx, served.origin_node, final, served.deadline)
 
 
-async def _deliver(ctx: NodeContext, origin: str, update: Update, deadline: float) -> None:
+async def _deliver(ctx: NodeContext, origin: str, update: JobUpdate, deadline: float) -> None:
     """To this node's own client, or to the router; a router that is down (restarting) is tried
     again with backoff until the job's deadline.  Repeats are safe: receivers ignore known seqs."""
     if origin == ctx.name:
@@ -232,7 +243,7 @@ async def _deliver(ctx: NodeContext, origin: str, update: Update, deadline: floa
     backoff = DELIVERY_BACKOFF_S
     while True:
         try:
-            await ctx.transport.send("driver", origin, "router", JobUpdate(update=update))
+            await ctx.transport.send("driver", origin, "router", JobUpdateMessage(update=update))
             return
         except PeerError as error:
             if error.status != 503 or time.time() + backoff > deadline:

@@ -46,7 +46,7 @@ async def record_update(ctx: NodeContext, update: Update, router: str | None = N
     values: dict[str, Any] = {"next_seq": Job.next_seq + 1 if update.is_final else update.seq + 1, "status": "running"}
     if update.driver:
         values["driver_node"] = update.driver
-    if update.delta:
+    if update.delta or update.chunks:
         values["first_token_at"] = func.coalesce(Job.first_token_at, now)
     if update.is_final:
         values |= {
@@ -55,6 +55,7 @@ async def record_update(ctx: NodeContext, update: Update, router: str | None = N
             "finish_reason": update.finish_reason,
             "usage": update.usage.model_dump() if update.usage else None,
             "error": update.error,
+            "llm_error": update.llm_error.model_dump() if update.llm_error else None,
         }
     statement = sa_update(Job).where(*conditions).values(values).returning(Job.next_seq)
 
@@ -62,7 +63,7 @@ async def record_update(ctx: NodeContext, update: Update, router: str | None = N
         next_seq = await session.scalar(statement.execution_options(synchronize_session=False))
         if next_seq is None:
             return False
-        await session.execute(insert(JobChunk).values(job_id=update.job_id, seq=next_seq - 1, delta=update.delta))
+        await session.execute(insert(JobChunk).values(job_id=update.job_id, seq=next_seq - 1, delta=update.delta, chunks=update.chunks))
         await ctx.store.announce(session, update.job_id)
         return True
 

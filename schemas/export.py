@@ -11,15 +11,19 @@ from pydantic import BaseModel
 from schemas import jobs, messages, openai_api
 
 API_MODELS: list[type[BaseModel]] = [
-    jobs.JobRequest,
+    openai_api.JobRequest,
     jobs.JobCreated,
     jobs.JobRecord,
     jobs.JobUpdate,
     jobs.ErrorResponse,
     messages.Envelope,
     openai_api.ChatCompletionRequest,
+    openai_api.CompletionRequest,
+    openai_api.EmbeddingRequest,
     openai_api.ChatCompletionChunk,
     openai_api.ChatCompletion,
+    openai_api.EmbeddingList,
+    openai_api.OpenAiErrorBody,
 ]
 
 

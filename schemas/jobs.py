@@ -1,69 +1,15 @@
-"""Jobs as clients see them: submissions, records and the JobUpdates they stream."""
+"""Jobs as clients see them: what a job is, the updates it streams, its record and the error shape."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, model_validator
+
+from schemas.openai_api import JobKind, Usage
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "timed_out", "cancelled"]
 FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "timed_out", "cancelled"})
-
-
-class Strict(BaseModel):
-    """Unknown fields are errors, so a typo never silently changes a job."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _text_parts(cls, content: Any) -> Any:
-        """OpenAI clients may send content as a list of parts; text parts are joined, others refused."""
-        if not isinstance(content, list):
-            return content
-        if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in content):
-            raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are served")
-        return "".join(part["text"] for part in content)
-
-
-class SamplingParams(Strict):
-    """Generation settings passed through to the LLM unchanged."""
-
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, ge=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-
-
-class JobRequest(SamplingParams):
-    """Body of `POST /jobs`: a prompt, or a list of chat messages, for a model."""
-
-    model: str = Field(min_length=1, max_length=200)
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
-    timeout: float | None = Field(default=None, gt=0, description="seconds until the job's deadline")
-    first_token_timeout: float | None = Field(default=None, gt=0, description="seconds allowed until the first token")
-    idle_timeout: float | None = Field(default=None, gt=0, description="longest silence allowed between chunks")
-
-    @model_validator(mode="after")
-    def _prompt_or_messages(self) -> JobRequest:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of 'prompt' or 'messages'")
-        return self
-
-    def chat_messages(self) -> list[ChatMessage]:
-        if self.messages is not None:
-            return self.messages
-        return [ChatMessage(role="user", content=self.prompt or "")]
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams.model_validate(self.model_dump(include=set(SamplingParams.model_fields)))
 
 
 class JobSpec(BaseModel):
@@ -72,34 +18,61 @@ class JobSpec(BaseModel):
     job_id: str
     client_node: str
     model: str
-    messages: list[ChatMessage]
-    params: SamplingParams = SamplingParams()
+    kind: JobKind = JobKind.CHAT
+    body: dict[str, Any] = {}  # the client's request body, without the fields the network owns
+    stream_options: dict[str, Any] | None = None  # the client's, passed on with usage always asked for
     created_at: float
     deadline: float
     first_token_timeout: float | None = None
     idle_timeout: float | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text_only_form(cls, data: Any) -> Any:
+        """Jobs stored (or sent by a node) before requests passed through carried `messages` and `params`."""
+        if isinstance(data, dict) and "body" not in data and "messages" in data:
+            data = dict(data)
+            params = data.pop("params", None) or {}
+            data["body"] = {"messages": data.pop("messages"), **{k: v for k, v in params.items() if v is not None}}
+        return data
 
-class Usage(BaseModel):
-    model_config = ConfigDict(extra="allow")
 
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
+class LlmError(BaseModel):
+    """The LLM refused the client's request (a 4xx before the first token): its status and body reach the client."""
+
+    status: int
+    body: dict[str, Any]
 
 
 class JobUpdate(BaseModel):
-    """One chunk of a job's output; the last one has `is_final` and the final status."""
+    """One step of a job's output, as every node passes it on and as clients read it from
+    `/jobs/{id}/events`; the last one has `is_final` and the final status.
+
+    `chunks` are the LLM's own streamed chunks (without `id`, `object` and `created`, which the
+    client's node sets), every field kept; `delta` is the text of choice 0 in them, for simple
+    readers.  None: an update from before chunks were kept, whose `delta` is all there is.
+    """
 
     job_id: str
     seq: int = Field(ge=0)
     delta: str = ""
+    chunks: list[dict[str, Any]] | None = None
     is_final: bool = False
     status: JobStatus | None = None
     driver: str | None = None
     finish_reason: str | None = None
     usage: Usage | None = None
     error: str | None = None
+    llm_error: LlmError | None = None
+
+
+def output_chunks(seq: int, delta: str, chunks: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """An update's chunks; for one stored before chunks were kept, its text as a chat chunk."""
+    if chunks is not None:
+        return chunks
+    if not delta:
+        return []
+    return [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": delta} if seq == 0 else {"content": delta}}]}]
 
 
 class JobCreated(BaseModel):
@@ -122,10 +95,12 @@ class JobRecord(BaseModel):
     first_token_at: float | None
     finished_at: float | None
     deadline: float
-    text: str
+    text: str  # choice 0's text
+    response: dict[str, Any] | None = Field(default=None, description="the answer as a non-streamed /v1 request gets it, assembled from the chunks so far")
     finish_reason: str | None
     usage: Usage | None
     error: str | None
+    llm_error: LlmError | None = None
     queue_position: int | None = None
 
 

@@ -12,8 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from schemas.jobs import JobSpec
-from schemas.jobs import JobUpdate as JobUpdateBody
+from schemas.jobs import JobSpec, JobUpdate
 
 Process = Literal["driver", "router", "openai"]
 
@@ -108,11 +107,11 @@ class RunJob(Message):
     job: JobSpec
 
 
-class JobUpdate(Message):
-    """Serving driver → router → client's driver, one per chunk."""
+class JobUpdateMessage(Message):
+    """Serving driver → router → client's driver, one per update (`schemas.jobs.JobUpdate`, which clients read)."""
 
     type: Literal["JobUpdate"] = "JobUpdate"
-    update: JobUpdateBody
+    update: JobUpdate
 
 
 class RegisterDriver(Message):
@@ -160,10 +159,10 @@ def _union(*models: type[Message]) -> Any:
 
 
 RouterMessage = _union(
-    StartRouter, SetGate, RouterStatus, RunJob, JobUpdate, RegisterDriver, ListModels, CancelJob, ReleaseJob, QueuePosition
+    StartRouter, SetGate, RouterStatus, RunJob, JobUpdateMessage, RegisterDriver, ListModels, CancelJob, ReleaseJob, QueuePosition
 )
 DriverMessage = _union(
-    SetRouter, SetLocalDriver, SetJobTimeout, CreateApiKey, RevokeApiKey, RequireApiKeys, RunJob, JobUpdate, CancelJob
+    SetRouter, SetLocalDriver, SetJobTimeout, CreateApiKey, RevokeApiKey, RequireApiKeys, RunJob, JobUpdateMessage, CancelJob
 )
 OpenAiMessage = _union(RegisterOaiProviderEndpoint)
 

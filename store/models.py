@@ -10,7 +10,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON}
+    type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON, list[Any]: JSON}
 
 
 class NodeConfig(Base):
@@ -81,6 +81,7 @@ class Job(Base):
     finish_reason: Mapped[str | None] = mapped_column(String(64))
     usage: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
+    llm_error: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the LLM's refusal of the request: status and body
 
     __table_args__ = (
         Index("ix_jobs_status_deadline", "status", "deadline"),
@@ -94,7 +95,8 @@ class JobChunk(Base):
 
     job_id: Mapped[str] = mapped_column(String(64), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)
-    delta: Mapped[str] = mapped_column(Text)
+    delta: Mapped[str] = mapped_column(Text)  # choice 0's text
+    chunks: Mapped[list[Any] | None] = mapped_column(JSON)  # the LLM's chunks, whole (NULL: stored before revision 0006)
 
 
 class RoutedJob(Base):

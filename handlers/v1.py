@@ -1,0 +1,141 @@
+"""The OpenAI-compatible `/v1` API on top of jobs: a request becomes a job, the job's chunks its answer.
+
+Streamed, the LLM's chunks go to the client as they came (with this job's `id` and `created`);
+not streamed, they are assembled by OpenAI's rules (`handlers.assembly`).  A job that ends
+without an answer becomes an HTTP error: the LLM's own status and body where it refused the
+request, else 502 (failed), 504 (timed out) or 499 (cancelled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from handlers import driver, jobs
+from handlers.api_keys import Caller
+from handlers.context import NodeContext
+from handlers.errors import HandlerError
+from schemas.jobs import ErrorBody, JobUpdate, output_chunks
+from schemas.openai_api import JobKind, JobOrder, OpenAiModel, OpenAiModelList
+
+FAILURE_STATUS = {"timed_out": 504, "cancelled": 499, "failed": 502}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The job behind one `/v1` request, and what its answer is labelled with."""
+
+    kind: JobKind
+    job_id: str
+    created: int
+    model: str
+    wants_usage: bool
+
+    @property
+    def id(self) -> str:
+        return self.kind.id_prefix + self.job_id
+
+    def chunk(self, fields: dict[str, Any]) -> dict[str, Any] | None:
+        """A stored chunk as the client receives it; None if nothing of it is for this client."""
+        fields = dict(fields)
+        if not self.wants_usage:
+            fields.pop("usage", None)  # the network always asks for usage; the client did not
+            if not fields.get("choices"):
+                return None
+        return {"id": self.id, "object": self.kind.chunk_object, "created": self.created, "model": fields.pop("model", self.model), **fields}
+
+
+async def start(ctx: NodeContext, caller: Caller, order: JobOrder, idempotency_key: str | None = None) -> Answer:
+    created = await driver.submit(ctx, caller, order, idempotency_key)
+    return Answer(order.kind, created.job_id, int(created.created_at), order.envelope.model, order.envelope.wants_usage())
+
+
+async def first_update(ctx: NodeContext, answer: Answer, hold: float) -> JobUpdate | None:
+    """The job's first update, if one comes within `hold` seconds (a refusal comes before any chunk)."""
+    try:
+        async with asyncio.timeout(hold), aclosing(jobs.follow(ctx, answer.job_id)) as updates:
+            async for update in updates:
+                if update is not None:
+                    return update
+    except TimeoutError:
+        pass
+    return None
+
+
+async def stream(ctx: NodeContext, answer: Answer) -> AsyncIterator[dict[str, Any] | None]:
+    """The `data:` payloads of a streamed answer (None: a heartbeat is due); `[DONE]` is the caller's."""
+    finished: set[int] = set()
+    usage_sent = False
+    async with aclosing(jobs.follow(ctx, answer.job_id)) as updates:
+        async for update in updates:
+            if update is None:
+                yield None
+                continue
+            for stored in output_chunks(update.seq, update.delta, update.chunks):
+                finished.update(choice.get("index", 0) for choice in stored.get("choices") or [] if choice.get("finish_reason"))
+                usage_sent = usage_sent or stored.get("usage") is not None
+                if (payload := answer.chunk(stored)) is not None:
+                    yield payload
+            if not update.is_final:
+                continue
+            if update.status != "succeeded":
+                yield {"error": error_object(update)}
+                return
+            # A job stored before chunks were kept: its end and usage were kept beside the text.
+            if 0 not in finished:
+                yield answer.chunk({"choices": [_finish_choice(answer.kind, update.finish_reason)]})
+            if answer.wants_usage and not usage_sent and update.usage is not None:
+                yield answer.chunk({"choices": [], "usage": update.usage.model_dump()})
+            return
+
+
+def _finish_choice(kind: JobKind, finish_reason: str | None) -> dict[str, Any]:
+    if kind is JobKind.COMPLETION:
+        return {"index": 0, "text": "", "logprobs": None, "finish_reason": finish_reason}
+    return {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}
+
+
+async def complete(ctx: NodeContext, answer: Answer) -> dict[str, Any]:
+    """Wait for the whole job and assemble its answer; a job that did not succeed raises its HTTP error."""
+    chunks: list[dict[str, Any]] = []
+    async with aclosing(jobs.follow(ctx, answer.job_id)) as updates:
+        async for update in updates:
+            if update is None:
+                continue
+            chunks.extend(output_chunks(update.seq, update.delta, update.chunks))
+            if update.is_final:
+                if update.status != "succeeded":
+                    raise refusal(update)
+                return jobs.whole_answer(
+                    answer.kind, chunks, response_id=answer.id, created=answer.created, model=answer.model,
+                    finish_reason=update.finish_reason, usage=update.usage,
+                )
+    raise HandlerError(502, "job_lost", f"job {answer.job_id} ended without a final update")
+
+
+def refusal(update: JobUpdate) -> HandlerError:
+    """A job that ended without an answer, as the HTTP error the client gets."""
+    if update.llm_error is not None:
+        error = update.llm_error.body.get("error") or {}
+        return HandlerError(update.llm_error.status, str(error.get("code") or "llm_refused"), str(error.get("message")), body=update.llm_error.body)
+    body = failure(update)
+    return HandlerError(FAILURE_STATUS.get(update.status or "failed", 502), body.code or "job_failed", body.message)
+
+
+def error_object(update: JobUpdate) -> dict[str, Any]:
+    """The `error` of an error event, for a streamed answer that had committed to 200."""
+    if update.llm_error is not None and isinstance(update.llm_error.body.get("error"), dict):
+        return dict(update.llm_error.body["error"])
+    return failure(update).model_dump(exclude_none=True)
+
+
+def failure(update: JobUpdate) -> ErrorBody:
+    status = update.status or "failed"
+    return ErrorBody(message=update.error or f"job {status}", type="server_error", code=f"job_{status}")
+
+
+async def models(ctx: NodeContext) -> OpenAiModelList:
+    return OpenAiModelList(data=[OpenAiModel(id=info.id, owned_by=info.owned_by) for info in await driver.models(ctx)])
