@@ -17,7 +17,7 @@ from emulator.directory import parse_peer
 from emulator.homes import Home, default_root, find_home
 from emulator.node import JobLimits, NodeOptions, serve_forever
 from emulator.up import UpOptions, up
-from handlers.context import DEFAULT_JOB_TIMEOUT
+from handlers.context import DEFAULT_JOB_TIMEOUT, DEFAULT_MAX_BODY_BYTES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,12 +83,13 @@ def _add_job_limits(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--idle-timeout", type=float, default=None, help="longest silence between chunks (default: off)")
     parser.add_argument("--drain-grace", type=float, default=10.0, help="on SIGTERM, seconds running jobs may take to finish")
     parser.add_argument("--retention", type=float, default=24 * 3600.0, help="seconds finished jobs are kept")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body a client may send")
 
 
 def _job_limits(args: argparse.Namespace) -> JobLimits:
     return JobLimits(
         job_timeout=args.job_timeout, first_token_timeout=args.first_token_timeout, idle_timeout=args.idle_timeout,
-        drain_grace=args.drain_grace, retention=args.retention,
+        drain_grace=args.drain_grace, retention=args.retention, max_body_bytes=args.max_body_bytes,
     )
 
 

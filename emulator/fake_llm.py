@@ -65,6 +65,7 @@ FAIL_HEADER = "X-Fake-Fail"
 FAIL_CONTENT = "FAIL"  # answered HTTP 500 with an OpenAI error body: a refusal
 BUSY_CONTENT = "BUSY"  # answered HTTP 503 with a plain-text body: an overloaded server
 FAIL_MESSAGE = "fake upstream failure"
+MAX_REQUEST_BYTES = 64 * 1024 * 1024  # images sent inline, as a real server takes them
 
 
 @dataclass(frozen=True)
@@ -469,7 +470,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 def create_app(settings: FakeLlmSettings | None = None) -> web.Application:
     """Application serving the fake OpenAI-compatible API with the given settings."""
-    app = web.Application()
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
     app[SETTINGS] = settings if settings is not None else FakeLlmSettings()
     app[STATS] = FakeLlmStats()
     app.router.add_get("/v1/models", list_models)

@@ -24,7 +24,7 @@ from emulator.signing import NodeKey
 from emulator.transport import HttpTransport
 from handlers import news, serving, upkeep
 from handlers import node as node_handlers
-from handlers.context import DEFAULT_JOB_TIMEOUT, NodeContext, Settings
+from handlers.context import DEFAULT_JOB_TIMEOUT, DEFAULT_MAX_BODY_BYTES, NodeContext, Settings
 from schemas.messages import Message, Process, Source
 from store.database import Store, sqlite_url
 
@@ -36,16 +36,18 @@ class JobLimits:
     idle_timeout: float | None = None
     drain_grace: float = 10.0
     retention: float = 24 * 3600.0
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     def flags(self) -> list[str]:
         """The same limits as `emulator node` options."""
         pairs = [
             ("--job-timeout", self.job_timeout), ("--first-token-timeout", self.first_token_timeout),
             ("--idle-timeout", self.idle_timeout), ("--drain-grace", self.drain_grace), ("--retention", self.retention),
+            ("--max-body-bytes", self.max_body_bytes),
         ]
         defaults = JobLimits()
         return [item for flag, value in pairs if value is not None and value != getattr(defaults, flag[2:].replace("-", "_"))
-                for item in (flag, f"{value:g}")]
+                for item in (flag, str(value) if isinstance(value, int) else f"{value:g}")]
 
 
 @dataclass
@@ -74,7 +76,10 @@ class NodeOptions:
             directory_file=Path(directory).expanduser() if directory else None,
             database_url=environ.get("LLMP_DATABASE_URL"),
             shared=environ.get("LLMP_SHARED", "0") == "1",
-            limits=JobLimits(job_timeout=float(environ.get("LLMP_JOB_TIMEOUT", JobLimits().job_timeout))),
+            limits=JobLimits(
+                job_timeout=float(environ.get("LLMP_JOB_TIMEOUT", JobLimits().job_timeout)),
+                max_body_bytes=int(environ.get("LLMP_MAX_BODY_BYTES", JobLimits().max_body_bytes)),
+            ),
         )
 
 
@@ -118,6 +123,7 @@ class NodeRuntime:
                 idle_timeout=options.limits.idle_timeout,
                 drain_grace=options.limits.drain_grace,
                 retention=options.limits.retention,
+                max_body_bytes=options.limits.max_body_bytes,
             ),
         )
         await store.listen(self.ctx.signals.notify)

@@ -11,7 +11,7 @@ from sqlalchemy import Select, select
 from handlers.context import NodeContext
 from handlers.errors import PeerError, unknown_job
 from handlers.assembly import assemble
-from schemas.jobs import FINAL_STATUSES, JobRecord, JobSpec, JobUpdate, LlmError, output_chunks
+from schemas.jobs import FINAL_STATUSES, JobRecord, JobUpdate, LlmError, output_chunks
 from schemas.openai_api import JobKind, Usage
 from schemas.messages import QueuePlace, QueuePosition
 from store.models import Job, JobChunk
@@ -23,7 +23,7 @@ async def record(ctx: NodeContext, job_id: str, with_queue_position: bool = Fals
         if job is None:
             raise unknown_job(job_id)
         rows = (await session.execute(select(JobChunk.seq, JobChunk.delta, JobChunk.chunks).where(JobChunk.job_id == job_id).order_by(JobChunk.seq))).all()
-    kind = JobSpec.model_validate(job.spec).kind
+    kind = JobKind(job.spec.get("kind", JobKind.CHAT))
     chunks = [chunk for row in rows for chunk in output_chunks(row.seq, row.delta, row.chunks)]
     usage = Usage.model_validate(job.usage) if job.usage else None
     response = whole_answer(

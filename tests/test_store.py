@@ -197,9 +197,14 @@ async def test_node_started_on_an_old_database_serves_its_records(tmp_path: Path
     async with Node(NodeOptions(name="old.dev", port=free_port(), home=home)) as node:
         record = await get_json(http, f"{node.url}/jobs/kept")
         assert (record["status"], record["text"], record["finish_reason"]) == ("succeeded", "from before", "stop")
+        # Assembled from the text alone, as chunks were not kept then.
+        assert record["response"]["choices"] == [
+            {"index": 0, "message": {"role": "assistant", "content": "from before"}, "logprobs": None, "finish_reason": "stop"}
+        ]
         async with asyncio.timeout(GUARD_S):
             updates = await job_updates(http, node.url, "kept")
     assert [(u["seq"], u["delta"], u["is_final"]) for u in updates] == [(0, "from before", False), (1, "", True)]
+    assert "chunks" not in updates[0]  # nothing is made up for a reader of /jobs
 
 
 # --- concurrent writers ------------------------------------------------------------------------------
