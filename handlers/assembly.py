@@ -15,8 +15,8 @@ from typing import Any
 
 from schemas.openai_api import JobKind
 
-# Given once and then only repeated, never continued.
-_REPLACED = frozenset({"role", "id", "type", "index", "finish_reason", "object", "created", "model"})
+# Given once, or repeated whole (llama.cpp repeats a tool call's id and name in every fragment), never continued.
+_REPLACED = frozenset({"role", "id", "type", "index", "name", "finish_reason", "object", "created", "model"})
 _CHUNK_ENVELOPE = frozenset({"id", "object", "created", "choices"})
 
 
@@ -81,6 +81,9 @@ def _whole_choice(kind: JobKind, index: int, merged: dict[str, Any]) -> dict[str
         message = choice.pop("delta", None) or {}
         message.setdefault("role", "assistant")
         message.setdefault("content", None)
+        for call in message.get("tool_calls") or []:
+            if isinstance(call, dict):
+                call.pop("index", None)  # it only orders a stream's fragments
         choice["message"] = message
     else:
         choice.setdefault("text", "")

@@ -242,3 +242,115 @@ async def gated() -> AsyncIterator[GatedUpstream]:
 async def gated_network(start_node: StartNode, gated: GatedUpstream) -> Network:
     """A fixture: router, driver and client nodes, the driver's LLM the gated upstream."""
     return await start_network(start_node, gated)
+
+
+# --- a scripted upstream: answers what the test says, records what it was sent -------------------------
+
+
+@dataclass
+class Sent:
+    """One request an upstream received: its path (under /v1), JSON body and headers."""
+
+    path: str
+    body: Any
+    headers: dict[str, str]
+
+
+@dataclass
+class Reply:
+    """What a scripted upstream answers: streamed `chunks` (each one `data:` event, then `[DONE]` unless
+    `done` is False), or a whole JSON `body` with `status`."""
+
+    chunks: list[dict[str, Any]] | None = None
+    body: Any = None
+    status: int = 200
+    done: bool = True
+
+
+@dataclass
+class ScriptedUpstream(Upstream):
+    """An OpenAI-compatible upstream whose answers the test scripts, per path; every request is kept in `sent`.
+
+    `script(path, reply)` answers every request to `path` with `reply`; `script_next(path, *replies)`
+    answers the next requests to `path` with `replies`, one each, first in first out, before the
+    scripted reply takes over again."""
+
+    replies: dict[str, Reply] = field(default_factory=dict)
+    queue: dict[str, list[Reply]] = field(default_factory=dict)
+    sent: list[Sent] = field(default_factory=list)
+
+    def script(self, path: str, reply: Reply) -> None:
+        self.replies[path] = reply
+
+    def script_next(self, path: str, *replies: Reply) -> None:
+        self.queue.setdefault(path, []).extend(replies)
+
+    def reply_to(self, path: str) -> Reply | None:
+        queued = self.queue.get(path)
+        if queued:
+            return queued.pop(0)
+        return self.replies.get(path)
+
+
+def chat_chunk(*choices: dict[str, Any], **top: Any) -> dict[str, Any]:
+    """An upstream's chat chunk, as OpenAI streams it (with `usage: null`, since usage is always asked for)."""
+    return {"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1, "model": MODEL, "choices": list(choices), "usage": None, **top}
+
+
+def delta(index: int = 0, finish_reason: str | None = None, logprobs: Any = None, **fields: Any) -> dict[str, Any]:
+    return {"index": index, "delta": fields, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+
+
+def usage_chunk() -> dict[str, Any]:
+    return chat_chunk(usage=USAGE) | {"choices": []}
+
+
+@asynccontextmanager
+async def scripted_upstream() -> AsyncIterator[ScriptedUpstream]:
+    upstream: ScriptedUpstream
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        path = request.match_info["path"]
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            body = None
+        upstream.sent.append(Sent(path=path, body=body, headers=dict(request.headers)))
+        upstream.stats.requests += 1
+        reply = upstream.reply_to(path)
+        if reply is None:
+            return web.json_response({"detail": "Not Found"}, status=404)
+        if reply.chunks is None:
+            return web.json_response(reply.body, status=reply.status)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for chunk in reply.chunks:
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        if reply.done:
+            await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/v1/{path:.+}", answer)
+    runner, port = await serve_app(app)
+    upstream = ScriptedUpstream(url=f"http://127.0.0.1:{port}/v1", stats=FakeLlmStats())
+    try:
+        yield upstream
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[ScriptedUpstream]:
+    async with scripted_upstream() as upstream:
+        yield upstream
+
+
+@pytest.fixture
+async def scripted_network(start_node: StartNode, scripted: ScriptedUpstream) -> Network:
+    """A fixture: router, driver and client nodes, the driver's LLM the scripted upstream."""
+    return await start_network(start_node, scripted)
