@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--body", type=parse_message_arg, default=None, metavar="JSON",
+                   help='more request fields, passed to the LLM as they are: \'{"tools": [...], "tool_choice": "required"}\'')
 
     commands.add_parser("fake-llm", help="run the embedded fake OpenAI-compatible LLM (see emulator fake-llm --help)")
     return parser
@@ -118,6 +120,10 @@ async def _run_job(args: argparse.Namespace) -> int:
     for key in ("max_tokens", "seed", "temperature"):
         if getattr(args, key) is not None:
             request[key] = getattr(args, key)
+    if args.body is not None:
+        if not isinstance(args.body, dict):
+            raise CommandError("--body must be a JSON object")
+        request |= args.body
     summary = await run_job(f"http://127.0.0.1:{args.port}", request)
     print(summary.line())
     return 0 if summary.status == "succeeded" else 1

@@ -11,6 +11,8 @@ from typing import Any, TextIO
 
 import aiohttp
 
+from handlers.assembly import assemble
+from schemas.openai_api import JobKind
 from schemas.sse import SSEDecoder
 
 
@@ -93,22 +95,37 @@ async def run_job(url: str, request: dict[str, Any], out: TextIO = sys.stdout) -
 async def _print_stream(
     session: aiohttp.ClientSession, events_url: str, out: TextIO, started: float
 ) -> tuple[dict[str, Any], float | None]:
-    """Print deltas as they come; the final update, and the seconds to the first token."""
+    """Print text as it comes, and tool calls once whole; the final update, and the seconds to the first token."""
     first_token: float | None = None
     decoder = SSEDecoder()
+    chunks: list[dict[str, Any]] = []
     async with session.get(events_url) as events:
         async for raw in events.content:
             event = decoder.feed_line(raw.decode())
             if event is None or event.event != "job_update":
                 continue
             update = json.loads(event.data)
-            if update.get("delta"):
+            chunks.extend(update.get("chunks") or [])
+            if update.get("delta") or update.get("chunks"):
                 first_token = first_token or time.perf_counter() - started
+            if update.get("delta"):
                 out.write(update["delta"])
                 out.flush()
             if update.get("is_final"):
+                out.write("".join(f"\n{line}" for line in tool_call_lines(chunks)))
                 return update, first_token
     return {"status": "lost", "error": "the stream ended without a final update"}, first_token
+
+
+def tool_call_lines(chunks: list[dict[str, Any]]) -> list[str]:
+    """Choice 0's tool calls, one readable line each: `→ get_weather({"city": "Paris"})  [call_1]`."""
+    answer = assemble(JobKind.CHAT, chunks, response_id="", created=0, model="")
+    message = answer["choices"][0]["message"] if answer["choices"] else {}
+    lines = []
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") or {}
+        lines.append(f"→ {function.get('name')}({function.get('arguments', '')})  [{call.get('id')}]")
+    return lines
 
 
 def _table(rows: list[tuple[str, ...]]) -> str:

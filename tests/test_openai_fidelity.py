@@ -41,7 +41,7 @@ from tests.sse_client import events, job_updates
 CHAT = "chat/completions"
 IMAGE = "data:image/png;base64," + "iVBORw0KGgo" * 1000
 
-TOOLS = [
+TOOLS: Any = [
     {
         "type": "function",
         "function": {
