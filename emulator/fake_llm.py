@@ -1,8 +1,9 @@
 """Embedded fake OpenAI-compatible LLM server.
 
 Acts as the "outside world" upstream for the emulator, tests and benchmarks.
-It serves ``GET /v1/models``, ``POST /v1/chat/completions`` (streaming over
-SSE and non-streaming) and ``GET /healthz``.
+It serves ``GET /v1/models``, ``POST /v1/chat/completions`` and ``POST
+/v1/completions`` (streaming over SSE and non-streaming), ``POST /v1/embeddings``
+(deterministic 8-number vectors) and ``GET /healthz``.
 
 Generated text is deterministic: tokens are words drawn from a fixed list by
 ``random.Random(seed)``, where the seed is the request's ``seed`` or, failing
@@ -457,6 +458,81 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         stats.leave()
 
 
+EMBEDDING_WIDTH = 8
+
+
+def embedding_of(text: str) -> list[float]:
+    """A deterministic unit-free vector of EMBEDDING_WIDTH numbers in [-1, 1) for a text."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return [round(byte / 128 - 1, 6) for byte in digest[:EMBEDDING_WIDTH]]
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    request.app[STATS].requests += 1
+    try:
+        body = await read_json(request)
+        inputs = body.get("input") if isinstance(body, dict) else None
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(item, str) for item in inputs):
+            raise RequestError("'input' must be a string or a non-empty list of strings")
+    except RequestError as error:
+        return error_response(error)
+    tokens = sum(len(item.split()) for item in inputs)
+    return web.json_response({
+        "object": "list",
+        "data": [{"object": "embedding", "index": index, "embedding": embedding_of(item)} for index, item in enumerate(inputs)],
+        "model": body.get("model", request.app[SETTINGS].model),
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    })
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    """Legacy completions: the chat answer to the prompt as one user message, in the `text_completion` shape."""
+    settings, stats = request.app[SETTINGS], request.app[STATS]
+    stats.requests += 1
+    try:
+        body = await read_json(request)
+        prompt = body.get("prompt") if isinstance(body, dict) else None
+        if isinstance(prompt, list) and prompt and all(isinstance(item, str) for item in prompt):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise RequestError("'prompt' must be a string or a list of strings")
+        chat = parse_chat_request({**body, "messages": [{"role": "user", "content": prompt}]})
+    except RequestError as error:
+        return error_response(error)
+    completion = generate_completion(chat, settings)
+    ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def payload(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
+        shape = {"id": ident, "object": "text_completion", "created": created, "model": chat.model, "choices": choices}
+        return shape | ({"usage": usage} if usage is not None else {})
+
+    stats.enter()
+    try:
+        if not chat.stream:
+            await asyncio.sleep(settings.ttft)
+            choice = {"index": 0, "text": completion.text, "logprobs": None, "finish_reason": completion.finish_reason}
+            return web.json_response(payload([choice], completion.usage()))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        await asyncio.sleep(settings.ttft)
+        for index, token in enumerate(completion.tokens):
+            if index:
+                await asyncio.sleep(settings.token_interval)
+            await response.write(sse_event(payload([{"index": 0, "text": token, "logprobs": None, "finish_reason": None}])))
+        await response.write(sse_event(payload([{"index": 0, "text": "", "logprobs": None, "finish_reason": completion.finish_reason}])))
+        if chat.include_usage:
+            await response.write(sse_event(payload([], completion.usage())))
+        await response.write(sse_event("[DONE]"))
+        await response.write_eof()
+        return response
+    except ConnectionResetError:
+        return web.Response(status=499)
+    finally:
+        stats.leave()
+
+
 async def list_models(request: web.Request) -> web.Response:
     model = request.app[SETTINGS].model
     return web.json_response(
@@ -475,6 +551,8 @@ def create_app(settings: FakeLlmSettings | None = None) -> web.Application:
     app[STATS] = FakeLlmStats()
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/healthz", healthz)
     return app
 

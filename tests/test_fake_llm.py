@@ -10,7 +10,7 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
-from emulator.fake_llm import STATS, WORDS, FakeLlmSettings, create_app, messages_seed
+from emulator.fake_llm import EMBEDDING_WIDTH, STATS, WORDS, FakeLlmSettings, create_app, messages_seed
 
 FAST = FakeLlmSettings(ttft=0.0, tokens_per_second=0.0, default_tokens=8)
 MESSAGES = [{"role": "user", "content": "tell me a short story please"}]
@@ -193,3 +193,28 @@ async def test_pacing_and_disconnect(aiohttp_client: Any) -> None:
         await stats.until_idle()
     assert stats.active == 0
     assert stats.max_active == 1
+
+
+async def test_embeddings_are_deterministic_vectors_per_input(client: TestClient) -> None:
+    response = await client.post("/v1/embeddings", json={"model": "fake-llm", "input": ["a b", "c"]})
+    assert response.status == 200
+    body = await response.json()
+    assert [item["index"] for item in body["data"]] == [0, 1]
+    assert all(len(item["embedding"]) == EMBEDDING_WIDTH for item in body["data"])
+    assert body["data"][0]["embedding"] != body["data"][1]["embedding"]
+    again = await (await client.post("/v1/embeddings", json={"model": "fake-llm", "input": "a b"})).json()
+    assert again["data"][0]["embedding"] == body["data"][0]["embedding"]
+    assert body["usage"] == {"prompt_tokens": 3, "total_tokens": 3}
+    refused = await client.post("/v1/embeddings", json={"model": "fake-llm", "input": 3})
+    assert refused.status == 400
+
+
+async def test_legacy_completions_stream_the_chat_answer_as_text(client: TestClient) -> None:
+    chat = streamed_text(await stream(client, seed=3))
+    response = await client.post("/v1/completions", json={"model": "fake-llm", "prompt": "x", "seed": 3, "stream": True})
+    events = await read_sse(response)
+    assert events[-1] == "[DONE]"
+    assert all(event["object"] == "text_completion" for event in events[:-1])
+    assert "".join(event["choices"][0]["text"] for event in events[:-1]) == chat
+    whole = await (await client.post("/v1/completions", json={"model": "fake-llm", "prompt": ["x"], "seed": 3})).json()
+    assert whole["choices"][0]["text"] == chat and whole["usage"]["completion_tokens"] == FAST.default_tokens
