@@ -18,6 +18,7 @@ import tiktoken
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, ToolMessage
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
+from pydantic import SecretStr
 
 from tests.conftest import Network
 from tests.helpers import MODEL, Reply, ScriptedUpstream, Sent, chat_chunk, delta, usage_chunk
@@ -77,7 +78,7 @@ def answer_reply() -> Reply:
 
 
 def chat_model(network: Network) -> Any:
-    llm = ChatOpenAI(base_url=f"{network.client.url}/v1", api_key="x", model=MODEL, max_retries=0, timeout=30)  # type: ignore[arg-type]
+    llm = ChatOpenAI(base_url=f"{network.client.url}/v1", api_key=SecretStr("x"), model=MODEL, max_retries=0, timeout=30)
     return llm.bind_tools([get_weather])
 
 

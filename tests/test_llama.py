@@ -3,8 +3,10 @@
 `../shared/tools/tiny-llm-server` (next to this repository) builds llama-cpp-python once into
 ~/.cache/llm-provider/ (about 4 minutes on 2 cores, then cached) and starts its OpenAI-compatible
 server; one server serves the whole session.  Its replies are word salad that ends after a "."
-(`--allow-eos`).  Every test starts its own `emulator up --nodes 3 --llm URL` (real processes,
-loopback ports), so a test that leaves a driver cooled down or a queue busy cannot affect another.
+(`--allow-eos`); section 4 starts a second one, with `-- --chat_format chatml-function-calling
+--embedding True`, for tools, JSON answers and embeddings.  Every test starts its own `emulator up
+--nodes 3 --llm URL` (real processes, loopback ports), so a test that leaves a driver cooled down
+or a queue busy cannot affect another.
 
 What this server does that the fake LLM does not, as measured (llama-cpp-python 0.3.36):
   * a request its schema refuses (e.g. a message with role "developer") gets HTTP 500 with an
@@ -13,7 +15,11 @@ What this server does that the fake LLM does not, as measured (llama-cpp-python 
   * a prompt longer than the context gets, when streamed, HTTP 200 and an empty body;
   * one request at a time: with the wrapper's `--interrupt_requests False` concurrent requests
     queue; with the server's own default (`--interrupt-requests` here) a new request cuts the
-    running stream short with `data: [DONE]` and no finish_reason.
+    running stream short with `data: [DONE]` and no finish_reason;
+  * with chatml-function-calling, a streamed tool call repeats its `id` and `name` in every fragment
+    (the openai SDK's `chat.completions.stream()` helper joins them: "pickpick..."); `response_format`
+    takes `{"type": "json_object", "schema": ...}` (`json_schema` gets HTTP 500);
+  * this model's embeddings come per token: each input's `embedding` is a list of 64-wide vectors.
 
 Every process started here is killed by its id at teardown, even when a test fails: the LLM
 server (by the pid file the wrapper writes, checked against its command line), `up` (its own
@@ -40,6 +46,12 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from openai.types.chat import (
+    ChatCompletionChunk,
+    ChatCompletionMessageParam,
+    ChatCompletionNamedToolChoiceParam,
+    ChatCompletionToolParam,
+)
 
 from tests.helpers import MODEL, get_json, submit
 from tests.processes import TIMEOUT_S, WOODCHUCK, RunningUp, cmdline, pick_ports, start_up, summary_of, wait_gone
@@ -60,6 +72,7 @@ GUARD_S = 30.0  # a job against the tiny model takes well under a second; this o
 # Accepted by our schema (OpenAI's newer name for "system"), refused by llama-cpp-python's: HTTP 500.
 REJECTED_MESSAGES = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": WOODCHUCK}]
 COMPLETE = ("stop", "length")
+TOOLS_SERVER_ARGS = ("--chat_format", "chatml-function-calling", "--embedding", "True")
 
 
 # --- the real LLM server ------------------------------------------------------------------------
@@ -127,6 +140,17 @@ def interrupting_llm_url(tmp_path: Path) -> Iterator[str]:
         _stop_llm_server(pid_file, port)
 
 
+@pytest.fixture(scope="session")
+def tools_llm_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real LLM that also serves tools, JSON grammars and embeddings: the same model, with llama-cpp-python's
+    `chatml-function-calling` chat format and `--embedding` (arguments after `--` go to the server)."""
+    url, pid_file, port = start_llm_server(tmp_path_factory.mktemp("tools-llm"), "--allow-eos", "--", *TOOLS_SERVER_ARGS)
+    try:
+        yield url
+    finally:
+        _stop_llm_server(pid_file, port)
+
+
 # --- `emulator up` against it --------------------------------------------------------------------
 
 
@@ -169,6 +193,12 @@ def networks(tmp_path: Path) -> Iterator[Networks]:
 @pytest.fixture
 def network(networks: Networks, llm_url: str) -> Network:
     return networks.up(llm_url)
+
+
+@pytest.fixture
+def tools_network(networks: Networks, tools_llm_url: str) -> Network:
+    """`emulator up --nodes 3` against the LLM that serves tools, JSON and embeddings."""
+    return networks.up(tools_llm_url)
 
 
 # --- helpers ----------------------------------------------------------------------------------------
@@ -401,3 +431,164 @@ async def test_a_stream_the_llm_cuts_short_is_not_reported_complete(
     record = await get_json(http, f"{network.url(3)}/jobs/{long_job['job_id']}")
     summary = {k: record[k] for k in ("status", "finish_reason", "error")} | {"text_chars": len(record["text"])}
     assert not (final["status"] == "succeeded" and final.get("finish_reason") is None), summary
+
+
+# --- 4. what the OpenAI API offers beyond text, through three hops: JSON, tools, embeddings ----------------------
+#
+# Against `tools_llm_url`: llama-cpp-python constrains its sampling by a grammar made from the JSON schema or the
+# tool's parameters, so even the random-weight model answers valid JSON.  It never closes a free string, hence
+# the enums.  The client is the official `openai` package on node 3; the answer comes from fake2.dev's LLM.
+
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}, "n": {"type": "integer"}},
+    "required": ["answer", "n"],
+}
+COLORS = ("red", "blue")
+PICK_TOOL: ChatCompletionToolParam = {
+    "type": "function",
+    "function": {
+        "name": "pick",
+        "description": "Pick a color.",
+        "parameters": {
+            "type": "object", "properties": {"color": {"type": "string", "enum": list(COLORS)}}, "required": ["color"],
+        },
+    },
+}
+PICK_CHOICE: ChatCompletionNamedToolChoiceParam = {"type": "function", "function": {"name": "pick"}}
+PICK_MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Pick a color."}]
+
+
+def async_openai(network: Network) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{network.url(3)}/v1", api_key="x", timeout=TIMEOUT_S, max_retries=0)
+
+
+async def assert_served_by_fake2(http: aiohttp.ClientSession, network: Network, response_id: str) -> dict[str, Any]:
+    """The job behind a chat answer, as node 3 keeps it: routed by fake.dev, served by fake2.dev's LLM."""
+    assert response_id.startswith("chatcmpl-"), response_id
+    record = await get_json(http, f"{network.url(3)}/jobs/{response_id.removeprefix('chatcmpl-')}")
+    assert record["status"] == "succeeded", record
+    assert (record["router"], record["driver"]) == ("fake.dev", "fake2.dev"), record
+    return record
+
+
+def assert_picked_a_color(name: str | None, arguments: str | None, call_id: str | None) -> None:
+    assert name == "pick", name
+    assert isinstance(arguments, str), arguments
+    assert json.loads(arguments)["color"] in COLORS, arguments
+    # an id given once, not the repetitions of it that llama.cpp streams joined into one
+    assert isinstance(call_id, str) and call_id and call_id.count(call_id[:12]) == 1, call_id
+
+
+async def test_json_object_with_a_schema_through_three_hops(tools_network: Network, http: aiohttp.ClientSession) -> None:
+    response_format: Any = {"type": "json_object", "schema": ANSWER_SCHEMA}  # llama.cpp's form (it refuses json_schema)
+    async with async_openai(tools_network) as client:
+        completion = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Yes or no, and a number?"}], response_format=response_format,
+        )
+
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop", completion  # the grammar ran to its end
+    assert isinstance(choice.message.content, str), completion
+    answer = json.loads(choice.message.content)
+    assert isinstance(answer, dict) and answer["answer"] in ("yes", "no"), answer
+    assert isinstance(answer["n"], int) and not isinstance(answer["n"], bool), answer
+    record = await assert_served_by_fake2(http, tools_network, completion.id)
+    assert record["text"] == choice.message.content, record
+
+
+async def test_forced_tool_choice_through_three_hops(tools_network: Network, http: aiohttp.ClientSession) -> None:
+    async with async_openai(tools_network) as client:
+        completion = await client.chat.completions.create(
+            model=MODEL, messages=PICK_MESSAGES, tools=[PICK_TOOL], tool_choice=PICK_CHOICE,
+        )
+
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls", completion
+    calls = choice.message.tool_calls
+    assert calls is not None and len(calls) == 1, choice.message
+    call = calls[0]
+    assert call.type == "function", call
+    assert_picked_a_color(call.function.name, call.function.arguments, call.id)
+    await assert_served_by_fake2(http, tools_network, completion.id)
+
+
+@dataclass
+class StreamedCall:
+    """One tool call assembled from its streamed fragments, by their index."""
+
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+def assemble_tool_calls(chunks: list[ChatCompletionChunk]) -> dict[int, StreamedCall]:
+    """Fragments joined by index: `arguments` continued; `id` and `name` given once, or repeated unchanged
+    (llama.cpp repeats both in every fragment; the openai SDK's stream helper would join them: "pickpick...")."""
+    calls: dict[int, StreamedCall] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            for fragment in choice.delta.tool_calls or []:
+                call = calls.setdefault(fragment.index, StreamedCall())
+                if fragment.id:
+                    assert call.id in (None, fragment.id), (call, fragment)
+                    call.id = fragment.id
+                if fragment.function is not None:
+                    if fragment.function.name:
+                        assert call.name in (None, fragment.function.name), (call, fragment)
+                        call.name = fragment.function.name
+                    call.arguments += fragment.function.arguments or ""
+    return calls
+
+
+async def test_forced_tool_choice_streamed_through_three_hops(tools_network: Network, http: aiohttp.ClientSession) -> None:
+    async with async_openai(tools_network) as client:
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=PICK_MESSAGES, tools=[PICK_TOOL], tool_choice=PICK_CHOICE, stream=True,
+        )
+        chunks = [chunk async for chunk in stream]
+
+    assert chunks and {chunk.id for chunk in chunks} == {chunks[0].id}, [chunk.id for chunk in chunks]
+    with_choices = [chunk for chunk in chunks if chunk.choices]
+    reasons = [chunk.choices[0].finish_reason for chunk in with_choices if chunk.choices[0].finish_reason]
+    assert reasons == ["tool_calls"] and with_choices[-1].choices[0].finish_reason == "tool_calls", reasons
+    fragments = sum(len(chunk.choices[0].delta.tool_calls or []) for chunk in with_choices)
+    assert fragments > 1, "the tool call came in one piece: nothing was streamed"
+    calls = assemble_tool_calls(chunks)
+    assert list(calls) == [0], calls
+    assert_picked_a_color(calls[0].name, calls[0].arguments, calls[0].id)
+
+    # node 3's record of the job assembles the same chunks into the answer a non-streamed request gets
+    record = await assert_served_by_fake2(http, tools_network, chunks[0].id)
+    (whole,) = record["response"]["choices"][0]["message"]["tool_calls"]
+    assert whole["function"] == {"name": "pick", "arguments": calls[0].arguments}, whole
+    assert whole["id"] == calls[0].id and whole["type"] == "function", whole
+
+
+def embedding_width(vector: Any) -> int:
+    """A vector's width; llama-cpp-python gives this model's embeddings per token (a list of vectors), one width."""
+    assert isinstance(vector, list) and vector, vector
+    if all(isinstance(x, float | int) for x in vector):
+        return len(vector)
+    widths = {len(token) for token in vector}
+    assert len(widths) == 1, widths
+    return widths.pop()
+
+
+async def test_embeddings_through_three_hops(tools_network: Network, tools_llm_url: str, http: aiohttp.ClientSession) -> None:
+    inputs = ["hi", "there"]
+    body = {"model": MODEL, "input": inputs}
+    async with asyncio.timeout(GUARD_S), http.post(f"{tools_llm_url}/embeddings", json=body) as response:
+        assert response.status == 200, await response.text()
+        direct = await response.json()
+    expected = [item["embedding"] for item in sorted(direct["data"], key=lambda item: item["index"])]
+    assert len(expected) == 2, direct
+
+    async with async_openai(tools_network) as client:
+        result = await client.embeddings.create(model=MODEL, input=inputs)
+
+    assert result.object == "list" and result.model == MODEL, result
+    assert [item.index for item in result.data] == [0, 1], result.data
+    got = [item.embedding for item in result.data]
+    assert [embedding_width(v) for v in got] == [embedding_width(v) for v in expected], (got, expected)
+    assert got == expected  # the same vectors: this model's embeddings are deterministic
