@@ -321,12 +321,14 @@ async def test_in_a_browser_let_in_by_a_login_url_the_chat_box_streams_its_answe
         assert (record["status"], record["client"], record["text"]) == ("running", "ui", FIRST), record
         await expect(page.locator(f'#jobs tr[data-job-id="{job_id}"] .client')).to_have_text("ui", timeout=BROWSER_GUARD_MS)
         await expect(page.locator('#drivers tr[data-driver="fake2.dev"] .load .figure')).to_have_text("1/1", timeout=BROWSER_GUARD_MS)
+        await expect(page.locator("#chat-send")).to_be_disabled()  # one question at a time, news of the network or not
         await page.screenshot(path=screenshot_path(tmp_path, "ui-chat.png"))
 
         held.gate.set()
         await expect(answer).to_have_text(FIRST + REST, timeout=BROWSER_GUARD_MS)
         await expect(answer).not_to_have_class(re.compile(r"\bstreaming\b"))
         await expect(page.locator(".message-meta")).to_contain_text("succeeded")
+        await expect(page.locator("#chat-send")).to_be_enabled()
         record = await get_json(http, f"{client.url}/jobs/{job_id}")
         assert (record["status"], record["text"]) == ("succeeded", FIRST + REST), record
         assert failures == [], failures

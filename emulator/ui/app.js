@@ -4,7 +4,7 @@
 
 const $ = (selector) => document.querySelector(selector);
 const FINAL = new Set(["succeeded", "failed", "timed_out", "cancelled"]);
-const view = { session: null, network: null, jobs: [], jobStream: null, openJob: null };
+const view = { session: null, network: null, jobs: [], jobStream: null, openJob: null, chatting: false };
 
 // --- small helpers -----------------------------------------------------------------------------
 
@@ -107,7 +107,11 @@ function renderNetwork() {
     select.replaceChildren(...models.map((m) => el("option", { value: m }, m)));
     if (models.includes(chosen)) select.value = chosen;
   }
-  $("#chat-send").disabled = models.length === 0;
+  updateSendButton();
+}
+
+function updateSendButton() {
+  $("#chat-send").disabled = view.chatting || !view.network || view.network.reachable_models.length === 0;
 }
 
 function duration(job) {
@@ -232,12 +236,14 @@ async function sendChat(event) {
   if (!text || $("#chat-send").disabled) return;
   $("#chat-error").hidden = true;
   conversation.push({ role: "user", content: text });
+  $("#chat-hint")?.remove();
   $("#chat-log").append(el("div", { class: "message user" }, text));
   input.value = "";
   const answer = el("div", { class: "message assistant streaming" });
   const meta = el("div", { class: "message-meta muted" }, "sending…");
   $("#chat-log").append(answer, meta);
-  $("#chat-send").disabled = true;
+  view.chatting = true;
+  updateSendButton();
   try {
     const created = await call("/ui/api/jobs", {
       method: "POST",
@@ -255,7 +261,8 @@ async function sendChat(event) {
     $("#chat-error").textContent = error.message;
     $("#chat-error").hidden = false;
   } finally {
-    $("#chat-send").disabled = false;
+    view.chatting = false;
+    updateSendButton();
   }
 }
 
