@@ -61,7 +61,8 @@ function followLive() {
   source.addEventListener("network", (event) => { view.network = JSON.parse(event.data); renderNetwork(); });
   source.addEventListener("jobs", (event) => { view.jobs = JSON.parse(event.data).jobs; renderJobs(); });
   source.onopen = () => setConnection("live", true);
-  source.onerror = () => setConnection("reconnecting…", false);
+  // A stream that fails to open (a session that ended) is not tried again by the browser.
+  source.onerror = () => setConnection(source.readyState === EventSource.CLOSED ? "disconnected: reload the page" : "reconnecting…", false);
 }
 
 function setConnection(text, live) {
@@ -283,6 +284,12 @@ function streamAnswer(jobId, answer, meta) {
       if (update.error) answer.append(el("span", { class: "error" }, update.error));
       resolve(update);
     });
+    stream.onerror = () => {
+      if (stream.readyState !== EventSource.CLOSED) return;  // the browser reconnects, with Last-Event-ID
+      answer.classList.remove("streaming");
+      meta.lastChild.textContent = " · the answer's stream failed: reload the page";
+      resolve({ status: "lost" });
+    };
   });
 }
 
