@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import html
 import ipaddress
 import re
 from collections.abc import AsyncIterator
@@ -121,17 +122,12 @@ def _file(name: str) -> bytes:
     return resources.files("emulator").joinpath("ui", name).read_bytes()
 
 
-def _html(status: int, body: bytes, headers: dict[str, str] | None = None) -> ContentReply:
-    return ContentReply(status, body, "text/html; charset=utf-8", {**PAGE_HEADERS, **(headers or {})})
+def _html(status: int, body: bytes) -> ContentReply:
+    return ContentReply(status, body, "text/html; charset=utf-8", dict(PAGE_HEADERS))
 
 
 def _refusal_page(error: HandlerError) -> ContentReply:
-    page = _file("refused.html").replace(b"{message}", _escape(error.message).encode())
-    return _html(error.status, page)
-
-
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _html(error.status, _file("refused.html").replace(b"{message}", html.escape(error.message).encode()))
 
 
 async def page(api: NodeApi, request: HttpRequest) -> Reply:
