@@ -42,8 +42,8 @@ async def headless_chromium() -> AsyncIterator[Browser]:
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(
             executable_path=executable,
-            # CI runs as root, where Chromium's sandbox cannot start.
-            args=["--no-sandbox", f"--host-resolver-rules=MAP {FOREIGN_HOST} 127.0.0.1"],
+            # CI runs as root, where Chromium's sandbox cannot start; containers often have a small /dev/shm.
+            args=["--no-sandbox", "--disable-dev-shm-usage", f"--host-resolver-rules=MAP {FOREIGN_HOST} 127.0.0.1"],
         )
         try:
             yield browser
