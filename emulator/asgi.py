@@ -16,8 +16,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qsl
 
-from emulator import http_api
-from emulator.http_api import HttpRequest, JsonReply, NodeApi, StreamReply
+from emulator import http_api, routes
+from emulator.http_api import ContentReply, HttpRequest, JsonReply, NodeApi, StreamReply
 from emulator.node import NodeOptions, NodeRuntime
 
 Scope = MutableMapping[str, Any]
@@ -25,7 +25,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-_ROUTES = [(method, http_api.path_pattern(path), route) for method, path, route in http_api.ROUTES]
+_ROUTES = [(method, http_api.path_pattern(path), route) for method, path, route in routes.ROUTES]
 
 
 class BodyTooLarge(Exception):
@@ -85,6 +85,8 @@ class NodeAsgi:
         reply = await http_api.answer(chosen[1], self.api, request)
         if isinstance(reply, JsonReply):
             await _send_json(send, reply)
+        elif isinstance(reply, ContentReply):
+            await _send_body(send, reply.status, reply.body, {"content-type": reply.content_type, **reply.headers})
         else:
             await _stream(reply, receive, send)
 
@@ -111,9 +113,13 @@ def _headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
 
 
 async def _send_json(send: Send, reply: JsonReply) -> None:
-    headers = {"content-type": "application/json", "content-length": str(len(reply.body)), **reply.headers}
-    await send({"type": "http.response.start", "status": reply.status, "headers": _headers(headers)})
-    await send({"type": "http.response.body", "body": reply.body})
+    await _send_body(send, reply.status, reply.body, {"content-type": "application/json", **reply.headers})
+
+
+async def _send_body(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
+    headers = {"content-length": str(len(body)), **headers}
+    await send({"type": "http.response.start", "status": status, "headers": _headers(headers)})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _stream(reply: StreamReply, receive: Receive, send: Send) -> None:

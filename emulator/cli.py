@@ -1,4 +1,4 @@
-"""The `emulator` command: up, node, admin, message, run-job, fake-llm."""
+"""The `emulator` command: up, node, admin, message, status, ui, run-job, fake-llm."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 
 from emulator import fake_llm
-from emulator.client import CommandError, format_router_state, parse_message_arg, run_job, send_admin
+from emulator.client import CommandError, format_router_state, parse_message_arg, run_job, send_admin, ui_login
 from emulator.directory import parse_peer
 from emulator.homes import Home, default_root, find_home
 from emulator.node import JobLimits, NodeOptions, serve_forever
@@ -63,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("status", help="a router's drivers and queues")
     p.add_argument("-p", "--port", type=int, required=True)
+    _add_auth(p)
+
+    p = commands.add_parser("ui", help="the node's web page, and a one-time login URL for a browser elsewhere")
+    p.add_argument("-p", "--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1", help="the node's address as the browser will reach it")
+    p.add_argument("--valid-for", type=float, default=600.0, help="seconds the login URL may be opened in (once)")
     _add_auth(p)
 
     p = commands.add_parser("run-job", help="run a job and print its answer as it streams")
@@ -176,6 +182,11 @@ async def _dispatch(args: argparse.Namespace) -> int | None:
         case "status":
             state = await send_admin(f"http://127.0.0.1:{args.port}", _admin_token(args), "RouterStatus")
             print(format_router_state(state))
+        case "ui":
+            login = await ui_login(f"http://127.0.0.1:{args.port}", _admin_token(args), args.valid_for)
+            base = f"http://{args.host}:{args.port}"
+            print(f"page:  {base}/ui  (open on this machine as it is)")
+            print(f"login: {base}{login.path}  (for a browser elsewhere: it works once, for {args.valid_for:g} s)")
     return None
 
 

@@ -12,6 +12,7 @@ from typing import Any, TextIO
 import aiohttp
 
 from handlers.assembly import assemble
+from schemas.messages import CreateUiLogin, UiLoginCreated, to_wire
 from schemas.openai_api import JobKind
 from schemas.sse import SSEDecoder
 
@@ -49,6 +50,11 @@ async def send_admin(url: str, token: str, message: Any, process: str | None = N
             if response.status >= 400:
                 raise refusal(response.status, body)
             return body  # type: ignore[no-any-return]
+
+
+async def ui_login(url: str, token: str, valid_for: float = 600.0) -> UiLoginCreated:
+    """A one-time login to the node's web page."""
+    return UiLoginCreated.model_validate(await send_admin(url, token, to_wire(CreateUiLogin(valid_for=valid_for))))
 
 
 @dataclass

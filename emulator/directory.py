@@ -55,6 +55,11 @@ class Directory:
             self._reload()
         return self._fixed.get(node) or self._from_file.get(node)
 
+    def names(self) -> list[str]:
+        """Every node the directory knows."""
+        self._reload()
+        return sorted(self._fixed.keys() | self._from_file.keys())
+
     def _reload(self) -> None:
         if self._path is None or not self._path.exists():
             return

@@ -1,7 +1,8 @@
 """A node's HTTP API, independent of the web framework: a request in, a reply out.
 
 The aiohttp host (`emulator.http_app`) and the ASGI host (`emulator.asgi`) only turn their
-framework's request into an `HttpRequest` and write the `JsonReply` or `StreamReply` back.
+framework's request into an `HttpRequest` and write the `JsonReply`, `ContentReply` or
+`StreamReply` back.  The web page's routes are in `emulator.ui_api`.
 """
 
 from __future__ import annotations
@@ -49,6 +50,16 @@ class JsonReply:
 
 
 @dataclass
+class ContentReply:
+    """A body of another type than JSON: the web page's files, a redirect."""
+
+    status: int
+    body: bytes
+    content_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class StreamReply:
     """An event stream; `abandoned` runs if the client hangs up before the stream ends."""
 
@@ -56,7 +67,7 @@ class StreamReply:
     abandoned: Callable[[], Awaitable[None]] | None = None
 
 
-Reply = JsonReply | StreamReply
+Reply = JsonReply | ContentReply | StreamReply
 
 
 @dataclass
@@ -161,24 +172,43 @@ async def healthz(api: NodeApi, request: HttpRequest) -> Reply:
 
 
 async def submit_job(api: NodeApi, request: HttpRequest) -> Reply:
-    order = JobOrder.read(JobKind.CHAT, read_json(request, api.max_body_bytes), jobs_api=True)
-    created = await driver.submit(api.ctx, caller_of(request), order, request.headers.get("idempotency-key"))
-    return json_reply(created, status=202)
+    return await submit_as(api, request, caller_of(request))
 
 
 async def get_job(api: NodeApi, request: HttpRequest) -> Reply:
     await api_keys.client_identity(api.ctx, caller_of(request))
-    return json_reply(await jobs.record(api.ctx, request.params["job_id"], with_queue_position=True))
+    return await job_record(api, request)
 
 
 async def cancel_job(api: NodeApi, request: HttpRequest) -> Reply:
     await api_keys.client_identity(api.ctx, caller_of(request))
-    await driver.cancel(api.ctx, request.params["job_id"])
-    return json_reply(await jobs.record(api.ctx, request.params["job_id"]))
+    return await cancel(api, request)
 
 
 async def job_events(api: NodeApi, request: HttpRequest) -> Reply:
     await api_keys.client_identity(api.ctx, caller_of(request))
+    return await job_stream(api, request)
+
+
+# The jobs API behind its access check, which is the caller's: API keys here, the page's own in `emulator.ui_api`.
+
+
+async def submit_as(api: NodeApi, request: HttpRequest, caller: Caller) -> Reply:
+    order = JobOrder.read(JobKind.CHAT, read_json(request, api.max_body_bytes), jobs_api=True)
+    created = await driver.submit(api.ctx, caller, order, request.headers.get("idempotency-key"))
+    return json_reply(created, status=202)
+
+
+async def job_record(api: NodeApi, request: HttpRequest) -> Reply:
+    return json_reply(await jobs.record(api.ctx, request.params["job_id"], with_queue_position=True))
+
+
+async def cancel(api: NodeApi, request: HttpRequest) -> Reply:
+    await driver.cancel(api.ctx, request.params["job_id"])
+    return json_reply(await jobs.record(api.ctx, request.params["job_id"]))
+
+
+async def job_stream(api: NodeApi, request: HttpRequest) -> Reply:
     job_id, after = request.params["job_id"], _last_event_id(request)
     await jobs.record(api.ctx, job_id)  # 404 before the stream starts
 

@@ -7,8 +7,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from emulator import http_api
-from emulator.http_api import HttpRequest, JsonReply, NodeApi, Reply, Route
+from emulator import http_api, routes
+from emulator.http_api import ContentReply, HttpRequest, JsonReply, NodeApi, Reply, Route
 
 API = web.AppKey("api", NodeApi)
 
@@ -47,6 +47,8 @@ def _handler(route: Route) -> Handler:
 async def _write(request: web.Request, reply: Reply) -> web.StreamResponse:
     if isinstance(reply, JsonReply):
         return web.Response(body=reply.body, status=reply.status, headers=reply.headers, content_type="application/json")
+    if isinstance(reply, ContentReply):
+        return web.Response(body=reply.body, status=reply.status, headers={**reply.headers, "Content-Type": reply.content_type})
     response = web.StreamResponse(headers=http_api.SSE_HEADERS)
     ended = False
     try:
@@ -70,6 +72,6 @@ async def _write(request: web.Request, reply: Reply) -> web.StreamResponse:
 def create_app(api: NodeApi) -> web.Application:
     app = web.Application(middlewares=[unknown_routes_as_json], client_max_size=api.max_message_bytes)
     app[API] = api
-    for method, path, route in http_api.ROUTES:
+    for method, path, route in routes.ROUTES:
         app.router.add_route(method, path, _handler(route))
     return app

@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from emulator.client import CommandError, send_admin
+from emulator.client import CommandError, send_admin, ui_login
 from emulator.directory import Peer, write_directory
 from emulator.homes import Home
 from emulator.node import JobLimits
@@ -133,7 +133,7 @@ def _wiring(nodes: list[NodePlan], llm: str, model: str) -> list[tuple[NodePlan,
     return steps
 
 
-def _print_table(nodes: list[NodePlan], options: UpOptions, llm: str, llm_command: str | None) -> None:
+def _print_table(nodes: list[NodePlan], options: UpOptions, llm: str, llm_command: str | None, logins: dict[str, str]) -> None:
     rows = [("NAME", "ROLE", "URL", "HOME", "LOG")] + [
         (n.name, n.role, n.url, str(n.home.path), str(n.home.log_file)) for n in nodes
     ]
@@ -150,6 +150,10 @@ def _print_table(nodes: list[NodePlan], options: UpOptions, llm: str, llm_comman
     print(f"  curl -N {client.url}/v1/chat/completions -H 'Content-Type: application/json' "
           f"-d '{{\"model\": \"{options.model}\", \"stream\": true, \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'")
     print(f"  curl {client.url}/v1/models")
+    print("\nWeb pages (open as they are on this machine; a login URL lets one browser in from elsewhere, once, within 10 minutes):")
+    width = max(len(n.name) for n in nodes)
+    for node in nodes:
+        print(f"  {node.name.ljust(width)}  {node.url}/ui  login: {node.url}{logins[node.name]}")
     print("\nCtrl-C stops every process started here.", flush=True)
 
 
@@ -194,7 +198,8 @@ async def up(options: UpOptions) -> int:
             if options.wire:
                 for node, message in _wiring(nodes, llm, options.model):
                     await send_admin(node.url, node.home.admin_token(), message)
-        _print_table(nodes, options, llm, llm_command)
+            logins = {node.name: (await ui_login(node.url, node.home.admin_token())).path for node in nodes}
+        _print_table(nodes, options, llm, llm_command, logins)
         print("ready", flush=True)
         await _supervise(processes, nodes, options, stop)
         return 0

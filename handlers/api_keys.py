@@ -15,6 +15,7 @@ from handlers.config import read_config
 from handlers.context import NodeContext
 from handlers.errors import HandlerError
 from schemas.messages import ApiKeyCreated
+from schemas.ui import UI_CLIENT
 from store.models import ApiKey, NodeConfig
 
 KEY_PREFIX = "llmp-"
@@ -22,21 +23,24 @@ KEY_PREFIX = "llmp-"
 
 @dataclass(frozen=True)
 class Caller:
-    """An HTTP client as the host saw it: the key it presented, if any, and its address."""
+    """An HTTP client as the host saw it: the key it presented, if any, and its address; or the node's
+    own web page, whose access the page's routes have checked (loopback, or a login session)."""
 
     bearer: str | None
     address: str
+    is_ui: bool = False
 
 
-def _digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+def digest(secret: str) -> str:
+    """What is stored of a secret (an API key, a login token, a session cookie)."""
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 async def create(ctx: NodeContext, label: str) -> ApiKeyCreated:
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     try:
         async with ctx.store.writing() as session:
-            session.add(ApiKey(label=label, key_hash=_digest(key), created_at=time.time()))
+            session.add(ApiKey(label=label, key_hash=digest(key), created_at=time.time()))
     except IntegrityError as error:
         raise HandlerError(409, "key_exists", f"an API key labelled {label!r} exists; revoke it first") from error
     return ApiKeyCreated(label=label, key=key)
@@ -51,8 +55,10 @@ async def revoke(ctx: NodeContext, label: str) -> None:
 
 async def identify(session: AsyncSession, config: NodeConfig, caller: Caller) -> str:
     """`key:<label>` for a valid key; the caller's address where keys are not required (OpenAI
-    clients always send some key, so an unknown one is no error there); else 401."""
-    label = await session.scalar(select(ApiKey.label).where(ApiKey.key_hash == _digest(caller.bearer))) if caller.bearer else None
+    clients always send some key, so an unknown one is no error there); else 401.  The web page is `ui`."""
+    if caller.is_ui:
+        return UI_CLIENT
+    label = await session.scalar(select(ApiKey.label).where(ApiKey.key_hash == digest(caller.bearer))) if caller.bearer else None
     if label is not None:
         return f"key:{label}"
     if config.require_api_keys:

@@ -6,6 +6,7 @@ or hands them to its router, and keeps what the client reads (`handlers.updates`
 | submit (client)               | config, jobs        | repeat? serve locally, forward, refuse  | jobs (+ served_jobs)    | RunJob → router                |
 | cancel (client)               | jobs                | still running? where?                   | jobs, job_chunks        | CancelJob → router             |
 | SetRouter / SetLocalDriver    | config              |                                         | config                  | RegisterDriver → router        |
+| CreateUiLogin (admin)         |                     |                                         | ui_logins               |                                |
 | RunJob (from our router)      | config              | do we serve this model?                 | served_jobs             | (starts serving)               |
 | CancelJob (from our router)   | served_jobs         |                                         | served_jobs             | (stops serving)                |
 | JobUpdate (from our router)   | jobs                | from the job's router? new?             | jobs, job_chunks        | wakes the job's readers        |
@@ -23,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from handlers import api_keys, serving, updates
+from handlers import api_keys, serving, ui_logins, updates
 from handlers.api_keys import Caller
 from handlers.config import config_for_update, read_config
 from handlers.context import NodeContext, log
@@ -34,6 +35,7 @@ from schemas.messages import (
     ApiKeyCreated,
     CancelJob,
     CreateApiKey,
+    CreateUiLogin,
     JobAccepted,
     JobUpdateMessage,
     ListModels,
@@ -48,6 +50,7 @@ from schemas.messages import (
     SetLocalDriver,
     SetRouter,
     Source,
+    UiLoginCreated,
 )
 from schemas.openai_api import JobOrder
 from store.models import Job, NodeConfig
@@ -83,6 +86,7 @@ async def submit(ctx: NodeContext, caller: Caller, order: JobOrder, idempotency_
             if earlier := await _earlier_submission(session, client, idempotency_key):
                 return earlier
         raise
+    ctx.signals.notify(spec.job_id)  # readers of every job (the web page) hear of a new one
     if local:
         serving.start(ctx, spec, ctx.name, serving.endpoint_of(config))
         return _created(spec, "running")
@@ -107,7 +111,7 @@ async def cancel(ctx: NodeContext, job_id: str) -> None:
         log.warning("job %s: router %s not told of the cancellation: %s", job_id, job.router_node, error.message)
 
 
-async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | JobAccepted | ApiKeyCreated:
+async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | JobAccepted | ApiKeyCreated | UiLoginCreated:
     match message:
         case SetRouter(node=node):
             config = await _update_config(ctx, router_node=node)
@@ -128,6 +132,8 @@ async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | Jo
         case RevokeApiKey(label=label):
             await api_keys.revoke(ctx, label)
             return Ack()
+        case CreateUiLogin(valid_for=valid_for):
+            return await ui_logins.create(ctx, valid_for)
         case RunJob(job=spec):
             return await serving.accept_from_router(ctx, source, spec)
         case CancelJob(job_id=job_id):

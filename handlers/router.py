@@ -11,6 +11,7 @@
 | ReleaseJob (job's driver)      | routed_jobs, registrations  | retry (with backoff) or give up?        | routed_jobs, registrations | JobUpdate (failed) → client    |
 | CancelJob (job's client)       | routed_jobs                 |                                         | routed_jobs                | CancelJob → driver             |
 | ListModels (any node)          | registrations               | what is on offer to it                  |                            |                                |
+| RouterView (any node)          | registrations, routed_jobs  | which drivers and queues it may see     |                            |                                |
 | expire (every second)          | routed_jobs, registrations  | past deadline? driver silent too long?  | routed_jobs, registrations | JobUpdate (timed_out) → client |
 """
 
@@ -45,6 +46,7 @@ from schemas.messages import (
     ReleaseJob,
     RouterState,
     RouterStatus,
+    RouterView,
     RunJob,
     SetGate,
     Source,
@@ -63,7 +65,7 @@ RECONCILE_MARGIN_S = 2.0  # a RunJob may still be on its way when a driver lists
 
 
 # Messages about a job need no check: only a router holds routed jobs.
-_NEED_ROUTER = (RegisterDriver, SetGate, RouterStatus)
+_NEED_ROUTER = (RegisterDriver, SetGate, RouterStatus, RouterView)
 
 
 async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | JobAccepted | ModelList | QueuePlace | RouterState:
@@ -81,7 +83,9 @@ async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | Jo
                 config.max_in_flight_per_client, config.max_queue = message.max_in_flight_per_client, message.max_queue
             return Ack()
         case RouterStatus():
-            return await _state(ctx)
+            return await state(ctx)
+        case RouterView():
+            return await state(ctx, visible_to=source.node)
         case QueuePosition(job_id=job_id):
             return await _queue_position(ctx, source, job_id)
         case RegisterDriver():
@@ -225,7 +229,9 @@ async def _queue_position(ctx: NodeContext, source: Source, job_id: str) -> Queu
     return QueuePlace(position=ahead or 0)
 
 
-async def _state(ctx: NodeContext) -> RouterState:
+async def state(ctx: NodeContext, visible_to: str | None = None) -> RouterState:
+    """Drivers (models, capacity, load, last seen, cool-down) and queue lengths; with `visible_to`, only
+    the drivers on offer to that node (public, or itself) and the queues of their models."""
     async with ctx.store.reading() as session:
         registrations = (await session.scalars(select(DriverRegistration).order_by(DriverRegistration.node))).all()
         loads = dict(
@@ -239,16 +245,20 @@ async def _state(ctx: NodeContext) -> RouterState:
             )).all()
         )
     now = time.time()
+    if visible_to is not None:
+        registrations = [row for row in registrations if row.is_public or row.node == visible_to]
+        offered = {row.model for row in registrations}
+        queues = {model: waiting for model, waiting in queues.items() if model in offered}
     drivers: dict[str, DriverState] = {}
     for row in registrations:
-        state = drivers.setdefault(
+        driver = drivers.setdefault(
             row.node,
             DriverState(
                 node=row.node, models=[], is_public=row.is_public, capacity=row.capacity, load=loads.get(row.node, 0),
                 last_seen=row.last_seen, cooled_down_until=row.cooldown_until if row.cooldown_until > now else None,
             ),
         )
-        state.models.append(row.model)
+        driver.models.append(row.model)
     return RouterState(drivers=list(drivers.values()), queues=queues)
 
 

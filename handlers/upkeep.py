@@ -10,7 +10,7 @@ from sqlalchemy import delete, select
 from handlers import driver, router, updates
 from handlers.context import NodeContext, log
 from schemas.jobs import FINAL_STATUSES, JobUpdate
-from store.models import Job, RoutedJob, SeenNonce, ServedJob, Worker
+from store.models import Job, RoutedJob, SeenNonce, ServedJob, UiLogin, Worker
 
 SWEEP_INTERVAL_S = 0.5
 PRUNE_INTERVAL_S = 60.0
@@ -57,7 +57,7 @@ async def _expire_client_jobs(ctx: NodeContext, now: float) -> None:
 
 
 async def prune(ctx: NodeContext) -> None:
-    """Finished jobs older than the retention period go, with their chunks."""
+    """Finished jobs older than the retention period go, with their chunks; so do expired logins to the web page."""
     before = time.time() - ctx.settings.retention
     final = tuple(FINAL_STATUSES)
     async with ctx.store.writing() as session:
@@ -66,3 +66,4 @@ async def prune(ctx: NodeContext) -> None:
         await session.execute(delete(ServedJob).where(ServedJob.status.in_(final + ("failed",)), ServedJob.finished_at < before))
         await session.execute(delete(SeenNonce).where(SeenNonce.sent_at < time.time() - SEEN_NONCE_RETENTION_S))
         await session.execute(delete(Worker).where(Worker.last_seen < before))
+        await session.execute(delete(UiLogin).where(UiLogin.expires_at < time.time()))

@@ -91,6 +91,13 @@ class RequireApiKeys(Message):
     required: bool = True
 
 
+class CreateUiLogin(Message):
+    """Driver: a one-time login URL for the node's web page, for a browser not on this machine."""
+
+    type: Literal["CreateUiLogin"] = "CreateUiLogin"
+    valid_for: float = Field(default=600.0, gt=0, le=24 * 3600, description="seconds the URL may be opened in (once)")
+
+
 class RegisterOaiProviderEndpoint(Message):
     type: Literal["RegisterOaiProviderEndpoint"] = "RegisterOaiProviderEndpoint"
     endpoint: str = Field(pattern=r"^https?://")
@@ -154,15 +161,23 @@ class ListModels(Message):
     type: Literal["ListModels"] = "ListModels"
 
 
+class RouterView(Message):
+    """Any node → router: the drivers and queues of the models on offer to me (for the node's web page)."""
+
+    type: Literal["RouterView"] = "RouterView"
+
+
 def _union(*models: type[Message]) -> Any:
     return Annotated[Union[models], Field(discriminator="type")]  # type: ignore[valid-type]
 
 
 RouterMessage = _union(
-    StartRouter, SetGate, RouterStatus, RunJob, JobUpdateMessage, RegisterDriver, ListModels, CancelJob, ReleaseJob, QueuePosition
+    StartRouter, SetGate, RouterStatus, RunJob, JobUpdateMessage, RegisterDriver, ListModels, CancelJob, ReleaseJob, QueuePosition,
+    RouterView,
 )
 DriverMessage = _union(
-    SetRouter, SetLocalDriver, SetJobTimeout, CreateApiKey, RevokeApiKey, RequireApiKeys, RunJob, JobUpdateMessage, CancelJob
+    SetRouter, SetLocalDriver, SetJobTimeout, CreateApiKey, RevokeApiKey, RequireApiKeys, CreateUiLogin, RunJob, JobUpdateMessage,
+    CancelJob,
 )
 OpenAiMessage = _union(RegisterOaiProviderEndpoint)
 
@@ -173,6 +188,7 @@ ADMIN_TARGET: dict[str, Process] = {
     "CreateApiKey": "driver",
     "RevokeApiKey": "driver",
     "RequireApiKeys": "driver",
+    "CreateUiLogin": "driver",
     "SetRouter": "driver",
     "SetLocalDriver": "driver",
     "SetJobTimeout": "driver",
@@ -181,7 +197,7 @@ ADMIN_TARGET: dict[str, Process] = {
 
 ADMIN_MESSAGES: tuple[type[Message], ...] = (
     StartRouter, SetGate, RouterStatus, SetRouter, SetLocalDriver, SetJobTimeout,
-    CreateApiKey, RevokeApiKey, RequireApiKeys, RegisterOaiProviderEndpoint,
+    CreateApiKey, RevokeApiKey, RequireApiKeys, CreateUiLogin, RegisterOaiProviderEndpoint,
 )
 
 _ADAPTERS: dict[str, TypeAdapter[Any]] = {
@@ -279,6 +295,11 @@ class RouterState(BaseModel):
 class ApiKeyCreated(BaseModel):
     label: str
     key: str
+
+
+class UiLoginCreated(BaseModel):
+    path: str  # `/ui/login?token=...`: opened once, before `expires_at`, it lets that browser in
+    expires_at: float
 
 
 def json_schemas() -> dict[str, Any]:

@@ -44,6 +44,19 @@ class ApiKey(Base):
     created_at: Mapped[float] = mapped_column(Float)
 
 
+class UiLogin(Base):
+    """A way into the node's web page for a browser elsewhere: a one-time login token (`CreateUiLogin`),
+    then, once a browser has used it, that browser's session.  Only SHA-256s of the token and of the
+    session cookie are kept."""
+
+    __tablename__ = "ui_logins"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    session_hash: Mapped[str | None] = mapped_column(String(64), unique=True)  # NULL until the token is used
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)  # the token's end until it is used; then the session's
+
+
 class DriverRegistration(Base):
     """Router side: a driver node that serves a model."""
 
@@ -86,6 +99,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_status_deadline", "status", "deadline"),
         Index("ix_jobs_finished_at", "finished_at"),
+        Index("ix_jobs_created_at", "created_at"),  # the web page lists the newest
         Index("ux_jobs_idempotency", "client", "idempotency_key", unique=True),
     )
 

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import openai
@@ -48,6 +49,7 @@ from tests.processes import (
 )
 from tests.sse_client import job_updates
 
+WEB_PAGE_ROW = re.compile(r"^\s+(fake\d*\.dev)\s+(http://\S+/ui)\s+login: (http://\S+/ui/login\?token=\S+)$")
 TABLE_ROW = re.compile(
     r"^(?P<name>fake\d*\.dev)\s+(?P<role>router \+ driver|router|driver|client)\s+(?P<url>http://\S+)\s+(?P<home>\S+)\s+(?P<log>\S+)$"
 )
@@ -166,6 +168,15 @@ def expected_row(up: Up, index: int, name: str, role: str) -> tuple[str, ...]:
     return (name, role, up.url(index), str(home), str(home / "node.log"))
 
 
+async def assert_login_works_once(http: aiohttp.ClientSession, login_url: str) -> None:
+    """The URL, opened by a browser that asks for the node by another name than a loopback one, lets it in once."""
+    away = {"Host": f"node.example:{urlsplit(login_url).port}"}
+    async with http.get(login_url, headers=away, allow_redirects=False) as response:
+        assert response.status == 303 and "HttpOnly" in response.headers["Set-Cookie"], response.status
+    async with http.get(login_url, headers=away, allow_redirects=False) as response:
+        assert response.status == 403, "a login URL worked twice"
+
+
 # --- 1. the seed's whole flow ------------------------------------------------------------------
 
 
@@ -229,6 +240,19 @@ async def test_up_runs_the_seed_network_and_stops_it_on_ctrl_c(processes: Proces
     assert content.strip(), chunks
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2, "the completion did not stream in chunks"
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"], chunks
+
+    # every node's web page, with a one-time login URL for a browser elsewhere; `emulator ui` makes more
+    pages = [m.groups() for line in up.table if (m := WEB_PAGE_ROW.match(line))]
+    assert [(name, page) for name, page, _ in pages] == [(name, f"{up.url(i)}/ui") for i, name in enumerate(names, start=1)], up.transcript()
+    async with http.get(pages[2][1]) as response:
+        assert response.status == 200 and response.content_type == "text/html", response.status
+    await assert_login_works_once(http, pages[2][2])
+    result = await cli(up, "ui", "-p", str(up.base + 2), "--host", "node.example")
+    assert result.returncode == 0, result.stderr
+    assert f"page:  http://node.example:{up.base + 2}/ui" in result.stdout, result.stdout
+    login = re.search(r"^login: (\S+)", result.stdout, re.MULTILINE)
+    assert login and login[1].startswith(f"http://node.example:{up.base + 2}/ui/login?token="), result.stdout
+    await assert_login_works_once(http, login[1].replace("node.example", "127.0.0.1"))
 
     # Ctrl-C: every process goes, and `up` says so
     fake_llm = up.children - set(pids.values())
