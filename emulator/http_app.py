@@ -46,7 +46,7 @@ def _handler(route: Route) -> Handler:
 
 async def _write(request: web.Request, reply: Reply) -> web.StreamResponse:
     if isinstance(reply, JsonReply):
-        return web.Response(body=reply.body, status=reply.status, headers=reply.headers, content_type="application/json")
+        return web.Response(body=reply.body, status=reply.status, headers={"Content-Type": reply.content_type, **reply.headers})
     response = web.StreamResponse(headers=http_api.SSE_HEADERS)
     ended = False
     try:

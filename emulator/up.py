@@ -22,6 +22,7 @@ import aiohttp
 from emulator.client import CommandError, send_admin
 from emulator.directory import Peer, write_directory
 from emulator.homes import Home
+from emulator.logs import LogFormat
 from emulator.node import JobLimits
 from emulator.signing import NodeKey
 
@@ -44,6 +45,7 @@ class UpOptions:
     fresh: bool
     verbose: bool
     limits: JobLimits
+    log_format: LogFormat = LogFormat.TEXT
 
 
 @dataclass
@@ -83,6 +85,8 @@ def plan(options: UpOptions) -> list[NodePlan]:
 def node_command(node: NodePlan, options: UpOptions) -> list[str]:
     command = ["--name", node.name, "--port", str(node.port), "--home", str(node.home.path)]
     command += ["--directory", str(options.root / "directory.json"), *options.limits.flags()]
+    if options.log_format is not LogFormat.TEXT:
+        command += ["--log-format", options.log_format.value]
     return ["emulator", "node", *command] + (["--verbose"] if options.verbose else [])
 
 

@@ -66,6 +66,16 @@ class SetGate(Message):
     max_queue: int = Field(default=1000, ge=1)
 
 
+class SetBudget(Message):
+    """Router: the daily token budget (prompt and completion tokens, UTC days) of a client node, or of
+    one API key of it (`label`); None removes it.  Apart from SetGate, so that neither resets the other."""
+
+    type: Literal["SetBudget"] = "SetBudget"
+    client: str = Field(min_length=1, max_length=255)
+    label: str | None = Field(default=None, min_length=1, max_length=255)
+    daily_tokens: int | None = Field(ge=0)
+
+
 class RouterStatus(Message):
     """Router: its drivers and queues, for `emulator status`."""
 
@@ -159,7 +169,7 @@ def _union(*models: type[Message]) -> Any:
 
 
 RouterMessage = _union(
-    StartRouter, SetGate, RouterStatus, RunJob, JobUpdateMessage, RegisterDriver, ListModels, CancelJob, ReleaseJob, QueuePosition
+    StartRouter, SetGate, SetBudget, RouterStatus, RunJob, JobUpdateMessage, RegisterDriver, ListModels, CancelJob, ReleaseJob, QueuePosition
 )
 DriverMessage = _union(
     SetRouter, SetLocalDriver, SetJobTimeout, CreateApiKey, RevokeApiKey, RequireApiKeys, RunJob, JobUpdateMessage, CancelJob
@@ -169,6 +179,7 @@ OpenAiMessage = _union(RegisterOaiProviderEndpoint)
 ADMIN_TARGET: dict[str, Process] = {
     "StartRouter": "router",
     "SetGate": "router",
+    "SetBudget": "router",
     "RouterStatus": "router",
     "CreateApiKey": "driver",
     "RevokeApiKey": "driver",
@@ -180,7 +191,7 @@ ADMIN_TARGET: dict[str, Process] = {
 }
 
 ADMIN_MESSAGES: tuple[type[Message], ...] = (
-    StartRouter, SetGate, RouterStatus, SetRouter, SetLocalDriver, SetJobTimeout,
+    StartRouter, SetGate, SetBudget, RouterStatus, SetRouter, SetLocalDriver, SetJobTimeout,
     CreateApiKey, RevokeApiKey, RequireApiKeys, RegisterOaiProviderEndpoint,
 )
 
@@ -279,6 +290,10 @@ class RouterState(BaseModel):
 class ApiKeyCreated(BaseModel):
     label: str
     key: str
+
+
+AdminMessage = _union(*ADMIN_MESSAGES)
+MessageReply = Ack | JobAccepted | ModelList | QueuePlace | RouterState | ApiKeyCreated  # what a process answers a message with
 
 
 def json_schemas() -> dict[str, Any]:
