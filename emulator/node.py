@@ -17,7 +17,7 @@ from emulator import logs, signing
 from emulator.directory import Directory, Peer
 from emulator.homes import Home, home_from_environment
 from emulator.http_api import NodeApi
-from emulator.http_app import create_app
+from emulator.http_app import create_runner
 from emulator.llm_client import AiohttpLlmClient
 from emulator.signing import NodeKey
 from emulator.transport import HttpTransport
@@ -170,7 +170,7 @@ class Node(NodeRuntime):
     async def __aenter__(self) -> Node:
         api = await self.start()
         access_log = logging.getLogger("aiohttp.access") if self.options.verbose else None
-        self._runner = web.AppRunner(create_app(api), access_log=access_log)
+        self._runner = create_runner(api, access_log)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.options.host, self.options.port, reuse_address=True).start()
         return self

@@ -21,7 +21,7 @@ import aiohttp
 
 from emulator.client import CommandError, send_admin
 from emulator.directory import Peer, write_directory
-from emulator.homes import Home
+from emulator.homes import Home, default_root
 from emulator.logs import LogFormat
 from emulator.node import JobLimits
 from emulator.signing import NodeKey
@@ -154,6 +154,9 @@ def _print_table(nodes: list[NodePlan], options: UpOptions, llm: str, llm_comman
     print(f"  curl -N {client.url}/v1/chat/completions -H 'Content-Type: application/json' "
           f"-d '{{\"model\": \"{options.model}\", \"stream\": true, \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'")
     print(f"  curl {client.url}/v1/models")
+    root = "" if options.root == default_root() else f" --root {shlex.quote(str(options.root))}"
+    print(f"  emulator usage -p {nodes[0].port}{root}    # who used what, as the router counted it")
+    print(f"  emulator logs {nodes[0].name} -f{root}    # follow a node's log (--log-format json: with job and trace ids)")
     print("\nCtrl-C stops every process started here.", flush=True)
 
 

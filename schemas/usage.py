@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from enum import StrEnum
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.openai_api import Usage
 
@@ -74,6 +74,8 @@ class UsageReport(BaseModel):
 
 class UsageQuery(BaseModel):
     """Query of `GET /usage`: every field narrows the report; dates are UTC days, both ends included."""
+
+    model_config = ConfigDict(extra="forbid")
 
     client: str | None = None
     model: str | None = None

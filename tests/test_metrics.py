@@ -11,6 +11,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from emulator import http_api, signing
 from emulator.directory import Directory
 from emulator.http_api import HttpRequest, JsonReply, NodeApi
-from tests.conftest import Network, RunningNode, StartNode
+from tests.cluster import DRIVER, Cluster, Proc, follow
+from tests.conftest import Network, RunningNode, StartNode, StartUpstream
 from tests.helpers import (
     GUARD_S,
     MODEL,
@@ -64,7 +66,7 @@ class Scrape:
         return sum(value for (sample, sample_labels), value in self.samples.items() if sample == name and wanted <= sample_labels)
 
 
-async def scrape(http: aiohttp.ClientSession, node: RunningNode) -> Scrape:
+async def scrape(http: aiohttp.ClientSession, node: RunningNode | Proc) -> Scrape:
     async with asyncio.timeout(GUARD_S), http.get(f"{node.url}/metrics") as response:
         text = await response.text()
         assert response.status == 200, text
@@ -81,7 +83,7 @@ async def scrape_all(http: aiohttp.ClientSession, network: Network) -> dict[str,
     return {node.name: await scrape(http, node) for node in (network.client, network.router, network.driver)}
 
 
-async def scrape_when(http: aiohttp.ClientSession, node: RunningNode, ready: Callable[[Scrape], bool]) -> Scrape:
+async def scrape_when(http: aiohttp.ClientSession, node: RunningNode | Proc, ready: Callable[[Scrape], bool]) -> Scrape:
     """Scrape until `ready` holds.  The serving driver counts a job once it has delivered the job's final
     update, so a client may see the end first: nothing tells the test when the driver is done but its figures."""
     async with asyncio.timeout(GUARD_S):
@@ -224,3 +226,27 @@ async def test_metrics_need_the_metrics_token_from_outside_loopback_and_the_admi
     assert b"# TYPE llmp_jobs_total counter" in allowed.body
     assert node.node.home.metrics_token() != node.node.home.admin_token()
     assert (node.node.home.metrics_token_file.stat().st_mode & 0o777) == 0o600
+
+
+# --- a node of several workers ----------------------------------------------------------------------------------
+
+
+async def test_a_node_of_two_gunicorn_workers_shows_the_nodes_totals_whichever_worker_is_scraped(
+    tmp_path: Path, http: aiohttp.ClientSession, start_upstream: StartUpstream
+) -> None:
+    from tests.test_scale_out import sessions_per_worker, wire_driver
+
+    upstream = await start_upstream(ttft=0.0, tokens_per_second=0)
+    cluster = Cluster(tmp_path, http)
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(cluster.close)
+        node = await cluster.gunicorn_node(DRIVER, workers=2)
+        await wire_driver(node, upstream, router=None, capacity=4)
+        workers = await sessions_per_worker(node.url, 2, stack)
+        for i in range(4):  # two jobs taken by each worker
+            created = await submit(workers[i % 2], node.url, {"model": MODEL, "prompt": f"job {i}"})
+            assert (await follow(workers[i % 2], node.url, created["job_id"]))[-1]["status"] == "succeeded"
+        for session in workers:
+            seen = await scrape_when(session, node, lambda s: s.value("llmp_jobs_total", role="driver", model=MODEL, status="succeeded") == 4)
+            assert seen.value("llmp_jobs_total", role="client", model=MODEL, status="succeeded") == 4
+            assert seen.value("llmp_time_to_first_token_seconds_count", role="client", model=MODEL) == 4
