@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from emulator import signing
 from emulator.directory import Directory
@@ -318,12 +318,8 @@ async def list_models(api: NodeApi, request: HttpRequest) -> Reply:
 # --- nodes and admin -------------------------------------------------------------------------------
 
 
-_MESSAGE_REPLY: TypeAdapter[Any] = TypeAdapter(MessageReply)
-_ADMIN_MESSAGE: TypeAdapter[Any] = TypeAdapter(AdminMessage)
-
-
 @operation(Operation(
-    "A message from another node, signed by it", {200: json_body(_MESSAGE_REPLY, "the receiving process's answer")},
+    "A message from another node, signed by it", {200: json_body(MessageReply, "the receiving process's answer")},
     request=json_body(Envelope), headers=(signing.SIGNATURE_HEADER, "traceparent"),
 ))
 async def node_message(api: NodeApi, request: HttpRequest) -> Reply:
@@ -357,8 +353,8 @@ def _message_type(raw: Any) -> str:
 
 
 @operation(Operation(
-    "An admin command from the node's owner", {200: json_body(_MESSAGE_REPLY)},
-    request=json_body(_ADMIN_MESSAGE, 'a message as {"type": NAME, ...fields}, or in the seed\'s form: "StartRouter", {"SetRouter": {...}}'),
+    "An admin command from the node's owner", {200: json_body(MessageReply)},
+    request=json_body(AdminMessage, 'a message as {"type": NAME, ...fields}, or in the seed\'s form: "StartRouter", {"SetRouter": {...}}'),
     auth=(Auth.ADMIN,),
 ))
 async def admin_message(api: NodeApi, request: HttpRequest) -> Reply:

@@ -23,7 +23,7 @@ OPENAPI_VERSION = "3.1.0"
 API_VERSION = "1"
 _REF_TEMPLATE = "#/components/schemas/{model}"
 
-Body = type[BaseModel] | TypeAdapter[Any]
+Body = Any  # a pydantic model, or any type pydantic describes (a union of models)
 
 
 class Auth(StrEnum):
@@ -134,7 +134,7 @@ class _Schemas:
         self._wanted: dict[tuple[int, JsonSchemaMode], TypeAdapter[Any]] = {}
 
     def want(self, body: Body, mode: JsonSchemaMode) -> None:
-        self._wanted[(id(body), mode)] = body if isinstance(body, TypeAdapter) else TypeAdapter(body)
+        self._wanted[(id(body), mode)] = TypeAdapter(body)
 
     def want_operation(self, op: Operation) -> None:
         if op.request is not None and op.request.body is not None:

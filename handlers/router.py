@@ -389,6 +389,7 @@ async def _relay(ctx: NodeContext, source: Source, message: JobUpdateMessage) ->
         ending = await ctx.store.write_soon(lambda session: _finish_and_assign(session, job.id, ended_as, job.model, tokens))
         if ending is not None:
             _count_ended(ctx, job.model, ended_as, tokens, ending)
+            log.info("job %s ended %s", job.id, ended_as)
             if ending.assignments:
                 ctx.spawn(_hand_over(ctx, job.model, ending.assignments), name=f"hand-over-{job.model}")
     elif repeated_final and tokens is not None and not job.tokens_counted:
@@ -482,11 +483,13 @@ async def _to_client(ctx: NodeContext, client_node: str, message: JobUpdateMessa
 async def _end(ctx: NodeContext, job: RoutedJob, status: str, error: str) -> None:
     """End a job from the router: the client hears it as the job's final update; its slot goes to the queue.
     Nothing happens if the job has ended already (its final arrived, or another replica ended it)."""
+    # Never handed out, it consumed nothing; else its driver may still say what it produced (`_add_late_tokens`).
+    tokens = TokenCount() if job.status == "queued" else None
     with tracing.about(job.id, job.traceparent):
-        ending = await ctx.store.write_soon(lambda session: _finish_and_assign(session, job.id, status, job.model, None))
+        ending = await ctx.store.write_soon(lambda session: _finish_and_assign(session, job.id, status, job.model, tokens))
         if ending is None:
             return
-        _count_ended(ctx, job.model, status, None, ending)
+        _count_ended(ctx, job.model, status, tokens, ending)
         log.info("job %s ended %s by the router: %s", job.id, status, error)
         if ending.assignments:
             ctx.spawn(_hand_over(ctx, job.model, ending.assignments), name=f"hand-over-{job.model}")

@@ -88,8 +88,11 @@ async def record_update(ctx: NodeContext, update: Update, router: str | None = N
 
 async def _estimate(session: AsyncSession, job_id: str) -> TokenCount:
     """A job that ended without a count from its driver (cancelled here, or ended by its deadline): its prompt,
-    and the chunks that reached this node."""
-    spec = JobSpec.model_validate(await session.scalar(select(Job.spec).where(Job.id == job_id)))
+    and the chunks that reached this node; nothing if it never reached a driver."""
+    job = (await session.execute(select(Job.spec, Job.driver_node).where(Job.id == job_id))).one()
     rows = (await session.execute(select(JobChunk.delta, JobChunk.chunks).where(JobChunk.job_id == job_id))).all()
     produced = sum(accounting.output_chunk_count(row.chunks) if row.chunks is not None else int(bool(row.delta)) for row in rows)
+    if job.driver_node is None and not produced:
+        return TokenCount()
+    spec = JobSpec.model_validate(job.spec)
     return accounting.estimate(spec.kind, spec.body, produced)

@@ -10,15 +10,19 @@ import datetime as dt
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from handlers.accounting import estimate, output_chunk_count
 from handlers.config import read_config
 from schemas.openai_api import JobKind
 from store.models import Budget, Job, RoutedJob
+from emulator.homes import Home
+from tests.cluster import CLIENT, DRIVER, ROUTER, STEP_S, Cluster, db_row, final_of, follow, job_body
 from tests.conftest import Network, RunningNode
 from tests.helpers import (
     GUARD_S,
@@ -130,6 +134,7 @@ async def test_usage_takes_the_admin_token_and_refuses_a_bad_query(scripted_netw
             assert_error_body(await response.json(), "invalid_fields")
 
 
+@pytest.mark.parametrize("node_setup", ["aiohttp"])  # the command reads GET /usage, which every host serves alike
 async def test_emulator_usage_prints_each_client_and_model_with_jobs_and_tokens(
     scripted_network: Network, http: aiohttp.ClientSession
 ) -> None:
@@ -286,12 +291,13 @@ async def test_an_api_keys_budget_refuses_that_key_only(scripted_network: Networ
     assert report["budgets"] == [{"client": network.client.name, "label": "alice", "daily_tokens": 1, "used_today": USAGE["total_tokens"]}]
 
 
-@pytest.mark.parametrize("bad", [{"client": "fake3.dev", "daily_tokens": -1}, {"client": "", "daily_tokens": 5}, {"client": "fake3.dev"}])
-async def test_a_malformed_budget_is_refused_and_changes_nothing(scripted_network: Network, http: aiohttp.ClientSession, bad: dict[str, Any]) -> None:
+async def test_a_malformed_budget_is_refused_and_changes_nothing(scripted_network: Network, http: aiohttp.ClientSession) -> None:
     router = scripted_network.router
     token = router.node.home.admin_token()
-    async with http.post(f"{router.url}/admin", json={"SetBudget": bad}, headers={"Authorization": f"Bearer {token}"}) as response:
-        assert response.status == 422, await response.text()
+    for bad in ({"client": "fake3.dev", "daily_tokens": -1}, {"client": "", "daily_tokens": 5}, {"client": "fake3.dev"}, {"daily_tokens": 5}):
+        async with http.post(f"{router.url}/admin", json={"SetBudget": bad}, headers={"Authorization": f"Bearer {token}"}) as response:
+            assert response.status == 422, (bad, await response.text())
+            assert_error_body(await response.json(), "invalid_fields")
     assert await count_rows(router, Budget) == 0
 
 
@@ -308,3 +314,44 @@ def test_tokens_of_a_prompt_are_estimated_from_its_text() -> None:
         {"choices": [], "usage": {"prompt_tokens": 1}},
     ]
     assert output_chunk_count(chunks) == 2
+
+
+# --- across restarts and replicas: real processes ---------------------------------------------------------
+
+
+async def test_budgets_hold_across_a_router_restart_and_across_its_replicas(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    cluster = Cluster(tmp_path, http, replicas={ROUTER: 2})
+    try:
+        llm = await cluster.llm(tokens=4)
+        flags = ("--shared", "--database-url", f"sqlite+aiosqlite:///{tmp_path / 'router.db'}")
+        replicas = [await cluster.node(ROUTER, *flags), await cluster.node(ROUTER, *flags, replica=2)]
+        await replicas[0].admin("StartRouter")
+        driver, client = await asyncio.gather(cluster.node(DRIVER), cluster.node(CLIENT))
+        await driver.admin({"SetRouter": {"node": ROUTER}})
+        await driver.admin({"RegisterOaiProviderEndpoint": {"endpoint": llm}}, "openai")
+        await driver.admin({"SetLocalDriver": {"model": MODEL, "is_public": True}})
+        await client.admin({"SetRouter": {"node": ROUTER}})
+        await replicas[1].admin({"SetBudget": {"client": CLIENT, "daily_tokens": 1}})
+        assert final_of(await follow(http, client.url, (await submit(http, client.url, job_body("spend it")))["job_id"]))["status"] == "succeeded"
+
+        await cluster.kill9(replicas[0].name)
+        await cluster.restart(replicas[0].name)
+        # The client takes turns among the router's URLs: these reach both replicas, the restarted one included.
+        for _ in range(4):
+            async with asyncio.timeout(STEP_S), http.post(f"{client.url}/jobs", json=job_body("more")) as response:
+                assert response.status == 429, await response.text()
+                assert_error_body(await response.json(), "budget_exhausted")
+        for replica in replicas:
+            headers = {"Authorization": f"Bearer {Home(tmp_path / ROUTER).admin_token()}"}
+            async with http.get(f"{replica.url}/usage", headers=headers) as response:
+                budgets = (await response.json())["budgets"]
+            assert budgets[0]["client"] == CLIENT and budgets[0]["used_today"] > 1, budgets
+            async with http.get(f"{replica.url}/metrics") as response:
+                refused = [
+                    sample.value for family in text_string_to_metric_families(await response.text()) for sample in family.samples
+                    if sample.name == "llmp_node_messages_refused_total" and sample.labels["reason"] == "budget_exhausted"
+                ]
+            assert sum(refused) >= 1, f"{replica.name} refused none: the submissions did not reach both replicas"
+        assert db_row(client.database, "SELECT count(*) FROM jobs") == (1,)
+    finally:
+        await cluster.close()
