@@ -443,7 +443,7 @@ async def _add_late_tokens(session: AsyncSession, job_id: str, tokens: TokenCoun
     counted = (
         await session.execute(
             update(RoutedJob)
-            .where(RoutedJob.id == job_id, RoutedJob.tokens_counted == False)  # noqa: E712 (SQL)
+            .where(RoutedJob.id == job_id, RoutedJob.tokens_counted.is_(False))
             .values(tokens_counted=True)
             .returning(RoutedJob.client_node, RoutedJob.api_key_label, RoutedJob.model, RoutedJob.finished_at)
             .execution_options(synchronize_session=False)
@@ -530,6 +530,8 @@ async def _cancel(ctx: NodeContext, source: Source, job_id: str) -> None:
         job = await _clients_job(session, source, job_id, for_update=True)
         if job.status in FINAL_STATUSES:
             return
+        if tracing.traceparent_of(job_id) is None:  # from a client node of an earlier version, which sends none
+            tracing.set_job(job_id, job.traceparent)
         was_running, driver = job.status == "running", job.driver_node
         job.status, job.finished_at = "cancelled", time.time()
         await accounting.record(
