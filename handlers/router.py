@@ -296,8 +296,6 @@ async def _hand_over(ctx: NodeContext, model: str, assignments: list[Assignment]
                 log.warning("driver %s did not take job %s (%s); job requeued", driver, job_id, error.message)
                 await _requeue(ctx, job_id, driver, count_failure=True)
                 ctx.spawn(dispatch(ctx, model), name=f"dispatch-{model}")
-                continue
-            log.info("job %s handed to driver %s", job_id, driver)
 
 
 async def _assign(session: AsyncSession, model: str, now: float) -> list[Assignment]:

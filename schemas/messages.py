@@ -68,12 +68,13 @@ class SetGate(Message):
 
 class SetBudget(Message):
     """Router: the daily token budget (prompt and completion tokens, UTC days) of a client node, or of
-    one API key of it (`label`); None removes it.  Apart from SetGate, so that neither resets the other."""
+    one API key of it (`label`); none (null, or left out) removes it.  Apart from SetGate, so that neither
+    resets the other."""
 
     type: Literal["SetBudget"] = "SetBudget"
     client: str = Field(min_length=1, max_length=255)
     label: str | None = Field(default=None, min_length=1, max_length=255)
-    daily_tokens: int | None = Field(ge=0)
+    daily_tokens: int | None = Field(default=None, ge=0)
 
 
 class RouterStatus(Message):

@@ -294,7 +294,11 @@ async def test_an_api_keys_budget_refuses_that_key_only(scripted_network: Networ
 async def test_a_malformed_budget_is_refused_and_changes_nothing(scripted_network: Network, http: aiohttp.ClientSession) -> None:
     router = scripted_network.router
     token = router.node.home.admin_token()
-    for bad in ({"client": "fake3.dev", "daily_tokens": -1}, {"client": "", "daily_tokens": 5}, {"client": "fake3.dev"}, {"daily_tokens": 5}):
+    bad_budgets = (
+        {"client": "fake3.dev", "daily_tokens": -1}, {"client": "", "daily_tokens": 5}, {"daily_tokens": 5},
+        {"client": "fake3.dev", "daily_tokens": "lots"}, {"client": "fake3.dev", "tokens": 5},
+    )
+    for bad in bad_budgets:
         async with http.post(f"{router.url}/admin", json={"SetBudget": bad}, headers={"Authorization": f"Bearer {token}"}) as response:
             assert response.status == 422, (bad, await response.text())
             assert_error_body(await response.json(), "invalid_fields")
