@@ -371,14 +371,21 @@ async def admin_message(api: NodeApi, request: HttpRequest) -> Reply:
     description="Open on loopback; from elsewhere only with the node's read-only metrics token (never the admin token).",
 ))
 async def node_metrics(api: NodeApi, request: HttpRequest) -> Reply:
-    if not is_loopback(request.remote):
-        presented = bearer_of(request) or ""
-        if not hmac.compare_digest(presented.encode(), api.metrics_token.encode()):
-            raise HandlerError(
-                401, "metrics_token_required",
-                "/metrics is open on loopback only; from elsewhere it needs this node's metrics token (Authorization: Bearer ...)",
-            )
+    require_reader(api, request)
     return JsonReply(200, await metrics.exposition(api.ctx), content_type=metrics.CONTENT_TYPE)
+
+
+def require_reader(api: NodeApi, request: HttpRequest) -> None:
+    """What only watches the node (metrics) is open on loopback; from elsewhere it takes the read-only metrics
+    token.  Never the admin token: a scraper's credentials must not send admin messages, nor stand in for them."""
+    if is_loopback(request.remote):
+        return
+    presented = bearer_of(request) or ""
+    if not hmac.compare_digest(presented.encode(), api.metrics_token.encode()):
+        raise HandlerError(
+            401, "metrics_token_required",
+            "open on loopback only; from elsewhere this needs the node's metrics token (Authorization: Bearer ...)",
+        )
 
 
 @operation(Operation(

@@ -231,16 +231,18 @@ async def test_metrics_need_the_metrics_token_from_outside_loopback_and_the_admi
 # --- a node of several workers ----------------------------------------------------------------------------------
 
 
-async def test_a_node_of_two_gunicorn_workers_shows_the_nodes_totals_whichever_worker_is_scraped(
-    tmp_path: Path, http: aiohttp.ClientSession, start_upstream: StartUpstream
+@pytest.mark.parametrize("server", ["gunicorn", "uvicorn"])
+async def test_a_node_of_two_workers_shows_the_nodes_totals_whichever_worker_is_scraped(
+    tmp_path: Path, http: aiohttp.ClientSession, start_upstream: StartUpstream, server: str
 ) -> None:
+    """gunicorn with aiohttp's worker, or uvicorn's workers running the ASGI app (LLMP_SHARED=1)."""
     from tests.test_scale_out import sessions_per_worker, wire_driver
 
     upstream = await start_upstream(ttft=0.0, tokens_per_second=0)
     cluster = Cluster(tmp_path, http)
     async with AsyncExitStack() as stack:
         stack.push_async_callback(cluster.close)
-        node = await cluster.gunicorn_node(DRIVER, workers=2)
+        node = await (cluster.gunicorn_node if server == "gunicorn" else cluster.uvicorn_node)(DRIVER, workers=2)
         await wire_driver(node, upstream, router=None, capacity=4)
         workers = await sessions_per_worker(node.url, 2, stack)
         for i in range(4):  # two jobs taken by each worker
