@@ -201,7 +201,8 @@ async def _dispatch(args: argparse.Namespace) -> int | None:
             state = await send_admin(f"http://127.0.0.1:{args.port}", _admin_token(args), "RouterStatus")
             print(format_router_state(state))
         case "usage":
-            query = {name: getattr(args, name) for name in ("client", "model", "role", "label", "since", "until") if getattr(args, name)}
+            fields = ("client", "model", "role", "label", "since", "until")
+            query = {name: getattr(args, name) for name in fields if getattr(args, name)}
             print(format_usage(await fetch_usage(f"http://127.0.0.1:{args.port}", _admin_token(args), query)))
         case "logs":
             await logs.show(args.root or default_root(), args.node, args.follow)

@@ -157,11 +157,14 @@ def format_router_state(state: dict[str, Any]) -> str:
 
 def format_usage(report: dict[str, Any]) -> str:
     """`emulator usage`: jobs and tokens per day, role, client (and API key) and model; then the budgets."""
-    rows: list[tuple[str, ...]] = [("DAY", "ROLE", "CLIENT", "KEY", "MODEL", "JOBS", "PROMPT TOKENS", "COMPLETION TOKENS", "ESTIMATED")]
+    rows: list[tuple[str, ...]] = [
+        ("DAY", "ROLE", "CLIENT", "KEY", "MODEL", "JOBS", "PROMPT TOKENS", "COMPLETION TOKENS", "ESTIMATED")
+    ]
     for row in report["usage"]:
         rows.append((
             row["day"], row["role"], row["client"], row.get("label") or "-", row["model"], str(row["jobs"]),
-            str(row["prompt_tokens"]), str(row["completion_tokens"]), f"{row['estimated_jobs']} jobs" if row["estimated_jobs"] else "-",
+            str(row["prompt_tokens"]), str(row["completion_tokens"]),
+            f"{row['estimated_jobs']} jobs" if row["estimated_jobs"] else "-",
         ))
     text = _table(rows) if len(rows) > 1 else "no usage recorded"
     if report.get("budgets"):

@@ -18,9 +18,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from emulator import signing
+from emulator import openapi, signing
 from emulator.directory import Directory
-from emulator import openapi
 from emulator.openapi import Auth, Operation, event_stream, json_body, operation, text
 from handlers import accounting, api_keys, driver, jobs, metrics, node, tracing, v1
 from handlers.api_keys import Caller
@@ -251,11 +250,13 @@ _WHOLE = "the whole answer (not streamed)"
 _STREAMED = "`data:` chunks as the LLM streamed them, then `data: [DONE]` (stream: true)"
 _OPENAI_OPERATIONS = {
     JobKind.CHAT: Operation(
-        "OpenAI chat completions, as a job", {200: [json_body(ChatCompletion, _WHOLE), event_stream(ChatCompletionChunk, _STREAMED)]},
+        "OpenAI chat completions, as a job",
+        {200: [json_body(ChatCompletion, _WHOLE), event_stream(ChatCompletionChunk, _STREAMED)]},
         request=json_body(ChatCompletionRequest), headers=("Idempotency-Key", "traceparent"), auth=(Auth.API_KEY,),
     ),
     JobKind.COMPLETION: Operation(
-        "OpenAI (legacy) completions, as a job", {200: [json_body(ChatCompletion, _WHOLE), event_stream(ChatCompletionChunk, _STREAMED)]},
+        "OpenAI (legacy) completions, as a job",
+        {200: [json_body(ChatCompletion, _WHOLE), event_stream(ChatCompletionChunk, _STREAMED)]},
         request=json_body(CompletionRequest), headers=("Idempotency-Key", "traceparent"), auth=(Auth.API_KEY,),
     ),
     JobKind.EMBEDDING: Operation(
@@ -331,8 +332,8 @@ async def node_message(api: NodeApi, request: HttpRequest) -> Reply:
             raise HandlerError(401, "wrong_destination", f"the envelope is for {envelope.destination}, not {api.ctx.name}")
         peer = api.directory.peer(envelope.source.node)
         await signing.authenticate(
-            peer.public_key if peer else None, envelope.source.node, request.body, request.headers.get(signing.SIGNATURE_HEADER.lower()),
-            api.replay_guard, envelope.sent_at, envelope.nonce,
+            peer.public_key if peer else None, envelope.source.node, request.body,
+            request.headers.get(signing.SIGNATURE_HEADER.lower()), api.replay_guard, envelope.sent_at, envelope.nonce,
         )
         reply = json_reply(await node.receive(api.ctx, envelope, request.headers.get(tracing.HEADER)))
     except HandlerError as error:
@@ -354,7 +355,9 @@ def _message_type(raw: Any) -> str:
 
 @operation(Operation(
     "An admin command from the node's owner", {200: json_body(MessageReply)},
-    request=json_body(AdminMessage, 'a message as {"type": NAME, ...fields}, or in the seed\'s form: "StartRouter", {"SetRouter": {...}}'),
+    request=json_body(
+        AdminMessage, 'a message as {"type": NAME, ...fields}, or in the seed\'s form: "StartRouter", {"SetRouter": {...}}'
+    ),
     auth=(Auth.ADMIN,),
 ))
 async def admin_message(api: NodeApi, request: HttpRequest) -> Reply:
@@ -367,7 +370,8 @@ async def admin_message(api: NodeApi, request: HttpRequest) -> Reply:
 
 
 @operation(Operation(
-    "The node's metrics, in Prometheus' text format", {200: text("Prometheus text exposition format 0.0.4")}, auth=(Auth.METRICS,),
+    "The node's metrics, in Prometheus' text format", {200: text("Prometheus text exposition format 0.0.4")},
+    auth=(Auth.METRICS,),
     description="Open on loopback; from elsewhere only with the node's read-only metrics token (never the admin token).",
 ))
 async def node_metrics(api: NodeApi, request: HttpRequest) -> Reply:

@@ -97,7 +97,8 @@ async def show(root: Path, node: str, follow: bool, out: TextIO = sys.stdout) ->
     path = Home(root / node).log_file
     if not path.is_file():
         found = sorted(home.parent.name for home in root.glob("*/node.log"))
-        raise CommandError(f"no log of a node {node!r} under {root}" + (f"; nodes with logs: {', '.join(found)}" if found else ""))
+        listing = f"; nodes with logs: {', '.join(found)}" if found else ""
+        raise CommandError(f"no log of a node {node!r} under {root}{listing}")
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a read may end inside a character
     with path.open("rb") as log:
         while True:

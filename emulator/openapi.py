@@ -116,7 +116,8 @@ def document(routes: Sequence[tuple[str, str, Callable[..., Any]]]) -> dict[str,
         "components": {
             "schemas": components,
             "securitySchemes": {
-                scheme.value: {"type": "http", "scheme": "bearer", "description": text_} for scheme, text_ in _SECURITY_SCHEMES.items()
+                scheme.value: {"type": "http", "scheme": "bearer", "description": description}
+                for scheme, description in _SECURITY_SCHEMES.items()
             },
         },
     }
@@ -162,7 +163,8 @@ def _operation_object(method: str, path: str, op: Operation, refs: dict[Any, dic
         {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in re.findall(r"\{(\w+)\}", path)
     ]
     parameters += [
-        {"name": name, "in": "header", "required": False, "description": HEADERS[name], "schema": {"type": "string"}} for name in op.headers
+        {"name": name, "in": "header", "required": False, "description": HEADERS[name], "schema": {"type": "string"}}
+        for name in op.headers
     ]
     if op.query is not None:
         query_schema = TypeAdapter(op.query).json_schema(ref_template=_REF_TEMPLATE)

@@ -88,7 +88,8 @@ async def submit(ctx: NodeContext, caller: Caller, order: JobOrder, idempotency_
             if earlier := await _earlier_submission(session, client, idempotency_key):
                 return earlier
         raise
-    log.info("job %s submitted by %s for %s, %s", spec.job_id, client, spec.model, "served here" if local else f"to router {config.router_node}")
+    where = "served here" if local else f"to router {config.router_node}"
+    log.info("job %s submitted by %s for %s, %s", spec.job_id, client, spec.model, where)
     if local:
         serving.start(ctx, spec, ctx.name, serving.endpoint_of(config))
         return _created(spec, "running")

@@ -40,19 +40,20 @@ _COMMIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 
 # --- jobs ---------------------------------------------------------------------------------------
 
-JOBS = Counter("llmp_jobs", "Jobs ended, counted by each node that ended them in its role.", ["node", "role", "model", "status"])
-PROMPT_TOKENS = Counter("llmp_prompt_tokens", "Prompt tokens of the jobs ended (the LLM's usage, else an estimate).", ["node", "role", "model"])
+_JOB = ["node", "role", "model"]
+JOBS = Counter("llmp_jobs", "Jobs ended, counted by each node that ended them in its role.", [*_JOB, "status"])
+PROMPT_TOKENS = Counter("llmp_prompt_tokens", "Prompt tokens of the jobs ended (the LLM's usage, else an estimate).", _JOB)
 COMPLETION_TOKENS = Counter(
-    "llmp_completion_tokens", "Completion tokens of the jobs ended (the LLM's usage, else the chunks it streamed).", ["node", "role", "model"]
+    "llmp_completion_tokens", "Completion tokens of the jobs ended (the LLM's usage, else the chunks it streamed).", _JOB
 )
-ESTIMATED_JOBS = Counter("llmp_estimated_jobs", "Jobs ended whose tokens were estimated (the LLM reported no usage).", ["node", "role", "model"])
+ESTIMATED_JOBS = Counter("llmp_estimated_jobs", "Jobs ended whose tokens were estimated (the LLM reported no usage).", _JOB)
 TIME_TO_FIRST_TOKEN = Histogram(
     "llmp_time_to_first_token_seconds",
     "From submission to the first chunk stored (client), or from the request to the LLM's first chunk (driver).",
-    ["node", "role", "model"], buckets=_LATENCY_BUCKETS,
+    _JOB, buckets=_LATENCY_BUCKETS,
 )
 JOB_DURATION = Histogram(
-    "llmp_job_duration_seconds", "From a job's arrival at the node to its end there.", ["node", "role", "model"], buckets=_DURATION_BUCKETS
+    "llmp_job_duration_seconds", "From a job's arrival at the node to its end there.", _JOB, buckets=_DURATION_BUCKETS
 )
 QUEUE_WAIT = Histogram(
     "llmp_router_queue_wait_seconds", "Router: from a job's arrival to its first hand-over to a driver.", ["node", "model"],
@@ -65,14 +66,18 @@ OPEN_STREAMS = Gauge(
 
 # --- messages, the LLM, the store -----------------------------------------------------------------
 
-MESSAGES_SENT = Counter("llmp_node_messages_sent", "Node messages sent to other nodes.", ["node", "message"])
+_MESSAGE = ["node", "message"]
+MESSAGES_SENT = Counter("llmp_node_messages_sent", "Node messages sent to other nodes.", _MESSAGE)
 MESSAGE_SEND_FAILURES = Counter(
-    "llmp_node_message_send_failures", "Node messages another node refused or did not answer, by its reason.", ["node", "message", "reason"]
+    "llmp_node_message_send_failures", "Node messages another node refused or did not answer, by its reason.",
+    [*_MESSAGE, "reason"],
 )
-MESSAGES_RECEIVED = Counter("llmp_node_messages_received", "Node messages received and taken.", ["node", "message"])
-MESSAGES_REFUSED = Counter("llmp_node_messages_refused", "Node messages received and refused, by reason.", ["node", "message", "reason"])
+MESSAGES_RECEIVED = Counter("llmp_node_messages_received", "Node messages received and taken.", _MESSAGE)
+MESSAGES_REFUSED = Counter("llmp_node_messages_refused", "Node messages received and refused, by reason.", [*_MESSAGE, "reason"])
 UPSTREAM_ERRORS = Counter("llmp_upstream_errors", "Failed requests to the node's LLM, by kind.", ["node", "model", "kind"])
-STORE_COMMIT = Histogram("llmp_store_commit_seconds", "Time to commit a write transaction to the node's store.", ["node"], buckets=_COMMIT_BUCKETS)
+STORE_COMMIT = Histogram(
+    "llmp_store_commit_seconds", "Time to commit a write transaction to the node's store.", ["node"], buckets=_COMMIT_BUCKETS
+)
 
 
 def count_job(
@@ -160,16 +165,19 @@ async def _stored_state(ctx: NodeContext) -> list[Metric]:
         "llmp_router_drivers_ready", "Router: drivers per model not cooled down after failures.", labels=["node", "model"]
     )
     capacity = GaugeMetricFamily(
-        "llmp_router_driver_capacity", "Router: jobs its drivers of a model may serve at once, together.", labels=["node", "model"]
+        "llmp_router_driver_capacity", "Router: jobs its drivers of a model may serve at once.", labels=["node", "model"]
     )
-    load = GaugeMetricFamily("llmp_router_driver_load", "Router: jobs of a model its drivers serve now.", labels=["node", "model"])
+    load = GaugeMetricFamily(
+        "llmp_router_driver_load", "Router: jobs of a model its drivers serve now.", labels=["node", "model"]
+    )
     families: list[Metric] = [queue, registered, ready, capacity, load]
     now = time.time()
     async with ctx.store.reading() as session:
         if not (await read_config(session)).is_router:
             return families
-        queued = await session.execute(select(RoutedJob.model, func.count()).where(RoutedJob.status == "queued").group_by(RoutedJob.model))
-        running = await session.execute(select(RoutedJob.model, func.count()).where(RoutedJob.status == "running").group_by(RoutedJob.model))
+        per_model = select(RoutedJob.model, func.count()).group_by(RoutedJob.model)
+        queued = await session.execute(per_model.where(RoutedJob.status == "queued"))
+        running = await session.execute(per_model.where(RoutedJob.status == "running"))
         drivers = await session.execute(
             select(
                 DriverRegistration.model, func.count(), func.sum(DriverRegistration.capacity),

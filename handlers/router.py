@@ -331,7 +331,8 @@ async def _assign(session: AsyncSession, model: str, now: float) -> list[Assignm
         driver = random.choice([d for d in candidates if loads[d.node] / d.capacity == least]).node
         loads[driver] += 1
         job.status, job.driver_node, job.dispatched_at = "running", driver, now
-        assignments.append(Assignment(job.id, driver, JobSpec.model_validate(job.spec), job.created_at, job.attempts, job.traceparent))
+        spec = JobSpec.model_validate(job.spec)
+        assignments.append(Assignment(job.id, driver, spec, job.created_at, job.attempts, job.traceparent))
     return assignments
 
 
@@ -431,7 +432,8 @@ async def _finish_and_assign(
     if ended is None:
         return None
     await accounting.record(
-        session, role=Role.ROUTER, day=utc_day(now), client=ended.client_node, label=ended.api_key_label, model=model, tokens=tokens
+        session, role=Role.ROUTER, day=utc_day(now), client=ended.client_node, label=ended.api_key_label, model=model,
+        tokens=tokens,
     )
     return _Ending(ended.created_at, await _assign(session, model, now))
 
@@ -537,7 +539,8 @@ async def _cancel(ctx: NodeContext, source: Source, job_id: str) -> None:
             model=job.model, tokens=None if was_running else TokenCount(),
         )
         job.tokens_counted = not was_running
-    metrics.count_job(ctx.name, Role.ROUTER, job.model, "cancelled", None if was_running else TokenCount(), job.finished_at - job.created_at)
+    nothing = None if was_running else TokenCount()
+    metrics.count_job(ctx.name, Role.ROUTER, job.model, "cancelled", nothing, job.finished_at - job.created_at)
     log.info("job %s cancelled by its client", job_id)
     if was_running and driver is not None:
         try:

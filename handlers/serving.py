@@ -275,7 +275,8 @@ async def _set_served(
     async def write(session: AsyncSession) -> None:
         await session.execute(statement.execution_options(synchronize_session=False))
         if tokens is not None and origin is not None and model is not None:
-            await accounting.record(session, role=Role.DRIVER, day=utc_day(time.time()), client=origin, model=model, tokens=tokens)
+            day = utc_day(time.time())
+            await accounting.record(session, role=Role.DRIVER, day=day, client=origin, model=model, tokens=tokens)
 
     await ctx.store.write_soon(write)
 

@@ -59,13 +59,15 @@ async def record_update(ctx: NodeContext, update: Update, router: str | None = N
             "error": update.error,
             "llm_error": update.llm_error.model_dump() if update.llm_error else None,
         }
-    statement = sa_update(Job).where(*conditions).values(values).returning(Job.next_seq, Job.client, Job.model, Job.created_at, Job.first_token_at)
+    returned = (Job.next_seq, Job.client, Job.model, Job.created_at, Job.first_token_at)
+    statement = sa_update(Job).where(*conditions).values(values).returning(*returned)
 
     async def write(session: AsyncSession) -> tuple[Any, TokenCount | None] | None:
         job = (await session.execute(statement.execution_options(synchronize_session=False))).first()
         if job is None:
             return None
-        await session.execute(insert(JobChunk).values(job_id=update.job_id, seq=job.next_seq - 1, delta=update.delta, chunks=update.chunks))
+        chunk = {"job_id": update.job_id, "seq": job.next_seq - 1, "delta": update.delta, "chunks": update.chunks}
+        await session.execute(insert(JobChunk).values(chunk))
         await ctx.store.announce(session, update.job_id)
         if not update.is_final:
             return job, None

@@ -50,7 +50,8 @@ async def sweep(ctx: NodeContext) -> None:
 
 async def _expire_client_jobs(ctx: NodeContext, now: float) -> None:
     async with ctx.store.reading() as session:
-        late = (await session.execute(select(Job.id, Job.traceparent).where(Job.status.in_(ACTIVE), Job.deadline < now - CLIENT_GRACE_S))).all()
+        overdue = select(Job.id, Job.traceparent).where(Job.status.in_(ACTIVE), Job.deadline < now - CLIENT_GRACE_S)
+        late = (await session.execute(overdue)).all()
     for job_id, traceparent in late:
         final = JobUpdate(job_id=job_id, seq=0, is_final=True, status="timed_out", error="no answer before the job's deadline")
         with tracing.about(job_id, traceparent):

@@ -170,7 +170,8 @@ def _union(*models: type[Message]) -> Any:
 
 
 RouterMessage = _union(
-    StartRouter, SetGate, SetBudget, RouterStatus, RunJob, JobUpdateMessage, RegisterDriver, ListModels, CancelJob, ReleaseJob, QueuePosition
+    StartRouter, SetGate, SetBudget, RouterStatus, RunJob, JobUpdateMessage, RegisterDriver, ListModels, CancelJob, ReleaseJob,
+    QueuePosition,
 )
 DriverMessage = _union(
     SetRouter, SetLocalDriver, SetJobTimeout, CreateApiKey, RevokeApiKey, RequireApiKeys, RunJob, JobUpdateMessage, CancelJob
