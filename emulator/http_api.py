@@ -26,7 +26,7 @@ from handlers.api_keys import Caller
 from handlers.context import NodeContext, log
 from handlers.errors import HandlerError
 from schemas.jobs import ErrorBody, ErrorResponse, JobCreated, JobRecord, JobUpdate
-from schemas.messages import AdminMessage, Envelope, MessageReply, Process, untag
+from schemas.messages import MESSAGE_TYPES, AdminMessage, Envelope, MessageReply, Process, untag
 from schemas.node_api import Health
 from schemas.openai_api import (
     ChatCompletion,
@@ -347,10 +347,11 @@ async def node_message(api: NodeApi, request: HttpRequest) -> Reply:
 
 
 def _message_type(raw: Any) -> str:
-    """The type of the message in an envelope, for the metrics; "unknown" where there is none to read."""
+    """The type of the message in an envelope, for the metrics; "unknown" for anything but a message type we know
+    (the sender may not be authenticated yet: what it sends must not grow the metrics without bound)."""
     body = untag(raw.get("body")) if isinstance(raw, dict) else None
     name = body.get("type") if isinstance(body, dict) else None
-    return name if isinstance(name, str) and name.isidentifier() and len(name) <= 64 else "unknown"
+    return name if name in MESSAGE_TYPES else "unknown"
 
 
 @operation(Operation(

@@ -294,6 +294,7 @@ class ApiKeyCreated(BaseModel):
     key: str
 
 
+MESSAGE_TYPES: frozenset[str] = frozenset(model.model_fields["type"].default for model in Message.__subclasses__())
 AdminMessage = _union(*ADMIN_MESSAGES)
 MessageReply = Ack | JobAccepted | ModelList | QueuePlace | RouterState | ApiKeyCreated  # what a process answers a message with
 

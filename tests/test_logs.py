@@ -18,6 +18,8 @@ from tests.helpers import MODEL, submit
 from tests.processes import EMULATOR
 
 TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+JSON_LOGS = ("--log-format", "json")
+PIPES: dict[str, Any] = {"stdout": asyncio.subprocess.PIPE, "stderr": asyncio.subprocess.PIPE}
 
 
 def json_lines(proc: Proc) -> list[dict[str, Any]]:
@@ -51,7 +53,7 @@ async def test_one_job_is_followed_across_three_nodes_json_logs_by_its_trace_id_
     cluster = Cluster(tmp_path, http)
     try:
         llm = await cluster.llm(tokens=4)
-        router, driver, client = await asyncio.gather(*(cluster.node(name, "--log-format", "json") for name in (ROUTER, DRIVER, CLIENT)))
+        router, driver, client = await asyncio.gather(*(cluster.node(name, *JSON_LOGS) for name in (ROUTER, DRIVER, CLIENT)))
         await router.admin("StartRouter")
         await driver.admin({"SetRouter": {"node": ROUTER}})
         await driver.admin({"RegisterOaiProviderEndpoint": {"endpoint": llm}}, "openai")
@@ -60,7 +62,8 @@ async def test_one_job_is_followed_across_three_nodes_json_logs_by_its_trace_id_
 
         # A client that sends its own trace context: the job joins its trace, on every node.
         trace_id = secrets.token_hex(16)
-        created = await submit(http, client.url, job_body("follow me"), {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
+        traceparent = f"00-{trace_id}-{secrets.token_hex(8)}-01"
+        created = await submit(http, client.url, job_body("follow me"), {"traceparent": traceparent})
         assert final_of(await follow(http, client.url, created["job_id"]))["status"] == "succeeded"
         # One that sends none: a trace is made at submission.
         plain = await submit(http, client.url, job_body("and me"))
@@ -80,7 +83,7 @@ async def test_one_job_is_followed_across_three_nodes_json_logs_by_its_trace_id_
 
         # `emulator logs NODE` prints the log of the node of that name under --root.
         printed = await asyncio.create_subprocess_exec(
-            str(EMULATOR), "logs", ROUTER, "--root", str(tmp_path), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            str(EMULATOR), "logs", ROUTER, "--root", str(tmp_path), **PIPES
         )
         async with asyncio.timeout(STEP_S):
             out, err = await printed.communicate()
@@ -90,7 +93,7 @@ async def test_one_job_is_followed_across_three_nodes_json_logs_by_its_trace_id_
 
         # ... and with -f goes on printing what the node logs.
         following = await asyncio.create_subprocess_exec(
-            str(EMULATOR), "logs", ROUTER, "-f", "--root", str(tmp_path), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            str(EMULATOR), "logs", ROUTER, "-f", "--root", str(tmp_path), **PIPES
         )
         try:
             assert following.stdout is not None
@@ -103,7 +106,7 @@ async def test_one_job_is_followed_across_three_nodes_json_logs_by_its_trace_id_
             await following.wait()
 
         missing = await asyncio.create_subprocess_exec(
-            str(EMULATOR), "logs", "nosuch.dev", "--root", str(tmp_path), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            str(EMULATOR), "logs", "nosuch.dev", "--root", str(tmp_path), **PIPES
         )
         async with asyncio.timeout(STEP_S):
             _, err = await missing.communicate()

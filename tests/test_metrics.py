@@ -109,7 +109,9 @@ async def test_every_node_counts_the_jobs_it_ended_their_tokens_latencies_and_me
         assert updates[-1]["status"] == "succeeded", updates[-1]
     driver_done = before[network.driver.name].total("llmp_jobs_total", role="driver") + 3
     after = await scrape_all(http, network)
-    after[network.driver.name] = await scrape_when(http, network.driver, lambda s: s.total("llmp_jobs_total", role="driver") == driver_done)
+    after[network.driver.name] = await scrape_when(
+        http, network.driver, lambda s: s.total("llmp_jobs_total", role="driver") == driver_done
+    )
 
     def moved(node: RunningNode, name: str, **labels: str) -> float:
         return after[node.name].value(name, **labels) - before[node.name].value(name, **labels)
@@ -171,28 +173,36 @@ async def test_upstream_errors_are_counted_by_kind(scripted_network: Network, ht
     upstream: ScriptedUpstream = network.upstream  # type: ignore[assignment]
     before = await scrape(http, network.driver)
     error = {"error": {"message": "no", "type": "server_error", "param": None, "code": None}}
-    upstream.script_next(CHAT, Reply(body=error, status=500), Reply(body=error | {"error": error["error"] | {"type": "invalid_request_error"}}, status=400))
+    refusal = {"error": error["error"] | {"type": "invalid_request_error"}}
+    upstream.script_next(CHAT, Reply(body=error, status=500), Reply(body=refusal, status=400))
     for prompt in ("five hundred", "four hundred"):
         _, updates = await run_job(http, network.client.url, {"model": MODEL, "prompt": prompt})
         assert updates[-1]["status"] == "failed", updates[-1]
     failed = before.value("llmp_jobs_total", role="driver", model=MODEL, status="failed") + 2
-    after = await scrape_when(http, network.driver, lambda s: s.value("llmp_jobs_total", role="driver", model=MODEL, status="failed") == failed)
+    ended = {"role": "driver", "model": MODEL, "status": "failed"}
+    after = await scrape_when(http, network.driver, lambda s: s.value("llmp_jobs_total", **ended) == failed)
     for kind in ("5xx", "refused"):
-        assert after.value("llmp_upstream_errors_total", model=MODEL, kind=kind) - before.value("llmp_upstream_errors_total", model=MODEL, kind=kind) == 1
+        labels = {"model": MODEL, "kind": kind}
+        assert after.value("llmp_upstream_errors_total", **labels) - before.value("llmp_upstream_errors_total", **labels) == 1
 
 
 async def test_a_refused_node_message_is_counted_with_its_reason(scripted_network: Network, http: aiohttp.ClientSession) -> None:
     router = scripted_network.router
     before = await scrape(http, router)
-    envelope = {
-        "source": {"node": "fake3.dev", "process": "driver"}, "destination": "elsewhere.dev", "target": "router",
-        "sent_at": time.time(), "nonce": "0123456789abcdef0123", "body": {"CancelJob": {"job_id": "x"}},
-    }
-    async with http.post(f"{router.url}/node/message", data=json.dumps(envelope)) as response:
-        assert response.status == 401, await response.text()
+    bodies: list[dict[str, Any]] = [{"CancelJob": {"job_id": "x"}}, {"NoSuchMessage7": {}}]
+    for body in bodies:
+        envelope = {
+            "source": {"node": "fake3.dev", "process": "driver"}, "destination": "elsewhere.dev", "target": "router",
+            "sent_at": time.time(), "nonce": "0123456789abcdef0123", "body": body,
+        }
+        async with http.post(f"{router.url}/node/message", data=json.dumps(envelope)) as response:
+            assert response.status == 401, await response.text()
     after = await scrape(http, router)
-    labels = {"message": "CancelJob", "reason": "wrong_destination"}
-    assert after.value("llmp_node_messages_refused_total", **labels) - before.value("llmp_node_messages_refused_total", **labels) == 1
+    # A type the node does not know is counted as "unknown": what an unauthenticated sender makes up adds no series.
+    for message in ("CancelJob", "unknown"):
+        labels = {"message": message, "reason": "wrong_destination"}
+        name = "llmp_node_messages_refused_total"
+        assert after.value(name, **labels) - before.value(name, **labels) == 1, message
 
 
 # --- who may read /metrics ---------------------------------------------------------------------------------
@@ -249,6 +259,7 @@ async def test_a_node_of_two_workers_shows_the_nodes_totals_whichever_worker_is_
             created = await submit(workers[i % 2], node.url, {"model": MODEL, "prompt": f"job {i}"})
             assert (await follow(workers[i % 2], node.url, created["job_id"]))[-1]["status"] == "succeeded"
         for session in workers:
-            seen = await scrape_when(session, node, lambda s: s.value("llmp_jobs_total", role="driver", model=MODEL, status="succeeded") == 4)
+            served = {"role": "driver", "model": MODEL, "status": "succeeded"}
+            seen = await scrape_when(session, node, lambda s: s.value("llmp_jobs_total", **served) == 4)
             assert seen.value("llmp_jobs_total", role="client", model=MODEL, status="succeeded") == 4
             assert seen.value("llmp_time_to_first_token_seconds_count", role="client", model=MODEL) == 4

@@ -30,15 +30,15 @@ async def test_the_openapi_document_validates_and_lists_every_route_the_node_ser
     # What the hosts serve: the aiohttp application's routes, and the ASGI application's.
     assert node.node.ctx is not None
     api = NodeApi(node.node.ctx, "admin", Directory({}), signing.ReplayGuard(), "metrics")
-    served_by_aiohttp = {
-        (route.method, route.resource.canonical) for route in http_app.create_app(api).router.routes() if route.resource is not None
-    }
+    routes = http_app.create_app(api).router.routes()
+    served_by_aiohttp = {(route.method, route.resource.canonical) for route in routes if route.resource is not None}
     served_by_asgi = {(method, _template(pattern)) for method, pattern, _ in asgi._ROUTES}
     assert listed == served_by_aiohttp == served_by_asgi
 
     # And each listed route answers over HTTP, under this host, as a route (not "no such route" nor "method not allowed").
     for method, path in sorted(listed):
-        async with http.request(method, node.url + path.replace("{job_id}", "nosuchjob").replace("{process}", "driver")) as response:
+        concrete = path.replace("{job_id}", "nosuchjob").replace("{process}", "driver")
+        async with http.request(method, node.url + concrete) as response:
             body: Any = await response.json(content_type=None) if response.content_type == "application/json" else None
         code = body.get("error", {}).get("code") if isinstance(body, dict) else None
         assert code not in ("not_found", "method_not_allowed"), (method, path, response.status, body)
@@ -48,7 +48,7 @@ async def test_the_openapi_document_validates_and_lists_every_route_the_node_ser
         for method, operation in operations.items():
             assert operation["summary"] and operation["responses"], (method, path)
     schemas = document["components"]["schemas"]
-    for model in ("JobRequest", "JobCreated", "JobRecord", "JobUpdate", "ErrorResponse", "Envelope", "UsageReport", "Health", "SetBudget"):
+    for model in ("JobRequest", "JobCreated", "JobRecord", "JobUpdate", "ErrorResponse", "Envelope", "UsageReport", "Health"):
         assert model in schemas, model
     assert document["paths"]["/jobs"]["post"]["responses"]["202"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/JobCreated"

@@ -17,11 +17,12 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from emulator.homes import Home
 from handlers.accounting import estimate, output_chunk_count
 from handlers.config import read_config
 from schemas.openai_api import JobKind
+from schemas.usage import TokenCount
 from store.models import Budget, Job, RoutedJob
-from emulator.homes import Home
 from tests.cluster import CLIENT, DRIVER, ROUTER, STEP_S, Cluster, db_row, final_of, follow, job_body
 from tests.conftest import Network, RunningNode
 from tests.helpers import (
@@ -84,14 +85,18 @@ async def usage_when(http: aiohttp.ClientSession, node: RunningNode, ready: Call
 
 
 def counted(client: str, jobs: int, prompt: int, completion: int, estimated: int = 0, label: str | None = None) -> Row:
-    return {"client": client, "label": label, "model": MODEL, "jobs": jobs, "prompt_tokens": prompt, "completion_tokens": completion,
-            "estimated_jobs": estimated}
+    return {
+        "client": client, "label": label, "model": MODEL, "jobs": jobs, "prompt_tokens": prompt, "completion_tokens": completion,
+        "estimated_jobs": estimated,
+    }
 
 
 # --- who used what -----------------------------------------------------------------------------------------
 
 
-async def test_each_node_counts_the_jobs_it_handled_by_client_and_model(scripted_network: Network, http: aiohttp.ClientSession) -> None:
+async def test_each_node_counts_the_jobs_it_handled_by_client_and_model(
+    scripted_network: Network, http: aiohttp.ClientSession
+) -> None:
     network = scripted_network
     upstream: ScriptedUpstream = network.upstream  # type: ignore[assignment]
     upstream.script(CHAT, answer("wood", "chuck"))
@@ -105,7 +110,9 @@ async def test_each_node_counts_the_jobs_it_handled_by_client_and_model(scripted
 
     # The client's node: per HTTP client (an API key, or an address).  The router: per client node and key label.
     # The serving driver: per origin node (its router).
-    assert rows(await usage_of(http, network.client), "client") == [counted("http:127.0.0.1", 1, 5, 3), counted("key:alice", 2, 10, 6)]
+    assert rows(await usage_of(http, network.client), "client") == [
+        counted("http:127.0.0.1", 1, 5, 3), counted("key:alice", 2, 10, 6),
+    ]
     assert rows(await usage_of(http, network.router), "router") == [
         counted(network.client.name, 1, 5, 3), counted(network.client.name, 2, 10, 6, label="alice"),
     ]
@@ -114,16 +121,20 @@ async def test_each_node_counts_the_jobs_it_handled_by_client_and_model(scripted
     assert {row["day"] for node in (network.client, network.router) for row in (await usage_of(http, node))["usage"]} == {TODAY}
 
     # Narrowed by client, model, role, key label and UTC days.
-    assert rows(await usage_of(http, network.router, label="alice"), "router") == [counted(network.client.name, 2, 10, 6, label="alice")]
+    alices = await usage_of(http, network.router, label="alice")
+    assert rows(alices, "router") == [counted(network.client.name, 2, 10, 6, label="alice")]
     assert (await usage_of(http, network.router, model="other"))["usage"] == []
     assert (await usage_of(http, network.client, client="key:alice", since=TODAY, until=TODAY))["usage"][0]["jobs"] == 2
     assert (await usage_of(http, network.client, until="2000-01-01"))["usage"] == []
     assert {row["role"] for row in (await usage_of(http, network.router, role="router"))["usage"]} == {"router"}
 
 
-async def test_usage_takes_the_admin_token_and_refuses_a_bad_query(scripted_network: Network, http: aiohttp.ClientSession) -> None:
+async def test_usage_takes_the_admin_token_and_refuses_a_bad_query(
+    scripted_network: Network, http: aiohttp.ClientSession
+) -> None:
     router = scripted_network.router
-    for headers in ({}, {"Authorization": "Bearer not-the-token"}, {"Authorization": f"Bearer {router.node.home.metrics_token()}"}):
+    metrics_token = router.node.home.metrics_token()
+    for headers in ({}, {"Authorization": "Bearer not-the-token"}, {"Authorization": f"Bearer {metrics_token}"}):
         async with http.get(f"{router.url}/usage", headers=headers) as response:
             assert response.status == 401
             assert_error_body(await response.json(), "admin_token_required")
@@ -146,13 +157,14 @@ async def test_emulator_usage_prints_each_client_and_model_with_jobs_and_tokens(
     assert updates[-1]["status"] == "succeeded"
     port = network.router.url.rsplit(":", 1)[1]
     process = await asyncio.create_subprocess_exec(  # not subprocess.run: this loop serves the node meanwhile
-        str(EMULATOR), "usage", "-p", port, "--home", str(network.router.home), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        str(EMULATOR), "usage", "-p", port, "--home", str(network.router.home),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     async with asyncio.timeout(30):
         out, err = await process.communicate()
     assert process.returncode == 0, err.decode()
     lines = out.decode().splitlines()
-    assert lines[0].split() == ["DAY", "ROLE", "CLIENT", "KEY", "MODEL", "JOBS", "PROMPT", "TOKENS", "COMPLETION", "TOKENS", "ESTIMATED"]
+    assert lines[0].split() == "DAY ROLE CLIENT KEY MODEL JOBS PROMPT TOKENS COMPLETION TOKENS ESTIMATED".split()
     assert lines[1].split() == [TODAY, "router", network.client.name, "-", MODEL, "1", "5", "3", "-"]
     assert lines[3].split() == ["BUDGET", "DAILY", "TOKENS", "USED", "TODAY"]
     assert lines[4].split() == [network.client.name, "1000", "8"]
@@ -169,7 +181,9 @@ def cut_short(client: str) -> Row:
 
 
 async def assert_every_node_counted_the_cut_job(network: Network, http: aiohttp.ClientSession, client_row: Row) -> None:
-    one_job: Callable[[dict[str, Any]], bool] = lambda report: [row["completion_tokens"] for row in report["usage"]] == [1]
+    def one_job(report: dict[str, Any]) -> bool:
+        return [row["completion_tokens"] for row in report["usage"]] == [1]
+
     assert rows(await usage_when(http, network.client, one_job), "client") == [client_row]
     assert rows(await usage_when(http, network.router, one_job), "router") == [cut_short(network.client.name)]
     assert rows(await usage_when(http, network.driver, one_job), "driver") == [cut_short(network.router.name)]
@@ -217,8 +231,9 @@ async def test_without_usage_from_the_llm_the_chunks_are_counted_and_marked_esti
 ) -> None:
     network = scripted_network
     upstream: ScriptedUpstream = network.upstream  # type: ignore[assignment]
-    upstream.script(CHAT, Reply(chunks=[chat_chunk(delta(role="assistant", content="")), *(chat_chunk(delta(content=w)) for w in "abcd"),
-                                        chat_chunk(delta(finish_reason="stop"))]))
+    words = [chat_chunk(delta(content=word)) for word in "abcd"]
+    role, end = chat_chunk(delta(role="assistant", content="")), chat_chunk(delta(finish_reason="stop"))
+    upstream.script(CHAT, Reply(chunks=[role, *words, end]))
     created, updates = await run_job(http, network.client.url, {"model": MODEL, "prompt": "12345678"})
     assert updates[-1]["status"] == "succeeded"
     assert rows(await usage_of(http, network.client), "client") == [counted("http:127.0.0.1", 1, 2, 4, estimated=1)]
@@ -237,7 +252,11 @@ def seconds_to_next_utc_day(now: float) -> float:
 async def refused_submission(http: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
     """POST /jobs and /v1/chat/completions, each refused with 429 for a budget; the error of the first."""
     errors = []
-    for path, body in (("/jobs", {"model": MODEL, "prompt": "more"}), ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "more"}]})):
+    requests = (
+        ("/jobs", {"model": MODEL, "prompt": "more"}),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "more"}]}),
+    )
+    for path, body in requests:
         asked = time.time()
         async with asyncio.timeout(GUARD_S), http.post(url + path, json=body, headers=headers or {}) as response:
             payload = await response.json()
@@ -254,7 +273,8 @@ async def test_a_client_node_over_its_daily_budget_gets_429_until_the_next_utc_d
     upstream: ScriptedUpstream = network.upstream  # type: ignore[assignment]
     upstream.script(CHAT, answer("wood"))
     await network.router.admin({"SetGate": {"deny": ["intruder.dev"]}})
-    assert await network.router.admin({"SetBudget": {"client": network.client.name, "daily_tokens": 8}}) == {"ok": True, "note": None}
+    budget = {"SetBudget": {"client": network.client.name, "daily_tokens": 8}}
+    assert await network.router.admin(budget) == {"ok": True, "note": None}
     _, updates = await run_job(http, network.client.url, {"model": MODEL, "prompt": "first"})  # under budget: it may overshoot
     assert updates[-1]["status"] == "succeeded"
     stored = (await count_rows(network.client, Job), await count_rows(network.router, RoutedJob), len(upstream.sent))
@@ -288,7 +308,9 @@ async def test_an_api_keys_budget_refuses_that_key_only(scripted_network: Networ
     _, updates = await run_job(http, network.client.url, {"model": MODEL, "prompt": "someone else"})
     assert updates[-1]["status"] == "succeeded"
     report = await usage_of(http, network.router)
-    assert report["budgets"] == [{"client": network.client.name, "label": "alice", "daily_tokens": 1, "used_today": USAGE["total_tokens"]}]
+    assert report["budgets"] == [
+        {"client": network.client.name, "label": "alice", "daily_tokens": 1, "used_today": USAGE["total_tokens"]},
+    ]
 
 
 async def test_a_malformed_budget_is_refused_and_changes_nothing(scripted_network: Network, http: aiohttp.ClientSession) -> None:
@@ -299,15 +321,18 @@ async def test_a_malformed_budget_is_refused_and_changes_nothing(scripted_networ
         {"client": "fake3.dev", "daily_tokens": "lots"}, {"client": "fake3.dev", "tokens": 5},
     )
     for bad in bad_budgets:
-        async with http.post(f"{router.url}/admin", json={"SetBudget": bad}, headers={"Authorization": f"Bearer {token}"}) as response:
+        headers = {"Authorization": f"Bearer {token}"}
+        async with http.post(f"{router.url}/admin", json={"SetBudget": bad}, headers=headers) as response:
             assert response.status == 422, (bad, await response.text())
             assert_error_body(await response.json(), "invalid_fields")
     assert await count_rows(router, Budget) == 0
 
 
 def test_tokens_of_a_prompt_are_estimated_from_its_text() -> None:
-    chat = {"messages": [{"role": "user", "content": "12345"}, {"role": "user", "content": [{"type": "text", "text": "abc"}, {"type": "image_url", "image_url": {"url": "data:" + "x" * 1000}}]}]}
-    assert estimate(JobKind.CHAT, chat, 7).model_dump() == {"prompt_tokens": math.ceil(8 / 4), "completion_tokens": 7, "estimated": True}
+    parts = [{"type": "text", "text": "abc"}, {"type": "image_url", "image_url": {"url": "data:" + "x" * 1000}}]
+    chat = {"messages": [{"role": "user", "content": "12345"}, {"role": "user", "content": parts}]}
+    # 8 characters of text, the image aside: 2 tokens
+    assert estimate(JobKind.CHAT, chat, 7) == TokenCount(prompt_tokens=math.ceil(8 / 4), completion_tokens=7, estimated=True)
     assert estimate(JobKind.COMPLETION, {"prompt": ["abcd", "efgh"]}, 0).prompt_tokens == 2
     assert estimate(JobKind.EMBEDDING, {"input": [1, 2, 3]}, 0).prompt_tokens == 3
     chunks: list[dict[str, Any]] = [
@@ -336,7 +361,8 @@ async def test_budgets_hold_across_a_router_restart_and_across_its_replicas(tmp_
         await driver.admin({"SetLocalDriver": {"model": MODEL, "is_public": True}})
         await client.admin({"SetRouter": {"node": ROUTER}})
         await replicas[1].admin({"SetBudget": {"client": CLIENT, "daily_tokens": 1}})
-        assert final_of(await follow(http, client.url, (await submit(http, client.url, job_body("spend it")))["job_id"]))["status"] == "succeeded"
+        spent = await submit(http, client.url, job_body("spend it"))
+        assert final_of(await follow(http, client.url, spent["job_id"]))["status"] == "succeeded"
 
         await cluster.kill9(replicas[0].name)
         await cluster.restart(replicas[0].name)
