@@ -5,20 +5,30 @@
 
 Settings come from the environment: LLMP_NAME, LLMP_HOME, LLMP_PORT (where the server listens,
 for the node's note in its home), LLMP_HOST, LLMP_DIRECTORY, LLMP_DATABASE_URL, LLMP_JOB_TIMEOUT, and
-LLMP_SHARED=1 when several server processes (workers) serve the node from one database.
+LLMP_SHARED=1 when several server processes (workers) serve the node from one database (their
+metrics are then counted together: `emulator.worker_metrics`), and LLMP_LOG_FORMAT=json to log JSON
+lines into the node's home (otherwise the server's own logging applies).
 The node starts and stops with the server's lifespan.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
-from urllib.parse import parse_qsl
+import os
 
-from emulator import http_api, routes
-from emulator.http_api import ContentReply, HttpRequest, JsonReply, NodeApi, StreamReply
-from emulator.node import NodeOptions, NodeRuntime
+from emulator import worker_metrics
+
+if os.environ.get("LLMP_SHARED") == "1":
+    worker_metrics.count_together()  # before anything below imports prometheus-client: every worker counts for the node
+
+import asyncio  # noqa: E402
+from collections.abc import Awaitable, Callable, MutableMapping  # noqa: E402
+from typing import Any  # noqa: E402
+from urllib.parse import parse_qsl  # noqa: E402
+
+from emulator import http_api, routes  # noqa: E402
+from emulator.http_api import ContentReply, HttpRequest, JsonReply, NodeApi, StreamReply  # noqa: E402
+from emulator.logs import LogFormat  # noqa: E402
+from emulator.node import NodeOptions, NodeRuntime, configure_logging  # noqa: E402
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -38,6 +48,8 @@ class NodeAsgi:
     def __init__(self, options: NodeOptions) -> None:
         self.runtime = NodeRuntime(options)
         self.api: NodeApi | None = None
+        if options.log_format is LogFormat.JSON:
+            configure_logging(options)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

@@ -1,4 +1,4 @@
-"""The `emulator` command: up, node, admin, message, status, ui, run-job, fake-llm."""
+"""The `emulator` command: up, node, admin, message, status, ui, run-job, usage, logs, fake-llm."""
 
 from __future__ import annotations
 
@@ -11,10 +11,20 @@ from typing import Any
 
 import aiohttp
 
-from emulator import fake_llm
-from emulator.client import CommandError, format_router_state, parse_message_arg, run_job, send_admin, ui_login
+from emulator import fake_llm, logs
+from emulator.client import (
+    CommandError,
+    fetch_usage,
+    format_router_state,
+    format_usage,
+    parse_message_arg,
+    run_job,
+    send_admin,
+    ui_login,
+)
 from emulator.directory import parse_peer
 from emulator.homes import Home, default_root, find_home
+from emulator.logs import LogFormat
 from emulator.node import JobLimits, NodeOptions, serve_forever
 from emulator.up import UpOptions, up
 from handlers.context import DEFAULT_JOB_TIMEOUT, DEFAULT_MAX_BODY_BYTES
@@ -36,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wire", dest="wire", action="store_false", help="start the nodes, configure nothing")
     p.add_argument("--fresh", action="store_true", help="delete the nodes' homes first")
     _add_job_limits(p)
+    _add_log_format(p)
     p.add_argument("--verbose", action="store_true")
 
     p = commands.add_parser("node", help="run one node in the foreground")
@@ -51,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         help="other processes serve this node name from the same database (router replicas): share wake-ups and nonces",
     )
     _add_job_limits(p)
+    _add_log_format(p)
     p.add_argument("--verbose", action="store_true")
 
     for name, help_text in (("admin", "send an admin command to a node"), ("message", "send a message to one process of a node")):
@@ -81,8 +93,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--body", type=parse_message_arg, default=None, metavar="JSON",
                    help='more request fields, passed to the LLM as they are: \'{"tools": [...], "tool_choice": "required"}\'')
 
+    p = commands.add_parser("usage", help="who used what: a node's jobs and tokens per day, client and model")
+    p.add_argument("-p", "--port", type=int, required=True)
+    for name in ("client", "model", "role", "label"):
+        p.add_argument(f"--{name}", default=None)
+    p.add_argument("--since", default=None, metavar="YYYY-MM-DD", help="first UTC day")
+    p.add_argument("--until", default=None, metavar="YYYY-MM-DD", help="last UTC day")
+    _add_auth(p)
+
+    p = commands.add_parser("logs", help="print a node's log, found by name among the homes under --root")
+    p.add_argument("node", help="the node's name, e.g. fake.dev")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing what the node logs (Ctrl-C stops)")
+    p.add_argument("--root", type=Path, default=None, help="folder of the nodes' homes (default ~/.llm-provider)")
+
     commands.add_parser("fake-llm", help="run the embedded fake OpenAI-compatible LLM (see emulator fake-llm --help)")
     return parser
+
+
+def _add_log_format(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-format", type=LogFormat, choices=list(LogFormat), default=LogFormat.TEXT,
+        help="json: one JSON object a line, with node, process and the job's id and trace id",
+    )
 
 
 def _add_job_limits(parser: argparse.ArgumentParser) -> None:
@@ -162,7 +194,7 @@ async def _dispatch(args: argparse.Namespace) -> int | None:
                 UpOptions(
                     nodes=args.nodes, base_port=args.base_port, root=root, llm=args.llm, llm_port=args.llm_port,
                     ttft=args.ttft, tps=args.tps, model=args.model, wire=args.wire, fresh=args.fresh,
-                    verbose=args.verbose, limits=_job_limits(args),
+                    verbose=args.verbose, limits=_job_limits(args), log_format=args.log_format,
                 )
             )
         case "node":
@@ -171,6 +203,7 @@ async def _dispatch(args: argparse.Namespace) -> int | None:
                 NodeOptions(
                     name=args.name, port=args.port, home=args.home, host=args.host, directory_file=args.directory,
                     peers=peers, database_url=args.database_url, shared=args.shared, limits=_job_limits(args), verbose=args.verbose,
+                    log_format=args.log_format,
                 )
             )
         case "admin":
@@ -187,6 +220,12 @@ async def _dispatch(args: argparse.Namespace) -> int | None:
             base = f"http://{args.host}:{args.port}"
             print(f"page:  {base}/ui  (open on this machine as it is)")
             print(f"login: {base}{login.path}  (for a browser elsewhere: it works once, for {args.valid_for:g} s)")
+        case "usage":
+            fields = ("client", "model", "role", "label", "since", "until")
+            query = {name: getattr(args, name) for name in fields if getattr(args, name)}
+            print(format_usage(await fetch_usage(f"http://127.0.0.1:{args.port}", _admin_token(args), query)))
+        case "logs":
+            await logs.show(args.root or default_root(), args.node, args.follow)
     return None
 
 

@@ -1,4 +1,4 @@
-"""What the CLI does against a node's HTTP API: admin commands and running a job."""
+"""What the CLI does against a node's HTTP API: admin commands, running a job, reading usage."""
 
 from __future__ import annotations
 
@@ -55,6 +55,16 @@ async def send_admin(url: str, token: str, message: Any, process: str | None = N
 async def ui_login(url: str, token: str, valid_for: float = 600.0) -> UiLoginCreated:
     """A one-time login to the node's web page."""
     return UiLoginCreated.model_validate(await send_admin(url, token, to_wire(CreateUiLogin(valid_for=valid_for))))
+
+
+async def fetch_usage(url: str, token: str, query: dict[str, str]) -> dict[str, Any]:
+    """`GET /usage` with the admin token."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async with session.get(url + "/usage", params=query, headers={"Authorization": f"Bearer {token}"}) as response:
+            body = await response.json(content_type=None)
+            if response.status >= 400:
+                raise refusal(response.status, body)
+            return body  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -149,3 +159,24 @@ def format_router_state(state: dict[str, Any]) -> str:
                         f"{d['load']}/{d['capacity']}", f"{now - d['last_seen']:.0f} s ago", cooled))
     queues: list[tuple[str, ...]] = [("MODEL", "QUEUED")] + [(m, str(n)) for m, n in sorted(state["queues"].items())]
     return _table(drivers) + "\n\n" + (_table(queues) if len(queues) > 1 else "no job waits")
+
+
+def format_usage(report: dict[str, Any]) -> str:
+    """`emulator usage`: jobs and tokens per day, role, client (and API key) and model; then the budgets."""
+    rows: list[tuple[str, ...]] = [
+        ("DAY", "ROLE", "CLIENT", "KEY", "MODEL", "JOBS", "PROMPT TOKENS", "COMPLETION TOKENS", "ESTIMATED")
+    ]
+    for row in report["usage"]:
+        rows.append((
+            row["day"], row["role"], row["client"], row.get("label") or "-", row["model"], str(row["jobs"]),
+            str(row["prompt_tokens"]), str(row["completion_tokens"]),
+            f"{row['estimated_jobs']} jobs" if row["estimated_jobs"] else "-",
+        ))
+    text = _table(rows) if len(rows) > 1 else "no usage recorded"
+    if report.get("budgets"):
+        budgets: list[tuple[str, ...]] = [("BUDGET", "DAILY TOKENS", "USED TODAY")]
+        for budget in report["budgets"]:
+            name = budget["client"] + (f"/{budget['label']}" if budget.get("label") else "")
+            budgets.append((name, str(budget["daily_tokens"]), str(budget["used_today"])))
+        text += "\n\n" + _table(budgets)
+    return text

@@ -7,23 +7,27 @@
 Settings come from the same LLMP_* variables as the ASGI host (`emulator.asgi`).  Each worker is a
 node runtime of its own over the node's one database, which is therefore always shared: any worker
 takes any request or message, and a stream's reader on one worker follows what another writes.
+Their metrics are counted together (`emulator.worker_metrics`): a scrape of /metrics shows the node.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from emulator import worker_metrics
 
-from aiohttp import web
+worker_metrics.count_together()  # before anything below imports prometheus-client: every worker counts for the node
 
-from emulator import http_app
-from emulator.homes import Home
-from emulator.node import NodeOptions, NodeRuntime, configure_logging
+import dataclasses  # noqa: E402
+
+from aiohttp import web  # noqa: E402
+
+from emulator import http_app  # noqa: E402
+from emulator.node import NodeOptions, NodeRuntime, configure_logging  # noqa: E402
 
 
 async def create_app() -> web.Application:
     """The application factory gunicorn's aiohttp worker awaits, once per worker."""
     options = dataclasses.replace(NodeOptions.from_environment(), shared=True)
-    configure_logging(Home(options.home), options.verbose)
+    configure_logging(options)
     runtime = NodeRuntime(options)
     app = http_app.create_app(await runtime.start())
 

@@ -1,10 +1,11 @@
-"""A node's home folder: its database, log, admin token and a note of where it listens."""
+"""A node's home folder: its database, log, admin and metrics tokens, and a note of where it listens."""
 
 from __future__ import annotations
 
 import json
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,11 @@ DEFAULT_ROOT_ENV = "LLM_PROVIDER_ROOT"
 
 def default_root() -> Path:
     return Path(os.environ.get(DEFAULT_ROOT_ENV) or Path.home() / ".llm-provider")
+
+
+def home_from_environment(environ: Mapping[str, str]) -> Path:
+    """The home of a node started by a server's factory: LLMP_HOME, else ~/.llm-provider/LLMP_NAME."""
+    return Path(environ.get("LLMP_HOME", str(Path.home() / ".llm-provider" / environ["LLMP_NAME"]))).expanduser()
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,15 @@ class Home:
         return self.path / "admin_token"
 
     @property
+    def metrics_token_file(self) -> Path:
+        return self.path / "metrics_token"
+
+    @property
+    def metrics_directory(self) -> Path:
+        """Where the node's worker processes count their metrics together (`emulator.worker_metrics`)."""
+        return self.path / "metrics"
+
+    @property
     def key_file(self) -> Path:
         return self.path / "node_key.pem"
 
@@ -44,6 +59,12 @@ class Home:
         if not self.token_file.exists():
             create_once(self.token_file, secrets.token_urlsafe(32).encode())
         return self.token_file.read_text().strip()
+
+    def metrics_token(self) -> str:
+        """The node's read-only token for /metrics from outside loopback, made on first boot like the admin token."""
+        if not self.metrics_token_file.exists():
+            create_once(self.metrics_token_file, secrets.token_urlsafe(32).encode())
+        return self.metrics_token_file.read_text().strip()
 
     def write_info(self, name: str, url: str) -> None:
         self.info_file.write_text(json.dumps({"name": name, "url": url, "pid": os.getpid()}) + "\n")

@@ -7,30 +7,48 @@ framework's request into an `HttpRequest` and write the `JsonReply`, `ContentRep
 
 from __future__ import annotations
 
+import functools
 import hmac
+import ipaddress
 import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from emulator import signing
+from emulator import openapi, signing
 from emulator.directory import Directory
-from handlers import api_keys, driver, jobs, node, v1
+from emulator.openapi import Auth, Operation, event_stream, json_body, operation, text
+from handlers import accounting, api_keys, driver, jobs, metrics, node, tracing, v1
 from handlers.api_keys import Caller
 from handlers.context import NodeContext, log
 from handlers.errors import HandlerError
-from schemas.jobs import ErrorBody, ErrorResponse
-from schemas.messages import Envelope, Process
-from schemas.openai_api import JobKind, JobOrder
+from schemas.jobs import ErrorBody, ErrorResponse, JobCreated, JobRecord, JobUpdate
+from schemas.messages import MESSAGE_TYPES, AdminMessage, Envelope, MessageReply, Process, untag
+from schemas.node_api import Health
+from schemas.openai_api import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingList,
+    EmbeddingRequest,
+    JobKind,
+    JobOrder,
+    JobRequest,
+    OpenAiModelList,
+)
 from schemas.sse import encode_comment, encode_event
+from schemas.usage import UsageQuery, UsageReport
 
 ENVELOPE_ALLOWANCE_BYTES = 64 * 1024  # a node message carries a client's body (up to the limit) and its envelope
 SSE_RETRY_MS = 2000
 SSE_HEARTBEAT_S = 15.0
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+JSON_CONTENT_TYPE = "application/json"
 
 
 @dataclass(frozen=True)
@@ -51,7 +69,7 @@ class JsonReply:
 
 @dataclass
 class ContentReply:
-    """A body of another type than JSON: the web page's files, a redirect."""
+    """A body of another type than JSON: the web page's files, a redirect, the metrics' text."""
 
     status: int
     body: bytes
@@ -78,6 +96,7 @@ class NodeApi:
     admin_token: str
     directory: Directory
     replay_guard: signing.ReplayGuard
+    metrics_token: str  # read-only: lets a scraper outside loopback read /metrics, and nothing else
 
     @property
     def max_body_bytes(self) -> int:
@@ -147,10 +166,28 @@ def read_json(request: HttpRequest, limit: int) -> Any:
         raise HandlerError(400, "malformed_json", f"the body is not valid JSON: {error}") from error
 
 
-def caller_of(request: HttpRequest) -> Caller:
+def bearer_of(request: HttpRequest) -> str | None:
     authorization = request.headers.get("authorization", "")
-    bearer = authorization.removeprefix("Bearer ").strip() if authorization.startswith("Bearer ") else None
-    return Caller(bearer=bearer or None, address=request.remote)
+    if not authorization.startswith("Bearer "):
+        return None
+    return authorization.removeprefix("Bearer ").strip() or None
+
+
+def caller_of(request: HttpRequest) -> Caller:
+    return Caller(bearer=bearer_of(request), address=request.remote, traceparent=request.headers.get(tracing.HEADER))
+
+
+def _require_admin(api: NodeApi, request: HttpRequest) -> None:
+    presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(presented.encode(), api.admin_token.encode()):
+        raise HandlerError(401, "admin_token_required", "admin commands need this node's admin token (Authorization: Bearer ...)")
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 def _last_event_id(request: HttpRequest) -> int:
@@ -166,25 +203,36 @@ def _last_event_id(request: HttpRequest) -> int:
 # --- client routes --------------------------------------------------------------------------------
 
 
+@operation(Operation("Whether the node is up, and which of its processes answered", {200: json_body(Health)}))
 async def healthz(api: NodeApi, request: HttpRequest) -> Reply:
-    # `worker`: which of the processes serving this node answered (several under gunicorn, or as replicas).
-    return JsonReply(200, json.dumps({"status": "ok", "node": api.ctx.name, "worker": api.ctx.worker}).encode())
+    return json_reply(Health(node=api.ctx.name, worker=api.ctx.worker))
 
 
+@operation(Operation(
+    "Submit a job: a chat completion's body, or {model, prompt}", {202: json_body(JobCreated, "stored; read it at events_url")},
+    request=json_body(JobRequest), headers=("Idempotency-Key", "traceparent"), auth=(Auth.API_KEY,),
+))
 async def submit_job(api: NodeApi, request: HttpRequest) -> Reply:
     return await submit_as(api, request, caller_of(request))
 
 
+@operation(Operation("A job's record", {200: json_body(JobRecord)}, auth=(Auth.API_KEY,)))
 async def get_job(api: NodeApi, request: HttpRequest) -> Reply:
     await api_keys.client_identity(api.ctx, caller_of(request))
     return await job_record(api, request)
 
 
+@operation(Operation("Cancel a job end to end", {200: json_body(JobRecord, "the cancelled job's record")}, auth=(Auth.API_KEY,)))
 async def cancel_job(api: NodeApi, request: HttpRequest) -> Reply:
     await api_keys.client_identity(api.ctx, caller_of(request))
     return await cancel(api, request)
 
 
+@operation(Operation(
+    "A job's updates as Server-Sent Events, replayed from the store, then live",
+    {200: event_stream(JobUpdate, "`event: job_update`, `id: <seq>`, `data:` one update; the last has is_final")},
+    headers=("Last-Event-ID",), auth=(Auth.API_KEY,),
+))
 async def job_events(api: NodeApi, request: HttpRequest) -> Reply:
     await api_keys.client_identity(api.ctx, caller_of(request))
     return await job_stream(api, request)
@@ -213,20 +261,42 @@ async def job_stream(api: NodeApi, request: HttpRequest) -> Reply:
     await jobs.record(api.ctx, job_id)  # 404 before the stream starts
 
     async def chunks() -> AsyncIterator[bytes]:
-        yield encode_comment(f"job {job_id}") + f"retry: {SSE_RETRY_MS}\n\n".encode()
-        async for update in jobs.follow(api.ctx, job_id, after, idle=SSE_HEARTBEAT_S):
-            if update is None:
-                yield encode_comment("heartbeat")
-            else:
-                yield encode_event(update.model_dump_json(exclude_none=True), event="job_update", event_id=str(update.seq))
+        with _open_stream(api):
+            yield encode_comment(f"job {job_id}") + f"retry: {SSE_RETRY_MS}\n\n".encode()
+            async for update in jobs.follow(api.ctx, job_id, after, idle=SSE_HEARTBEAT_S):
+                if update is None:
+                    yield encode_comment("heartbeat")
+                else:
+                    yield encode_event(update.model_dump_json(exclude_none=True), event="job_update", event_id=str(update.seq))
 
     # A reader that leaves changes nothing: the job goes on, and the reader may come back with Last-Event-ID.
     return StreamReply(chunks())
 
 
+_WHOLE = "the whole answer (not streamed)"
+_STREAMED = "`data:` chunks as the LLM streamed them, then `data: [DONE]` (stream: true)"
+_OPENAI_OPERATIONS = {
+    JobKind.CHAT: Operation(
+        "OpenAI chat completions, as a job",
+        {200: [json_body(ChatCompletion, _WHOLE), event_stream(ChatCompletionChunk, _STREAMED)]},
+        request=json_body(ChatCompletionRequest), headers=("Idempotency-Key", "traceparent"), auth=(Auth.API_KEY,),
+    ),
+    JobKind.COMPLETION: Operation(
+        "OpenAI (legacy) completions, as a job",
+        {200: [json_body(ChatCompletion, _WHOLE), event_stream(ChatCompletionChunk, _STREAMED)]},
+        request=json_body(CompletionRequest), headers=("Idempotency-Key", "traceparent"), auth=(Auth.API_KEY,),
+    ),
+    JobKind.EMBEDDING: Operation(
+        "OpenAI embeddings, as a job", {200: json_body(EmbeddingList)}, request=json_body(EmbeddingRequest),
+        headers=("Idempotency-Key", "traceparent"), auth=(Auth.API_KEY,),
+    ),
+}
+
+
 def openai_endpoint(kind: JobKind) -> Route:
     """`POST /v1/<kind>`: the request runs as a job; its answer streams back, or comes whole."""
 
+    @operation(_OPENAI_OPERATIONS[kind])
     async def answer_request(api: NodeApi, request: HttpRequest) -> Reply:
         order = JobOrder.read(kind, read_json(request, api.max_body_bytes))
         answer = await v1.start(api.ctx, caller_of(request), order, request.headers.get("idempotency-key"))
@@ -242,12 +312,18 @@ def openai_endpoint(kind: JobKind) -> Route:
 
 
 async def _openai_stream(api: NodeApi, answer: v1.Answer) -> AsyncIterator[bytes]:
-    async for payload in v1.stream(api.ctx, answer):
-        if payload is None:
-            yield encode_comment("heartbeat")
-        else:
-            yield b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-    yield b"data: [DONE]\n\n"
+    with _open_stream(api):
+        async for payload in v1.stream(api.ctx, answer):
+            if payload is None:
+                yield encode_comment("heartbeat")
+            else:
+                yield b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+
+def _open_stream(api: NodeApi) -> AbstractContextManager[Any]:
+    """Counts the stream as open while its body is being sent."""
+    return metrics.OPEN_STREAMS.labels(api.ctx.name).track_inprogress()
 
 
 def _cancel_on_hang_up(api: NodeApi, job_id: str) -> Callable[[], Awaitable[None]]:
@@ -261,6 +337,7 @@ def _cancel_on_hang_up(api: NodeApi, job_id: str) -> Callable[[], Awaitable[None
     return abandoned
 
 
+@operation(Operation("Models this node can reach", {200: json_body(OpenAiModelList)}, auth=(Auth.API_KEY,)))
 async def list_models(api: NodeApi, request: HttpRequest) -> Reply:
     await api_keys.client_identity(api.ctx, caller_of(request))
     return json_reply(await v1.models(api.ctx))
@@ -269,27 +346,99 @@ async def list_models(api: NodeApi, request: HttpRequest) -> Reply:
 # --- nodes and admin -------------------------------------------------------------------------------
 
 
+@operation(Operation(
+    "A message from another node, signed by it", {200: json_body(MessageReply, "the receiving process's answer")},
+    request=json_body(Envelope), headers=(signing.SIGNATURE_HEADER, "traceparent"),
+))
 async def node_message(api: NodeApi, request: HttpRequest) -> Reply:
-    envelope = Envelope.model_validate(read_json(request, api.max_message_bytes))
-    if envelope.destination != api.ctx.name:
-        raise HandlerError(401, "wrong_destination", f"the envelope is for {envelope.destination}, not {api.ctx.name}")
-    peer = api.directory.peer(envelope.source.node)
-    await signing.authenticate(
-        peer.public_key if peer else None, envelope.source.node, request.body, request.headers.get(signing.SIGNATURE_HEADER.lower()),
-        api.replay_guard, envelope.sent_at, envelope.nonce,
-    )
-    return json_reply(await node.receive(api.ctx, envelope))
+    raw = read_json(request, api.max_message_bytes)
+    kind = _message_type(raw)
+    try:
+        envelope = Envelope.model_validate(raw)
+        if envelope.destination != api.ctx.name:
+            raise HandlerError(401, "wrong_destination", f"the envelope is for {envelope.destination}, not {api.ctx.name}")
+        peer = api.directory.peer(envelope.source.node)
+        await signing.authenticate(
+            peer.public_key if peer else None, envelope.source.node, request.body,
+            request.headers.get(signing.SIGNATURE_HEADER.lower()), api.replay_guard, envelope.sent_at, envelope.nonce,
+        )
+        reply = json_reply(await node.receive(api.ctx, envelope, request.headers.get(tracing.HEADER)))
+    except HandlerError as error:
+        metrics.MESSAGES_REFUSED.labels(api.ctx.name, kind, error.code).inc()
+        raise
+    except ValidationError:
+        metrics.MESSAGES_REFUSED.labels(api.ctx.name, kind, "invalid_fields").inc()
+        raise
+    metrics.MESSAGES_RECEIVED.labels(api.ctx.name, kind).inc()
+    return reply
 
 
+def _message_type(raw: Any) -> str:
+    """The type of the message in an envelope, for the metrics; "unknown" for anything but a message type we know
+    (the sender may not be authenticated yet: what it sends must not grow the metrics without bound)."""
+    body = untag(raw.get("body")) if isinstance(raw, dict) else None
+    name = body.get("type") if isinstance(body, dict) else None
+    return name if name in MESSAGE_TYPES else "unknown"
+
+
+@operation(Operation(
+    "An admin command from the node's owner", {200: json_body(MessageReply)},
+    request=json_body(
+        AdminMessage, 'a message as {"type": NAME, ...fields}, or in the seed\'s form: "StartRouter", {"SetRouter": {...}}'
+    ),
+    auth=(Auth.ADMIN,),
+))
 async def admin_message(api: NodeApi, request: HttpRequest) -> Reply:
-    presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(presented.encode(), api.admin_token.encode()):
-        raise HandlerError(401, "admin_token_required", "admin commands need this node's admin token (Authorization: Bearer ...)")
+    _require_admin(api, request)
     target = request.params.get("process")
     if target is not None and target not in node.PROCESSES:
         raise HandlerError(404, "unknown_process", f"no process {target!r}; processes: {', '.join(node.PROCESSES)}")
     process: Process | None = target  # type: ignore[assignment]
     return json_reply(await node.admin(api.ctx, process, read_json(request, api.max_body_bytes)))
+
+
+@operation(Operation(
+    "The node's metrics, in Prometheus' text format", {200: text("Prometheus text exposition format 0.0.4")},
+    auth=(Auth.METRICS,),
+    description="Open on loopback; from elsewhere only with the node's read-only metrics token (never the admin token).",
+))
+async def node_metrics(api: NodeApi, request: HttpRequest) -> Reply:
+    require_reader(api, request)
+    return ContentReply(200, await metrics.exposition(api.ctx), metrics.CONTENT_TYPE)
+
+
+def require_reader(api: NodeApi, request: HttpRequest) -> None:
+    """What only watches the node (metrics) is open on loopback; from elsewhere it takes the read-only metrics
+    token.  Never the admin token: a scraper's credentials must not send admin messages, nor stand in for them."""
+    if is_loopback(request.remote):
+        return
+    presented = bearer_of(request) or ""
+    if not hmac.compare_digest(presented.encode(), api.metrics_token.encode()):
+        raise HandlerError(
+            401, "metrics_token_required",
+            "open on loopback only; from elsewhere this needs the node's metrics token (Authorization: Bearer ...)",
+        )
+
+
+@operation(Operation(
+    "Usage of the jobs this node ended, per UTC day, role, client and model; and its budgets", {200: json_body(UsageReport)},
+    query=UsageQuery, auth=(Auth.ADMIN,),
+))
+async def usage_report(api: NodeApi, request: HttpRequest) -> Reply:
+    _require_admin(api, request)
+    return json_reply(await accounting.report(api.ctx, UsageQuery.model_validate(dict(request.query))))
+
+
+@operation(Operation("This document: the node's HTTP API, OpenAPI 3.1", {200: text("the OpenAPI document", "application/json")}))
+async def openapi_document(api: NodeApi, request: HttpRequest) -> Reply:
+    return JsonReply(200, _openapi_bytes())
+
+
+@functools.cache
+def _openapi_bytes() -> bytes:
+    from emulator import routes  # every route the node serves, its web page's too; that module imports this one
+
+    return json.dumps(openapi.document(routes.ROUTES), separators=(",", ":")).encode()
 
 
 ROUTES: list[tuple[str, str, Route]] = [
@@ -305,6 +454,9 @@ ROUTES: list[tuple[str, str, Route]] = [
     ("POST", "/node/message", node_message),
     ("POST", "/admin", admin_message),
     ("POST", "/admin/{process}", admin_message),
+    ("GET", "/metrics", node_metrics),
+    ("GET", "/usage", usage_report),
+    ("GET", "/openapi.json", openapi_document),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -39,7 +40,10 @@ def _handler(route: Route) -> Handler:
             params=dict(request.match_info),
             query=dict(request.query),
         )
-        return await _write(request, await http_api.answer(route, request.app[API], http_request))
+        # A client that hangs up cancels this handler (the runner's handler_cancellation): the request's own work
+        # completes all the same; only a stream being sent stops, and a streamed /v1 answer's job is cancelled.
+        reply = await asyncio.shield(http_api.answer(route, request.app[API], http_request))
+        return await _write(request, reply)
 
     return handle
 
@@ -67,6 +71,11 @@ async def _write(request: web.Request, reply: Reply) -> web.StreamResponse:
     finally:
         await reply.chunks.aclose()  # type: ignore[attr-defined]
     return response
+
+
+def create_runner(api: NodeApi, access_log: logging.Logger | None) -> web.AppRunner:
+    """The runner of a node's app: a client that hangs up mid-stream is noticed at once, not at the next write."""
+    return web.AppRunner(create_app(api), access_log=access_log, handler_cancellation=True)
 
 
 def create_app(api: NodeApi) -> web.Application:

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,15 +13,15 @@ from pathlib import Path
 from aiohttp import web
 from pydantic import BaseModel
 
-from emulator import signing
+from emulator import logs, signing
 from emulator.directory import Directory, Peer
-from emulator.homes import Home
+from emulator.homes import Home, home_from_environment
 from emulator.http_api import NodeApi
-from emulator.http_app import create_app
+from emulator.http_app import create_runner
 from emulator.llm_client import AiohttpLlmClient
 from emulator.signing import NodeKey
 from emulator.transport import HttpTransport
-from handlers import news, serving, upkeep
+from handlers import metrics, news, serving, upkeep
 from handlers import node as node_handlers
 from handlers.context import DEFAULT_JOB_TIMEOUT, DEFAULT_MAX_BODY_BYTES, NodeContext, Settings
 from schemas.messages import Message, Process, Source
@@ -62,6 +61,7 @@ class NodeOptions:
     shared: bool = False  # other processes serve this node from the same database (workers, replicas)
     limits: JobLimits = field(default_factory=JobLimits)
     verbose: bool = False
+    log_format: logs.LogFormat = logs.LogFormat.TEXT
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> NodeOptions:
@@ -72,7 +72,7 @@ class NodeOptions:
             name=name,
             port=int(environ.get("LLMP_PORT", "8081")),
             host=environ.get("LLMP_HOST", "127.0.0.1"),
-            home=Path(environ.get("LLMP_HOME", str(Path.home() / ".llm-provider" / name))).expanduser(),
+            home=home_from_environment(environ),
             directory_file=Path(directory).expanduser() if directory else None,
             database_url=environ.get("LLMP_DATABASE_URL"),
             shared=environ.get("LLMP_SHARED", "0") == "1",
@@ -80,16 +80,12 @@ class NodeOptions:
                 job_timeout=float(environ.get("LLMP_JOB_TIMEOUT", JobLimits().job_timeout)),
                 max_body_bytes=int(environ.get("LLMP_MAX_BODY_BYTES", JobLimits().max_body_bytes)),
             ),
+            log_format=logs.LogFormat(environ.get("LLMP_LOG_FORMAT", logs.LogFormat.TEXT)),
         )
 
 
-def configure_logging(home: Home, verbose: bool) -> None:
-    home.path.mkdir(parents=True, exist_ok=True)
-    handlers: list[logging.Handler] = [logging.FileHandler(home.log_file)]
-    if verbose:
-        handlers.append(logging.StreamHandler(sys.stderr))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
-    logging.getLogger("aiohttp.access").setLevel(logging.INFO if verbose else logging.WARNING)
+def configure_logging(options: NodeOptions) -> None:
+    logs.configure(Home(options.home), options.name, options.verbose, options.log_format)
 
 
 class NodeRuntime:
@@ -109,6 +105,7 @@ class NodeRuntime:
         key = NodeKey.load_or_create(self.home.key_file)
         self.public_key = key.public_key
         store = Store.open(options.database_url or sqlite_url(self.home.database), shared=options.shared)
+        store.on_commit = metrics.STORE_COMMIT.labels(options.name).observe
         await store.migrate()
         directory = Directory(options.peers, options.directory_file)
         self._transport = HttpTransport(options.name, key, directory, self._deliver_local)
@@ -126,6 +123,7 @@ class NodeRuntime:
                 max_body_bytes=options.limits.max_body_bytes,
             ),
         )
+        logs.identify_worker(self.ctx.worker)
         await store.listen(self.ctx.signals.notify)
         self.ctx.spawn(news.watch_the_store(self.ctx), name="news")
         self.home.write_info(options.name, self.url)
@@ -133,7 +131,7 @@ class NodeRuntime:
         logging.getLogger("llm_provider").info(
             "node %s at %s (home %s); public key %s", options.name, self.url, self.home.path, key.public_key
         )
-        return NodeApi(self.ctx, token, directory, signing.ReplayGuard(store))
+        return NodeApi(self.ctx, token, directory, signing.ReplayGuard(store), self.home.metrics_token())
 
     @staticmethod
     async def _upkeep(ctx: NodeContext) -> None:
@@ -172,7 +170,7 @@ class Node(NodeRuntime):
     async def __aenter__(self) -> Node:
         api = await self.start()
         access_log = logging.getLogger("aiohttp.access") if self.options.verbose else None
-        self._runner = web.AppRunner(create_app(api), access_log=access_log)
+        self._runner = create_runner(api, access_log)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.options.host, self.options.port, reuse_address=True).start()
         return self
@@ -185,7 +183,7 @@ class Node(NodeRuntime):
 
 
 async def serve_forever(options: NodeOptions) -> None:
-    configure_logging(Home(options.home), options.verbose)
+    configure_logging(options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

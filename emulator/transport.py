@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from emulator.directory import Directory
 from emulator.signing import SIGNATURE_HEADER, NodeKey
+from handlers import metrics, tracing
 from handlers.errors import HandlerError, PeerError
 from schemas.messages import Message, Process, Source, to_wire
 
@@ -37,6 +38,15 @@ class HttpTransport:
     async def send(self, source: Process, node: str, target: Process, message: Message) -> dict[str, Any]:
         if node == self.name:
             return await self._send_to_self(source, target, message)
+        kind = message.type  # type: ignore[attr-defined]
+        metrics.MESSAGES_SENT.labels(self.name, kind).inc()
+        try:
+            return await self._send_to_peer(source, node, target, message)
+        except PeerError as error:
+            metrics.MESSAGE_SEND_FAILURES.labels(self.name, kind, error.code).inc()
+            raise
+
+    async def _send_to_peer(self, source: Process, node: str, target: Process, message: Message) -> dict[str, Any]:
         peer = self.directory.peer(node)
         if peer is None:
             raise PeerError(503, "unknown_node", f"no URL for node {node!r} in the directory")
@@ -88,6 +98,8 @@ class HttpTransport:
         # UTF-8 as it is: a client body within the limit stays within it as an envelope (ASCII escapes could triple it).
         data = json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode()
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: self.key.sign(data)}
+        if (traceparent := tracing.outgoing(self.name)) is not None:
+            headers[tracing.HEADER] = traceparent
         async with self._session(url).post(url + MESSAGE_PATH, data=data, headers=headers) as response:
             body = await response.json(content_type=None)
             if response.status >= 400:

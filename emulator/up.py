@@ -21,7 +21,8 @@ import aiohttp
 
 from emulator.client import CommandError, send_admin, ui_login
 from emulator.directory import Peer, write_directory
-from emulator.homes import Home
+from emulator.homes import Home, default_root
+from emulator.logs import LogFormat
 from emulator.node import JobLimits
 from emulator.signing import NodeKey
 
@@ -44,6 +45,7 @@ class UpOptions:
     fresh: bool
     verbose: bool
     limits: JobLimits
+    log_format: LogFormat = LogFormat.TEXT
 
 
 @dataclass
@@ -83,6 +85,8 @@ def plan(options: UpOptions) -> list[NodePlan]:
 def node_command(node: NodePlan, options: UpOptions) -> list[str]:
     command = ["--name", node.name, "--port", str(node.port), "--home", str(node.home.path)]
     command += ["--directory", str(options.root / "directory.json"), *options.limits.flags()]
+    if options.log_format is not LogFormat.TEXT:
+        command += ["--log-format", options.log_format.value]
     return ["emulator", "node", *command] + (["--verbose"] if options.verbose else [])
 
 
@@ -150,6 +154,9 @@ def _print_table(nodes: list[NodePlan], options: UpOptions, llm: str, llm_comman
     print(f"  curl -N {client.url}/v1/chat/completions -H 'Content-Type: application/json' "
           f"-d '{{\"model\": \"{options.model}\", \"stream\": true, \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'")
     print(f"  curl {client.url}/v1/models")
+    root = "" if options.root == default_root() else f" --root {shlex.quote(str(options.root))}"
+    print(f"  emulator usage -p {nodes[0].port}{root}    # who used what, as the router counted it")
+    print(f"  emulator logs {nodes[0].name} -f{root}    # follow a node's log (--log-format json: with job and trace ids)")
     print("\nWeb pages (open as they are on this machine; a login URL lets one browser in from elsewhere, once, within 10 minutes):")
     width = max(len(n.name) for n in nodes)
     for node in nodes:

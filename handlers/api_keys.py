@@ -23,12 +23,14 @@ KEY_PREFIX = "llmp-"
 
 @dataclass(frozen=True)
 class Caller:
-    """An HTTP client as the host saw it: the key it presented, if any, and its address; or the node's
-    own web page, whose access the page's routes have checked (loopback, or a login session)."""
+    """An HTTP client as the host saw it: the key it presented, if any, its address, and the W3C trace
+    context it sent (`traceparent`), which a job it submits continues; or the node's own web page,
+    whose access the page's routes have checked (loopback, or a login session)."""
 
     bearer: str | None
     address: str
     is_ui: bool = False
+    traceparent: str | None = None
 
 
 def digest(secret: str) -> str:
@@ -64,6 +66,11 @@ async def identify(session: AsyncSession, config: NodeConfig, caller: Caller) ->
     if config.require_api_keys:
         raise HandlerError(401, "invalid_api_key", "this node needs a valid API key: Authorization: Bearer <key>")
     return f"http:{caller.address}"
+
+
+def key_label(client: str) -> str | None:
+    """The label of the API key an identity (`identify`) stands for; None for a client without a key."""
+    return client.removeprefix("key:") if client.startswith("key:") else None
 
 
 async def client_identity(ctx: NodeContext, caller: Caller) -> str:

@@ -24,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from handlers import api_keys, serving, ui_logins, updates
+from handlers import api_keys, serving, tracing, ui_logins, updates
 from handlers.api_keys import Caller
 from handlers.config import config_for_update, read_config
 from handlers.context import NodeContext, log
@@ -68,13 +68,18 @@ async def submit(ctx: NodeContext, caller: Caller, order: JobOrder, idempotency_
             client = await api_keys.identify(session, config, caller)
             if idempotency_key is not None and (earlier := await _earlier_submission(session, client, idempotency_key)):
                 return earlier
-            spec = _new_spec(ctx, order, config)
+            spec = _new_spec(ctx, order, config, client)
+            traceparent = tracing.new_traceparent(caller.traceparent)
+            tracing.set_job(spec.job_id, traceparent)  # the rest of this request is about the job
             local = spec.model in config.driver_models
             if local:
-                session.add_all([_job_row(client, spec, "running", None, ctx.name, idempotency_key), serving.served_row(ctx, ctx.name, spec)])
+                session.add_all([
+                    _job_row(client, spec, "running", None, ctx.name, idempotency_key, traceparent),
+                    serving.served_row(ctx, ctx.name, spec, traceparent),
+                ])
             elif config.router_node is not None:
                 # Stored before the router hears of it, so its first update always finds it.
-                session.add(_job_row(client, spec, "queued", config.router_node, None, idempotency_key))
+                session.add(_job_row(client, spec, "queued", config.router_node, None, idempotency_key, traceparent))
             elif config.driver_models:
                 raise unknown_model(spec.model, config.driver_models)
             else:
@@ -87,6 +92,8 @@ async def submit(ctx: NodeContext, caller: Caller, order: JobOrder, idempotency_
                 return earlier
         raise
     ctx.signals.notify(spec.job_id)  # readers of every job (the web page) hear of a new one
+    where = "served here" if local else f"to router {config.router_node}"
+    log.info("job %s submitted by %s for %s, %s", spec.job_id, client, spec.model, where)
     if local:
         serving.start(ctx, spec, ctx.name, serving.endpoint_of(config))
         return _created(spec, "running")
@@ -99,6 +106,7 @@ async def cancel(ctx: NodeContext, job_id: str) -> None:
         job = await session.get(Job, job_id)
     if job is None:
         raise unknown_job(job_id)
+    tracing.set_job(job_id, job.traceparent)
     if job.status in FINAL_STATUSES:
         raise HandlerError(409, "job_finished", f"job {job_id} already ended: {job.status}")
     await updates.record_update(ctx, JobUpdate(job_id=job_id, seq=job.next_seq, is_final=True, status="cancelled", error="cancelled by the client"))
@@ -189,7 +197,7 @@ async def models(ctx: NodeContext) -> list[ModelInfo]:
 # --- submission -------------------------------------------------------------------
 
 
-def _new_spec(ctx: NodeContext, order: JobOrder, config: NodeConfig) -> JobSpec:
+def _new_spec(ctx: NodeContext, order: JobOrder, config: NodeConfig, client: str) -> JobSpec:
     now = time.time()
     request = order.envelope
     default = config.job_timeout or ctx.settings.job_timeout
@@ -205,6 +213,7 @@ def _new_spec(ctx: NodeContext, order: JobOrder, config: NodeConfig) -> JobSpec:
         deadline=now + timeout,
         first_token_timeout=request.first_token_timeout or ctx.settings.first_token_timeout,
         idle_timeout=request.idle_timeout or ctx.settings.idle_timeout,
+        api_key_label=api_keys.key_label(client),
     )
 
 
@@ -218,7 +227,9 @@ async def _earlier_submission(session: AsyncSession, client: str, key: str) -> J
     return None if job is None else _created(job, job.status)
 
 
-def _job_row(client: str, spec: JobSpec, status: str, router: str | None, driver: str | None, key: str | None) -> Job:
+def _job_row(
+    client: str, spec: JobSpec, status: str, router: str | None, driver: str | None, key: str | None, traceparent: str
+) -> Job:
     return Job(
         id=spec.job_id,
         client=client,
@@ -231,6 +242,7 @@ def _job_row(client: str, spec: JobSpec, status: str, router: str | None, driver
         next_seq=0,
         created_at=spec.created_at,
         deadline=spec.deadline,
+        traceparent=traceparent,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -28,6 +29,16 @@ class PeerError(HandlerError):
     """Another node refused a message, or could not be reached (status 503)."""
 
 
+class UpstreamErrorKind(StrEnum):
+    """How a request to the LLM failed, as the node's metrics count it."""
+
+    REFUSED = "refused"  # a 4xx
+    SERVER_ERROR = "5xx"  # a 5xx, or an error event in its stream
+    TIMEOUT = "timeout"  # the job's deadline, or its first-token or idle limit, passed while the LLM answered
+    CONNECTION = "connection"  # no answer, or one broken off
+    MALFORMED = "malformed"  # an answer that is not what OpenAI's API answers
+
+
 class UpstreamError(Exception):
     """The LLM endpoint failed; the job ends `failed` with this message.
 
@@ -36,8 +47,9 @@ class UpstreamError(Exception):
     `llm_error`: the LLM refused the client's request; its status and body go back to the client.
     """
 
-    def __init__(self, message: str, retryable: bool = False, llm_error: LlmError | None = None) -> None:
+    def __init__(self, message: str, kind: UpstreamErrorKind, retryable: bool = False, llm_error: LlmError | None = None) -> None:
         super().__init__(message)
+        self.kind = kind
         self.retryable = retryable
         self.llm_error = llm_error
 

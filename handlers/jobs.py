@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import Select, select
 
+from handlers import tracing
 from handlers.context import NodeContext
 from handlers.errors import PeerError, unknown_job
 from handlers.assembly import assemble
@@ -69,7 +70,8 @@ async def _queue_position(ctx: NodeContext, job: Job) -> int | None:
     if job.status != "queued" or job.router_node is None:
         return None
     try:
-        reply = await ctx.transport.send("driver", job.router_node, "router", QueuePosition(job_id=job.id))
+        with tracing.about(job.id, job.traceparent):
+            reply = await ctx.transport.send("driver", job.router_node, "router", QueuePosition(job_id=job.id))
     except PeerError:
         return None
     return QueuePlace.model_validate(reply).position

@@ -22,7 +22,7 @@ from typing import Any
 from handlers.assembly import carries_output, choice_text, finish_reason_of, has_finish_reason
 from handlers.config import config_for_update
 from handlers.context import NodeContext
-from handlers.errors import HandlerError, LlmHttpError, LlmUnreachable, UpstreamError
+from handlers.errors import HandlerError, LlmHttpError, LlmUnreachable, UpstreamError, UpstreamErrorKind
 from schemas.jobs import JobSpec, LlmError
 from schemas.messages import Ack, Message, RegisterOaiProviderEndpoint, Source
 from schemas.openai_api import JobKind, OpenAiErrorBody, Usage, upstream_body
@@ -69,7 +69,9 @@ async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack:
 
 def _url(endpoint: Endpoint | None, kind: JobKind) -> tuple[Endpoint, str]:
     if endpoint is None:
-        raise UpstreamError("this node has no LLM endpoint registered (RegisterOaiProviderEndpoint)")
+        raise UpstreamError(
+            "this node has no LLM endpoint registered (RegisterOaiProviderEndpoint)", UpstreamErrorKind.CONNECTION
+        )
     return endpoint, f"{endpoint.url}/{kind.value}"
 
 
@@ -83,7 +85,7 @@ async def stream_answer(ctx: NodeContext, endpoint: Endpoint | None, spec: JobSp
     except LlmHttpError as error:
         raise _refusal(ctx, spec.kind, error.status, error.text) from error
     except LlmUnreachable as error:
-        raise UpstreamError(f"LLM endpoint {endpoint.url} failed: {error}", retryable=True) from error
+        raise _unreachable(endpoint, error) from error
 
 
 async def fetch_answer(ctx: NodeContext, endpoint: Endpoint | None, spec: JobSpec) -> dict[str, Any]:
@@ -94,14 +96,20 @@ async def fetch_answer(ctx: NodeContext, endpoint: Endpoint | None, spec: JobSpe
     except LlmHttpError as error:
         raise _refusal(ctx, spec.kind, error.status, error.text) from error
     except LlmUnreachable as error:
-        raise UpstreamError(f"LLM endpoint {endpoint.url} failed: {error}", retryable=True) from error
+        raise _unreachable(endpoint, error) from error
     try:
         answer = json.loads(text)
     except ValueError as error:
-        raise UpstreamError(f"the LLM's answer is not JSON: {text[:ERROR_TEXT_LIMIT]!r}") from error
+        raise UpstreamError(
+            f"the LLM's answer is not JSON: {text[:ERROR_TEXT_LIMIT]!r}", UpstreamErrorKind.MALFORMED
+        ) from error
     if not isinstance(answer, dict):
-        raise UpstreamError(f"the LLM's answer is not a JSON object: {text[:ERROR_TEXT_LIMIT]!r}")
+        raise UpstreamError(f"the LLM's answer is not a JSON object: {text[:ERROR_TEXT_LIMIT]!r}", UpstreamErrorKind.MALFORMED)
     return answer
+
+
+def _unreachable(endpoint: Endpoint, error: LlmUnreachable) -> UpstreamError:
+    return UpstreamError(f"LLM endpoint {endpoint.url} failed: {error}", UpstreamErrorKind.CONNECTION, retryable=True)
 
 
 def _openai_error(text: str) -> dict[str, Any] | None:
@@ -120,15 +128,21 @@ def _refusal(ctx: NodeContext, kind: JobKind, status: int, text: str) -> Upstrea
     if status in (404, 405) and body is None:
         said = f"driver {ctx.name}'s LLM does not serve /v1/{kind.value} (HTTP {status})"
         error = {"message": said, "type": "invalid_request_error", "param": None, "code": "endpoint_not_served"}
-        return UpstreamError(said, llm_error=LlmError(status=404, body={"error": error}))
+        return UpstreamError(said, UpstreamErrorKind.REFUSED, llm_error=LlmError(status=404, body={"error": error}))
     if status in NOT_THE_CLIENTS:
-        return UpstreamError(f"driver {ctx.name}'s LLM answered HTTP {status}: {message}", retryable=True)
+        return UpstreamError(
+            f"driver {ctx.name}'s LLM answered HTTP {status}: {message}", UpstreamErrorKind.REFUSED, retryable=True
+        )
     if 400 <= status < 500 and status not in RETRIED_4XX:
         if body is None:
             body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
-        return UpstreamError(f"the LLM refused the request (HTTP {status}): {message}", llm_error=LlmError(status=status, body=body))
+        return UpstreamError(
+            f"the LLM refused the request (HTTP {status}): {message}", UpstreamErrorKind.REFUSED,
+            llm_error=LlmError(status=status, body=body),
+        )
     # The endpoint read the request and said why: asking again gets the same answer.
-    return UpstreamError(f"LLM endpoint answered HTTP {status}: {message}", retryable=body is None)
+    failure = UpstreamErrorKind.SERVER_ERROR if status >= 500 else UpstreamErrorKind.REFUSED
+    return UpstreamError(f"LLM endpoint answered HTTP {status}: {message}", failure, retryable=body is None)
 
 
 async def _pieces(kind: JobKind, lines: AsyncIterator[bytes]) -> AsyncIterator[Piece]:
@@ -143,24 +157,33 @@ async def _pieces(kind: JobKind, lines: AsyncIterator[bytes]) -> AsyncIterator[P
             continue
         if event.data.strip() == "[DONE]":
             if not finished:
-                raise UpstreamError("the LLM ended its answer without a finish_reason (cut short, or the prompt did not fit)")
+                raise UpstreamError(
+                    "the LLM ended its answer without a finish_reason (cut short, or the prompt did not fit)",
+                    UpstreamErrorKind.MALFORMED,
+                )
             if held:
                 yield _piece(kind, held)
             return
         try:
             chunk = json.loads(event.data)
         except ValueError as error:
-            raise UpstreamError(f"the LLM sent a chunk that is not JSON: {event.data[:ERROR_TEXT_LIMIT]!r}") from error
+            raise UpstreamError(
+                f"the LLM sent a chunk that is not JSON: {event.data[:ERROR_TEXT_LIMIT]!r}", UpstreamErrorKind.MALFORMED
+            ) from error
         if not isinstance(chunk, dict):
-            raise UpstreamError(f"the LLM sent a chunk that is not a JSON object: {event.data[:ERROR_TEXT_LIMIT]!r}")
+            raise UpstreamError(
+                f"the LLM sent a chunk that is not a JSON object: {event.data[:ERROR_TEXT_LIMIT]!r}", UpstreamErrorKind.MALFORMED
+            )
         if "error" in chunk:
-            raise UpstreamError(f"the LLM reported an error mid-answer: {str(chunk['error'])[:ERROR_TEXT_LIMIT]}")
+            raise UpstreamError(
+                f"the LLM reported an error mid-answer: {str(chunk['error'])[:ERROR_TEXT_LIMIT]}", UpstreamErrorKind.SERVER_ERROR
+            )
         held.append({key: value for key, value in chunk.items() if key not in _SET_BY_CLIENTS_NODE})
         finished = finished or has_finish_reason(chunk)
         if carries_output(chunk):
             yield _piece(kind, held)
             held = []
-    raise UpstreamError("the LLM's stream broke off before [DONE]", retryable=True)
+    raise UpstreamError("the LLM's stream broke off before [DONE]", UpstreamErrorKind.CONNECTION, retryable=True)
 
 
 def _piece(kind: JobKind, chunks: list[dict[str, Any]]) -> Piece:

@@ -22,10 +22,12 @@ import math
 import random
 import time
 from collections import Counter
+from typing import NamedTuple
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from handlers import accounting, budgets, metrics, tracing
 from handlers.config import config_for_update, read_config
 from handlers.context import NodeContext, log
 from handlers.errors import HandlerError, PeerError, unknown_job, unknown_model
@@ -48,10 +50,12 @@ from schemas.messages import (
     RouterStatus,
     RouterView,
     RunJob,
+    SetBudget,
     SetGate,
     Source,
     StartRouter,
 )
+from schemas.usage import Role, TokenCount, utc_day
 from store.models import DriverRegistration, RoutedJob
 
 DRIVER_TTL_S = 20.0  # a driver re-registers every HEARTBEAT_S; silent this long, it is taken as gone
@@ -65,7 +69,18 @@ RECONCILE_MARGIN_S = 2.0  # a RunJob may still be on its way when a driver lists
 
 
 # Messages about a job need no check: only a router holds routed jobs.
-_NEED_ROUTER = (RegisterDriver, SetGate, RouterStatus, RouterView)
+_NEED_ROUTER = (RegisterDriver, SetGate, SetBudget, RouterStatus, RouterView)
+
+
+class Assignment(NamedTuple):
+    """A queued job given to a driver, to be handed over once the assignment is committed."""
+
+    job_id: str
+    driver: str
+    spec: JobSpec
+    arrived_at: float  # when the router queued it
+    attempts: int  # earlier attempts: 0 for its first hand-over
+    traceparent: str | None
 
 
 async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | JobAccepted | ModelList | QueuePlace | RouterState:
@@ -81,6 +96,9 @@ async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | Jo
                 config = await config_for_update(session)
                 config.allow_clients, config.deny_clients = message.allow, message.deny
                 config.max_in_flight_per_client, config.max_queue = message.max_in_flight_per_client, message.max_queue
+            return Ack()
+        case SetBudget():
+            await budgets.set_budget(ctx, message)
             return Ack()
         case RouterStatus():
             return await state(ctx)
@@ -181,6 +199,7 @@ async def _enqueue(ctx: NodeContext, source: Source, spec: JobSpec) -> JobAccept
             raise unknown_model(spec.model, offered)
         if (refusal := await ctx.gate(spec, source.node, session)) is not None:
             raise HandlerError(403, "refused_by_gate", refusal)
+        await budgets.check(session, source.node, spec.api_key_label, time.time())
         await _check_queue_room(session, spec.model, config.max_queue)
         session.add(
             RoutedJob(
@@ -193,10 +212,14 @@ async def _enqueue(ctx: NodeContext, source: Source, spec: JobSpec) -> JobAccept
                 streamed=False,
                 created_at=time.time(),
                 deadline=spec.deadline,
+                api_key_label=spec.api_key_label,
+                traceparent=tracing.traceparent_of(spec.job_id),
+                tokens_counted=False,
             )
         )
         await session.flush()
         assignments = await _assign(session, spec.model, time.time())  # a free driver takes it in the same transaction
+    log.info("job %s queued for %s from %s", spec.job_id, spec.model, source.node)
     if assignments:
         ctx.spawn(_hand_over(ctx, spec.model, assignments), name=f"hand-over-{spec.job_id}")
     return JobAccepted(job_id=spec.job_id, status="queued")
@@ -272,17 +295,20 @@ async def dispatch(ctx: NodeContext, model: str) -> None:
     await _hand_over(ctx, model, assignments)
 
 
-async def _hand_over(ctx: NodeContext, model: str, assignments: list[tuple[str, str, JobSpec]]) -> None:
-    for job_id, driver, spec in assignments:
-        try:
-            await ctx.transport.send("router", driver, "driver", RunJob(job=spec))
-        except PeerError as error:
-            log.warning("driver %s did not take job %s (%s); job requeued", driver, job_id, error.message)
-            await _requeue(ctx, job_id, driver, count_failure=True)
-            ctx.spawn(dispatch(ctx, model), name=f"dispatch-{model}")
+async def _hand_over(ctx: NodeContext, model: str, assignments: list[Assignment]) -> None:
+    for job_id, driver, spec, arrived_at, attempts, traceparent in assignments:
+        if attempts == 0:
+            metrics.QUEUE_WAIT.labels(ctx.name, model).observe(max(time.time() - arrived_at, 0.0))
+        with tracing.about(job_id, traceparent):
+            try:
+                await ctx.transport.send("router", driver, "driver", RunJob(job=spec))
+            except PeerError as error:
+                log.warning("driver %s did not take job %s (%s); job requeued", driver, job_id, error.message)
+                await _requeue(ctx, job_id, driver, count_failure=True)
+                ctx.spawn(dispatch(ctx, model), name=f"dispatch-{model}")
 
 
-async def _assign(session: AsyncSession, model: str, now: float) -> list[tuple[str, str, JobSpec]]:
+async def _assign(session: AsyncSession, model: str, now: float) -> list[Assignment]:
     # On PostgreSQL the model's driver rows are locked, so router replicas assign one at a time per model,
     # and each takes queued jobs no other replica holds (SKIP LOCKED).  SQLite serializes writers anyway.
     drivers = (
@@ -304,7 +330,7 @@ async def _assign(session: AsyncSession, model: str, now: float) -> list[tuple[s
             .with_for_update(skip_locked=True)
         )
     ).all()
-    assignments: list[tuple[str, str, JobSpec]] = []
+    assignments: list[Assignment] = []
     for job in queued:
         ready = [d for d in drivers if loads[d.node] < d.capacity and (d.is_public or d.node == job.client_node)]
         if not ready:
@@ -315,7 +341,8 @@ async def _assign(session: AsyncSession, model: str, now: float) -> list[tuple[s
         driver = random.choice([d for d in candidates if loads[d.node] / d.capacity == least]).node
         loads[driver] += 1
         job.status, job.driver_node, job.dispatched_at = "running", driver, now
-        assignments.append((job.id, driver, JobSpec.model_validate(job.spec)))
+        spec = JobSpec.model_validate(job.spec)
+        assignments.append(Assignment(job.id, driver, spec, job.created_at, job.attempts, job.traceparent))
     return assignments
 
 
@@ -348,23 +375,38 @@ async def _requeue(
 
 async def _relay(ctx: NodeContext, source: Source, message: JobUpdateMessage) -> None:
     update_ = message.update
-    columns = (RoutedJob.id, RoutedJob.driver_node, RoutedJob.client_node, RoutedJob.status, RoutedJob.streamed, RoutedJob.model)
+    columns = (
+        RoutedJob.id, RoutedJob.driver_node, RoutedJob.client_node, RoutedJob.status, RoutedJob.streamed, RoutedJob.model,
+        RoutedJob.traceparent, RoutedJob.tokens_counted,
+    )
     async with ctx.store.reading() as session:
         job = (await session.execute(select(*columns).where(RoutedJob.id == update_.job_id))).first()
     if job is None:
         raise unknown_job(update_.job_id)
+    if tracing.traceparent_of(job.id) is None:  # from a driver of an earlier version, which sends none
+        tracing.set_job(job.id, job.traceparent)
     if job.driver_node != source.node:
         raise HandlerError(403, "not_the_jobs_driver", f"job {update_.job_id} was not given to {source.node}")
     repeated_final = update_.is_final and job.status in FINAL_STATUSES  # the driver retries a final the client missed
     if job.status in FINAL_STATUSES and not repeated_final:
         raise HandlerError(409, "job_finished", f"job {job.id} already ended: {job.status}")
     update_.driver = source.node
+    tokens = accounting.counted(update_.tokens, update_.usage) if update_.is_final else None
     if update_.is_final and not repeated_final:
         # The slot frees, and the next queued job takes it, before the client hears: a slow client holds nothing.
         ended_as = update_.status or "failed"
-        assignments = await ctx.store.write_soon(lambda session: _finish_and_assign(session, job.id, ended_as, job.model))
-        if assignments:
-            ctx.spawn(_hand_over(ctx, job.model, assignments), name=f"hand-over-{job.model}")
+        ending = await ctx.store.write_soon(lambda session: _finish_and_assign(session, job.id, ended_as, job.model, tokens))
+        if ending is not None:
+            _count_ended(ctx, job.model, ended_as, tokens, ending)
+            log.info("job %s ended %s", job.id, ended_as)
+            if ending.assignments:
+                ctx.spawn(_hand_over(ctx, job.model, ending.assignments), name=f"hand-over-{job.model}")
+    elif repeated_final and tokens is not None and not job.tokens_counted:
+        # The router had ended it (cancelled, timed out); its driver says now what the LLM had produced.
+        if await ctx.store.write_soon(lambda session: _add_late_tokens(session, job.id, tokens)):
+            metrics.count_tokens(ctx.name, Role.ROUTER, job.model, tokens)
+    if repeated_final and job.status == "cancelled":
+        return  # the client ended it itself: it needs no final
     try:
         await ctx.transport.send("router", job.client_node, "driver", message)
     except PeerError as error:
@@ -376,18 +418,58 @@ async def _relay(ctx: NodeContext, source: Source, message: JobUpdateMessage) ->
         await ctx.store.write_soon(lambda session: _mark_streamed(session, job.id, source.node))
 
 
-async def _finish_and_assign(session: AsyncSession, job_id: str, status: str, model: str) -> list[tuple[str, str, JobSpec]] | None:
-    """End the job and give its slot to the queue; None if it had ended already (another event, or
-    another replica, came first)."""
-    ended = await session.execute(
-        update(RoutedJob)
-        .where(RoutedJob.id == job_id, RoutedJob.status.not_in(FINAL_STATUSES))
-        .values(status=status, finished_at=time.time())
-        .execution_options(synchronize_session=False)
-    )
-    if not ended.rowcount:  # type: ignore[attr-defined]
+class _Ending(NamedTuple):
+    arrived_at: float  # when the router queued the job
+    assignments: list[Assignment]  # of the slot it freed
+
+
+async def _finish_and_assign(
+    session: AsyncSession, job_id: str, status: str, model: str, tokens: TokenCount | None
+) -> _Ending | None:
+    """End the job, count it, and give its slot to the queue; None if it had ended already (another event,
+    or another replica, came first).  Without `tokens` (the router ends it itself) it counts none yet: its
+    driver may say later what the LLM produced (`_add_late_tokens`)."""
+    now = time.time()
+    ended = (
+        await session.execute(
+            update(RoutedJob)
+            .where(RoutedJob.id == job_id, RoutedJob.status.not_in(FINAL_STATUSES))
+            .values(status=status, finished_at=now, tokens_counted=tokens is not None)
+            .returning(RoutedJob.client_node, RoutedJob.api_key_label, RoutedJob.created_at)
+            .execution_options(synchronize_session=False)
+        )
+    ).first()
+    if ended is None:
         return None
-    return await _assign(session, model, time.time())
+    await accounting.record(
+        session, role=Role.ROUTER, day=utc_day(now), client=ended.client_node, label=ended.api_key_label, model=model,
+        tokens=tokens,
+    )
+    return _Ending(ended.created_at, await _assign(session, model, now))
+
+
+async def _add_late_tokens(session: AsyncSession, job_id: str, tokens: TokenCount) -> bool:
+    """Add the tokens of a job the router ended before its driver said what the LLM produced, once."""
+    counted = (
+        await session.execute(
+            update(RoutedJob)
+            .where(RoutedJob.id == job_id, RoutedJob.tokens_counted.is_(False))
+            .values(tokens_counted=True)
+            .returning(RoutedJob.client_node, RoutedJob.api_key_label, RoutedJob.model, RoutedJob.finished_at)
+            .execution_options(synchronize_session=False)
+        )
+    ).first()
+    if counted is None:
+        return False
+    await accounting.record(
+        session, role=Role.ROUTER, day=utc_day(counted.finished_at or time.time()), client=counted.client_node,
+        label=counted.api_key_label, model=counted.model, tokens=tokens, jobs=0,
+    )
+    return True
+
+
+def _count_ended(ctx: NodeContext, model: str, status: str, tokens: TokenCount | None, ending: _Ending) -> None:
+    metrics.count_job(ctx.name, Role.ROUTER, model, status, tokens, time.time() - ending.arrived_at)
 
 
 async def _mark_streamed(session: AsyncSession, job_id: str, driver: str) -> None:
@@ -411,13 +493,18 @@ async def _to_client(ctx: NodeContext, client_node: str, message: JobUpdateMessa
 async def _end(ctx: NodeContext, job: RoutedJob, status: str, error: str) -> None:
     """End a job from the router: the client hears it as the job's final update; its slot goes to the queue.
     Nothing happens if the job has ended already (its final arrived, or another replica ended it)."""
-    assignments = await ctx.store.write_soon(lambda session: _finish_and_assign(session, job.id, status, job.model))
-    if assignments is None:
-        return
-    if assignments:
-        ctx.spawn(_hand_over(ctx, job.model, assignments), name=f"hand-over-{job.model}")
-    final = JobUpdate(job_id=job.id, seq=0, is_final=True, status=status, driver=job.driver_node, error=error)  # type: ignore[arg-type]
-    await _to_client(ctx, job.client_node, JobUpdateMessage(update=final))
+    # Never handed out, it consumed nothing; else its driver may still say what it produced (`_add_late_tokens`).
+    tokens = TokenCount() if job.status == "queued" else None
+    with tracing.about(job.id, job.traceparent):
+        ending = await ctx.store.write_soon(lambda session: _finish_and_assign(session, job.id, status, job.model, tokens))
+        if ending is None:
+            return
+        _count_ended(ctx, job.model, status, tokens, ending)
+        log.info("job %s ended %s by the router: %s", job.id, status, error)
+        if ending.assignments:
+            ctx.spawn(_hand_over(ctx, job.model, ending.assignments), name=f"hand-over-{job.model}")
+        final = JobUpdate(job_id=job.id, seq=0, is_final=True, status=status, driver=job.driver_node, error=error)  # type: ignore[arg-type]
+        await _to_client(ctx, job.client_node, JobUpdateMessage(update=final))
 
 
 async def _released(ctx: NodeContext, source: Source, job_id: str, reason: str) -> None:
@@ -448,12 +535,23 @@ async def _dispatch_later(ctx: NodeContext, model: str, delay: float) -> None:
 
 
 async def _cancel(ctx: NodeContext, source: Source, job_id: str) -> None:
+    """Counted at once, without tokens: the serving driver says what the LLM produced once it has stopped."""
     async with ctx.store.writing() as session:
         job = await _clients_job(session, source, job_id, for_update=True)
         if job.status in FINAL_STATUSES:
             return
+        if tracing.traceparent_of(job_id) is None:  # from a client node of an earlier version, which sends none
+            tracing.set_job(job_id, job.traceparent)
         was_running, driver = job.status == "running", job.driver_node
         job.status, job.finished_at = "cancelled", time.time()
+        await accounting.record(
+            session, role=Role.ROUTER, day=utc_day(job.finished_at), client=job.client_node, label=job.api_key_label,
+            model=job.model, tokens=None if was_running else TokenCount(),
+        )
+        job.tokens_counted = not was_running
+    nothing = None if was_running else TokenCount()
+    metrics.count_job(ctx.name, Role.ROUTER, job.model, "cancelled", nothing, job.finished_at - job.created_at)
+    log.info("job %s cancelled by its client", job_id)
     if was_running and driver is not None:
         try:
             await ctx.transport.send("router", driver, "driver", CancelJob(job_id=job_id))
@@ -498,6 +596,11 @@ async def _take_back(ctx: NodeContext, job: RoutedJob, driver: str, reason: str,
     """A running job `driver` no longer serves.  If part of it reached the client it ends `failed`: another
     generation would not continue the same text.  Otherwise it is queued again, for another driver if one
     is ready, after a backoff, while attempts remain.  `driver_failed` counts towards the driver's cool-down."""
+    with tracing.about(job.id, job.traceparent):
+        await _take_back_job(ctx, job, driver, reason, driver_failed=driver_failed)
+
+
+async def _take_back_job(ctx: NodeContext, job: RoutedJob, driver: str, reason: str, *, driver_failed: bool) -> None:
     if job.streamed:
         await _end(ctx, job, "failed", f"{reason} (after part of the answer was sent)")
         return

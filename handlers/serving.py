@@ -15,24 +15,27 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy import update as sa_update
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from handlers import openai, updates
+from handlers import accounting, metrics, openai, tracing, updates
 from handlers.coalesce import batches
 from handlers.config import read_config
 from handlers.context import NodeContext, log
-from handlers.errors import HandlerError, PeerError, UpstreamError, unknown_job, unknown_model
+from handlers.errors import HandlerError, PeerError, UpstreamError, UpstreamErrorKind, unknown_job, unknown_model
 from schemas.jobs import JobSpec, JobUpdate, LlmError
 from schemas.messages import JobAccepted, JobUpdateMessage, ReleaseJob, Source
 from schemas.openai_api import Usage
+from schemas.usage import Role, TokenCount, utc_day
 from store.models import NodeConfig, ServedJob, Worker
 
 DELIVERY_BACKOFF_S = 0.1
 DELIVERY_BACKOFF_MAX_S = 2.0
 FINAL_DELIVERY_GRACE_S = 5.0  # a timed_out update is sent at the deadline, and still needs a moment to arrive
 WORKER_TTL_S = 15.0  # a process sharing the store reports every few seconds; silent this long, it is dead
+CANCELLED_BY_CLIENT = "cancelled by the client"  # the reason a serving task is cancelled with when its client gave up
 
 
-def served_row(ctx: NodeContext, origin: str, spec: JobSpec) -> ServedJob:
+def served_row(ctx: NodeContext, origin: str, spec: JobSpec, traceparent: str | None) -> ServedJob:
     return ServedJob(
         id=spec.job_id,
         origin_node=origin,
@@ -42,6 +45,7 @@ def served_row(ctx: NodeContext, origin: str, spec: JobSpec) -> ServedJob:
         streamed=False,
         created_at=time.time(),
         deadline=spec.deadline,
+        traceparent=traceparent,
     )
 
 
@@ -61,7 +65,8 @@ async def accept_from_router(ctx: NodeContext, source: Source, spec: JobSpec) ->
         if earlier is not None:  # a new attempt at a job this driver had before
             await session.delete(earlier)
             await session.flush()
-        session.add(served_row(ctx, source.node, spec))
+        session.add(served_row(ctx, source.node, spec, tracing.traceparent_of(spec.job_id)))
+    log.info("job %s serving %s for %s", spec.job_id, spec.model, source.node)
     start(ctx, spec, source.node, endpoint_of(config))
     return JobAccepted(job_id=spec.job_id, status="running")
 
@@ -85,10 +90,10 @@ def stop(ctx: NodeContext, job_id: str, reason: str | None = None) -> None:
 
 
 async def end_cancelled(ctx: NodeContext, job_id: str) -> None:
-    """End the job `cancelled` and stop its upstream request.  Another process of the node may be
-    serving it: that one stops at its next chunk, which finds the job ended."""
+    """End the job `cancelled` and stop its upstream request (which counts what the LLM produced).  Another
+    process of the node may be serving it: that one stops at its next chunk, which finds the job ended."""
     await _set_served(ctx, job_id, status="cancelled")
-    stop(ctx, job_id)
+    stop(ctx, job_id, CANCELLED_BY_CLIENT)
 
 
 async def cancel(ctx: NodeContext, source: Source, job_id: str) -> None:
@@ -115,6 +120,9 @@ class _Serving:
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
         self.tail: list[openai.Piece] = []  # what arrived together with the end: it travels in the final update
+        self.started = time.time()
+        self.first_output_at: float | None = None
+        self.output_chunks = 0  # the LLM's chunks that carried output: the completion tokens, where it reports no usage
 
     async def stream(self) -> None:
         """Raises TimeoutError at the deadline, or when the LLM is silent longer than the job allows."""
@@ -131,6 +139,9 @@ class _Serving:
                 for piece in pieces:
                     self.finish_reason = piece.finish_reason or self.finish_reason
                     self.usage = piece.usage or self.usage
+                    self.output_chunks += accounting.output_chunk_count(piece.chunks)
+                if self.output_chunks and self.first_output_at is None:
+                    self.first_output_at = time.time()
                 if ended:
                     self.tail = pieces  # one message instead of two
                 elif pieces:
@@ -155,11 +166,28 @@ class _Serving:
         await _deliver(self.ctx, self.origin, update, self.spec.deadline)
         self.seq += 1
 
-    def final(self, status: str, error: str | None = None, llm_error: LlmError | None = None) -> JobUpdate:
+    def tokens(self, refused: bool = False) -> TokenCount:
+        """What the LLM consumed and produced so far: its usage, or an estimate; none where it refused the request."""
+        if self.usage is not None:
+            return TokenCount.of(self.usage)
+        if refused and self.output_chunks == 0:
+            return TokenCount()
+        return accounting.estimate(self.spec.kind, self.spec.body, self.output_chunks)
+
+    def final(self, status: str, error: str | None = None, llm_error: LlmError | None = None, refused: bool = False) -> JobUpdate:
         return _update(
             self.job_id, self.seq, self.tail, driver=self.ctx.name, is_final=True, status=status,
             finish_reason=self.finish_reason if status == "succeeded" else None, usage=self.usage, error=error, llm_error=llm_error,
+            tokens=self.tokens(refused),
         )
+
+    async def end(self, status: str, tokens: TokenCount) -> None:
+        """Record how the serving ended, and what it counts: once per serving, whoever ended the job."""
+        first_token = None if self.first_output_at is None else self.first_output_at - self.started
+        await _set_served(self.ctx, self.job_id, status=status, tokens=tokens, origin=self.origin, model=self.spec.model)
+        metrics.count_job(self.ctx.name, Role.DRIVER, self.spec.model, status, tokens, time.time() - self.started, first_token)
+        log.info("job %s ended %s here (%d prompt, %d completion tokens%s)", self.job_id, status, tokens.prompt_tokens,
+                 tokens.completion_tokens, ", estimated" if tokens.estimated else "")
 
 
 def _update(job_id: str, seq: int, pieces: list[openai.Piece], **fields: Any) -> JobUpdate:
@@ -176,31 +204,50 @@ async def serve(ctx: NodeContext, spec: JobSpec, origin: str, endpoint: openai.E
         await job.stream()
         final = job.final("succeeded")
     except TimeoutError:
+        metrics.UPSTREAM_ERRORS.labels(ctx.name, spec.model, UpstreamErrorKind.TIMEOUT).inc()
         final = job.final("timed_out", job.timeout_reason())
     except UpstreamError as error:
+        metrics.UPSTREAM_ERRORS.labels(ctx.name, spec.model, error.kind).inc()
         if error.retryable and job.seq == 0 and job.origin != ctx.name:
             await _release(ctx, job, str(error))
             return
-        final = job.final("failed", str(error), error.llm_error)
+        final = job.final("failed", str(error), error.llm_error, refused=True)
     except PeerError as error:
         log.warning("job %s: %s stopped taking its updates (%s); serving stopped", job_id, job.origin, error.message)
-        await _set_served(ctx, job_id, status="failed")
+        await job.end("failed", job.tokens())
         return
     except asyncio.CancelledError as cancelled:
         reason = cancelled.args[0] if cancelled.args else None
-        if reason is None:  # cancelled by the client: its side already knows
-            await _set_served(ctx, job_id, status="cancelled")
+        if reason is None:  # this process is stopping
+            await job.end("cancelled", job.tokens())
             raise
+        if reason == CANCELLED_BY_CLIENT:
+            await _cancelled(ctx, job)
+            return
         final = job.final("failed", reason)
-    await _finish(ctx, job.origin, final, job.spec.deadline + FINAL_DELIVERY_GRACE_S)
+    await _finish(ctx, job, final)
 
 
-async def _finish(ctx: NodeContext, origin: str, final: JobUpdate, deadline: float) -> None:
+async def _finish(ctx: NodeContext, job: _Serving, final: JobUpdate) -> None:
     try:
-        await _deliver(ctx, origin, final, deadline)
+        await _deliver(ctx, job.origin, final, job.spec.deadline + FINAL_DELIVERY_GRACE_S)
     except PeerError as error:
-        log.warning("job %s: final update not delivered to %s: %s", final.job_id, origin, error.message)
-    await _set_served(ctx, final.job_id, status=final.status or "failed")
+        log.warning("job %s: final update not delivered to %s: %s", final.job_id, job.origin, error.message)
+    await job.end(final.status or "failed", final.tokens or job.tokens())
+
+
+async def _cancelled(ctx: NodeContext, job: _Serving) -> None:
+    """The client gave up: the job is counted with what the LLM produced until now, and the router, which
+    ended it already, hears what that was (once, as a final update it keeps for its accounting)."""
+    tokens = job.tokens()
+    await job.end("cancelled", tokens)
+    if job.origin == ctx.name:
+        return
+    final = JobUpdate(job_id=job.job_id, seq=job.seq, is_final=True, status="cancelled", driver=ctx.name, tokens=tokens)
+    try:
+        await ctx.transport.send("driver", job.origin, "router", JobUpdateMessage(update=final))
+    except PeerError as error:
+        log.info("job %s: router %s did not take the count of the cancelled job: %s", job.job_id, job.origin, error.message)
 
 
 async def _release(ctx: NodeContext, job: _Serving, reason: str) -> None:
@@ -209,27 +256,44 @@ async def _release(ctx: NodeContext, job: _Serving, reason: str) -> None:
         await ctx.transport.send("driver", job.origin, "router", ReleaseJob(job_id=job.job_id, reason=reason))
     except PeerError as error:
         log.warning("job %s: router %s did not take it back: %s", job.job_id, job.origin, error.message)
-    await _set_served(ctx, job.job_id, status="failed")
+    await job.end("failed", job.tokens(refused=True))
 
 
-async def _set_served(ctx: NodeContext, job_id: str, status: str | None = None, streamed: bool | None = None) -> None:
+async def _set_served(
+    ctx: NodeContext, job_id: str, status: str | None = None, streamed: bool | None = None,
+    tokens: TokenCount | None = None, origin: str | None = None, model: str | None = None,
+) -> None:
+    """Update the served job while it runs; with `tokens`, count it (for `origin` and `model`) in the same
+    transaction, whether or not it still ran (another process may have ended it)."""
     values: dict[str, Any] = {}
     if streamed is not None:
         values["streamed"] = streamed
     if status is not None:
         values |= {"status": status, "finished_at": time.time()}
     statement = sa_update(ServedJob).where(ServedJob.id == job_id, ServedJob.status == "running").values(values)
-    await ctx.store.write_soon(lambda session: session.execute(statement.execution_options(synchronize_session=False)))
+
+    async def write(session: AsyncSession) -> None:
+        await session.execute(statement.execution_options(synchronize_session=False))
+        if tokens is not None and origin is not None and model is not None:
+            day = utc_day(time.time())
+            await accounting.record(session, role=Role.DRIVER, day=day, client=origin, model=model, tokens=tokens)
+
+    await ctx.store.write_soon(write)
 
 
 async def _settle_orphan(ctx: NodeContext, served: ServedJob) -> None:
-    """A job whose serving process died (the previous one on this store, or a silent sibling)."""
-    if not served.streamed and served.origin_node != ctx.name:
+    """A job whose serving process died (the previous one on this store, or a silent sibling); what it
+    produced died with it, so it counts no tokens."""
+    with tracing.about(served.id, served.traceparent):
         job = _Serving(ctx, JobSpec.model_validate(served.spec), served.origin_node)
-        await _release(ctx, job, "the driver restarted before it sent anything")
-        return
-    final = JobUpdate(job_id=served.id, seq=0, is_final=True, status="failed", driver=ctx.name, error="the driver restarted mid-job")
-    await _finish(ctx, served.origin_node, final, served.deadline)
+        if not served.streamed and served.origin_node != ctx.name:
+            await _release(ctx, job, "the driver restarted before it sent anything")
+            return
+        final = JobUpdate(
+            job_id=served.id, seq=0, is_final=True, status="failed", driver=ctx.name, error="the driver restarted mid-job",
+            tokens=TokenCount(estimated=True),
+        )
+        await _finish(ctx, job, final)
 
 
 async def _deliver(ctx: NodeContext, origin: str, update: JobUpdate, deadline: float) -> None:

@@ -9,11 +9,13 @@ from sqlalchemy import func, insert, select
 from sqlalchemy import update as sa_update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from handlers.context import NodeContext
+from handlers import accounting, metrics
+from handlers.context import NodeContext, log
 from handlers.errors import HandlerError, unknown_job
-from schemas.jobs import FINAL_STATUSES
+from schemas.jobs import FINAL_STATUSES, JobSpec
 from schemas.jobs import JobUpdate as Update
 from schemas.messages import Source
+from schemas.usage import Role, TokenCount, utc_day
 from store.models import Job, JobChunk
 
 
@@ -57,17 +59,42 @@ async def record_update(ctx: NodeContext, update: Update, router: str | None = N
             "error": update.error,
             "llm_error": update.llm_error.model_dump() if update.llm_error else None,
         }
-    statement = sa_update(Job).where(*conditions).values(values).returning(Job.next_seq)
+    returned = (Job.next_seq, Job.client, Job.model, Job.created_at, Job.first_token_at)
+    statement = sa_update(Job).where(*conditions).values(values).returning(*returned)
 
-    async def write(session: AsyncSession) -> bool:
-        next_seq = await session.scalar(statement.execution_options(synchronize_session=False))
-        if next_seq is None:
-            return False
-        await session.execute(insert(JobChunk).values(job_id=update.job_id, seq=next_seq - 1, delta=update.delta, chunks=update.chunks))
+    async def write(session: AsyncSession) -> tuple[Any, TokenCount | None] | None:
+        job = (await session.execute(statement.execution_options(synchronize_session=False))).first()
+        if job is None:
+            return None
+        chunk = {"job_id": update.job_id, "seq": job.next_seq - 1, "delta": update.delta, "chunks": update.chunks}
+        await session.execute(insert(JobChunk).values(chunk))
         await ctx.store.announce(session, update.job_id)
-        return True
+        if not update.is_final:
+            return job, None
+        tokens = accounting.counted(update.tokens, update.usage) or await _estimate(session, update.job_id)
+        await accounting.record(session, role=Role.CLIENT, day=utc_day(now), client=job.client, model=job.model, tokens=tokens)
+        return job, tokens
 
-    if not await ctx.store.write_soon(write):
+    written = await ctx.store.write_soon(write)
+    if written is None:
         return False
     ctx.signals.notify(update.job_id)
+    job, tokens = written
+    if update.is_final:
+        status = update.status or "failed"
+        first_token = None if job.first_token_at is None else job.first_token_at - job.created_at
+        metrics.count_job(ctx.name, Role.CLIENT, job.model, status, tokens, now - job.created_at, first_token)
+        log.info("job %s ended %s", update.job_id, status)
     return True
+
+
+async def _estimate(session: AsyncSession, job_id: str) -> TokenCount:
+    """A job that ended without a count from its driver (cancelled here, or ended by its deadline): its prompt,
+    and the chunks that reached this node; nothing if it never reached a driver."""
+    job = (await session.execute(select(Job.spec, Job.driver_node).where(Job.id == job_id))).one()
+    rows = (await session.execute(select(JobChunk.delta, JobChunk.chunks).where(JobChunk.job_id == job_id))).all()
+    produced = sum(accounting.output_chunk_count(row.chunks) if row.chunks is not None else int(bool(row.delta)) for row in rows)
+    if job.driver_node is None and not produced:
+        return TokenCount()
+    spec = JobSpec.model_validate(job.spec)
+    return accounting.estimate(spec.kind, spec.body, produced)

@@ -7,7 +7,7 @@ import time
 
 from sqlalchemy import delete, select
 
-from handlers import driver, router, updates
+from handlers import driver, router, tracing, updates
 from handlers.context import NodeContext, log
 from schemas.jobs import FINAL_STATUSES, JobUpdate
 from store.models import Job, RoutedJob, SeenNonce, ServedJob, UiLogin, Worker
@@ -50,10 +50,12 @@ async def sweep(ctx: NodeContext) -> None:
 
 async def _expire_client_jobs(ctx: NodeContext, now: float) -> None:
     async with ctx.store.reading() as session:
-        late = (await session.scalars(select(Job.id).where(Job.status.in_(ACTIVE), Job.deadline < now - CLIENT_GRACE_S))).all()
-    for job_id in late:
+        overdue = select(Job.id, Job.traceparent).where(Job.status.in_(ACTIVE), Job.deadline < now - CLIENT_GRACE_S)
+        late = (await session.execute(overdue)).all()
+    for job_id, traceparent in late:
         final = JobUpdate(job_id=job_id, seq=0, is_final=True, status="timed_out", error="no answer before the job's deadline")
-        await updates.record_update(ctx, final)
+        with tracing.about(job_id, traceparent):
+            await updates.record_update(ctx, final)
 
 
 async def prune(ctx: NodeContext) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from schemas import jobs, messages, openai_api
+from schemas import jobs, messages, node_api, openai_api, usage
 
 API_MODELS: list[type[BaseModel]] = [
     openai_api.JobRequest,
@@ -24,6 +24,8 @@ API_MODELS: list[type[BaseModel]] = [
     openai_api.ChatCompletion,
     openai_api.EmbeddingList,
     openai_api.OpenAiErrorBody,
+    node_api.Health,
+    usage.UsageReport,
 ]
 
 

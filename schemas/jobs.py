@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from schemas.openai_api import JobKind, Usage
+from schemas.usage import TokenCount
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "timed_out", "cancelled"]
 FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "timed_out", "cancelled"})
@@ -25,6 +26,7 @@ class JobSpec(BaseModel):
     deadline: float
     first_token_timeout: float | None = None
     idle_timeout: float | None = None
+    api_key_label: str | None = None  # the key the client presented on its node: the router accounts and budgets by it
 
     @model_validator(mode="before")
     @classmethod
@@ -51,6 +53,8 @@ class JobUpdate(BaseModel):
     `chunks` are the LLM's own streamed chunks (without `id`, `object` and `created`, which the
     client's node sets), every field kept; `delta` is the text of choice 0 in them, for simple
     readers.  None: an update from before chunks were kept, whose `delta` is all there is.
+    `tokens`, on a final update from the serving driver: what the job consumed, for usage accounting
+    (the LLM's usage, or an estimate where it reported none, as when the job was cut short).
     """
 
     job_id: str
@@ -64,6 +68,7 @@ class JobUpdate(BaseModel):
     usage: Usage | None = None
     error: str | None = None
     llm_error: LlmError | None = None
+    tokens: TokenCount | None = None
 
 
 def output_chunks(seq: int, delta: str, chunks: list[dict[str, Any]] | None) -> list[dict[str, Any]]:

@@ -66,6 +66,17 @@ class SetGate(Message):
     max_queue: int = Field(default=1000, ge=1)
 
 
+class SetBudget(Message):
+    """Router: the daily token budget (prompt and completion tokens, UTC days) of a client node, or of
+    one API key of it (`label`); none (null, or left out) removes it.  Apart from SetGate, so that neither
+    resets the other."""
+
+    type: Literal["SetBudget"] = "SetBudget"
+    client: str = Field(min_length=1, max_length=255)
+    label: str | None = Field(default=None, min_length=1, max_length=255)
+    daily_tokens: int | None = Field(default=None, ge=0)
+
+
 class RouterStatus(Message):
     """Router: its drivers and queues, for `emulator status`."""
 
@@ -172,8 +183,8 @@ def _union(*models: type[Message]) -> Any:
 
 
 RouterMessage = _union(
-    StartRouter, SetGate, RouterStatus, RunJob, JobUpdateMessage, RegisterDriver, ListModels, CancelJob, ReleaseJob, QueuePosition,
-    RouterView,
+    StartRouter, SetGate, SetBudget, RouterStatus, RunJob, JobUpdateMessage, RegisterDriver, ListModels, CancelJob, ReleaseJob,
+    QueuePosition, RouterView,
 )
 DriverMessage = _union(
     SetRouter, SetLocalDriver, SetJobTimeout, CreateApiKey, RevokeApiKey, RequireApiKeys, CreateUiLogin, RunJob, JobUpdateMessage,
@@ -184,6 +195,7 @@ OpenAiMessage = _union(RegisterOaiProviderEndpoint)
 ADMIN_TARGET: dict[str, Process] = {
     "StartRouter": "router",
     "SetGate": "router",
+    "SetBudget": "router",
     "RouterStatus": "router",
     "CreateApiKey": "driver",
     "RevokeApiKey": "driver",
@@ -196,7 +208,7 @@ ADMIN_TARGET: dict[str, Process] = {
 }
 
 ADMIN_MESSAGES: tuple[type[Message], ...] = (
-    StartRouter, SetGate, RouterStatus, SetRouter, SetLocalDriver, SetJobTimeout,
+    StartRouter, SetGate, SetBudget, RouterStatus, SetRouter, SetLocalDriver, SetJobTimeout,
     CreateApiKey, RevokeApiKey, RequireApiKeys, CreateUiLogin, RegisterOaiProviderEndpoint,
 )
 
@@ -300,6 +312,11 @@ class ApiKeyCreated(BaseModel):
 class UiLoginCreated(BaseModel):
     path: str  # `/ui/login?token=...`: opened once, before `expires_at`, it lets that browser in
     expires_at: float
+
+
+MESSAGE_TYPES: frozenset[str] = frozenset(model.model_fields["type"].default for model in Message.__subclasses__())
+AdminMessage = _union(*ADMIN_MESSAGES)
+MessageReply = Ack | JobAccepted | ModelList | QueuePlace | RouterState | ApiKeyCreated | UiLoginCreated  # what a process answers with
 
 
 def json_schemas() -> dict[str, Any]:

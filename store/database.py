@@ -4,7 +4,8 @@ upgrades a read snapshot to a write."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,16 @@ def insert_or_ignore(session: AsyncSession, model: type[Base]) -> Insert:
     return dialect.insert(model).on_conflict_do_nothing()
 
 
+def insert_or_add(session: AsyncSession, model: type[Base], key: Mapping[str, Any], amounts: Mapping[str, int]) -> Insert:
+    """An INSERT of the row `key` with `amounts`, which adds the amounts to the row's instead where `key` exists."""
+    dialect = sqlite if session.get_bind().dialect.name == "sqlite" else postgresql
+    statement = dialect.insert(model).values({**key, **amounts})
+    table = model.__table__
+    return statement.on_conflict_do_update(
+        index_elements=list(key), set_={name: table.c[name] + statement.excluded[name] for name in amounts}
+    )
+
+
 @dataclass
 class Store:
     """A node's database: `reading()` for queries, `writing()` for transactions that commit.
@@ -71,6 +82,7 @@ class Store:
     _read_sessions: async_sessionmaker[AsyncSession]
     _write_sessions: async_sessionmaker[AsyncSession]
     shared: bool = False
+    on_commit: Callable[[float], None] | None = None  # told how long each commit took (seconds), for metrics
     is_sqlite: bool = field(init=False)
     _group: GroupCommit = field(init=False)
     _listener: notifications.Listener | None = field(init=False, default=None)
@@ -116,8 +128,17 @@ class Store:
 
     @asynccontextmanager
     async def writing(self) -> AsyncIterator[AsyncSession]:
-        async with self._write_sessions() as session, session.begin():
-            yield session
+        async with self._write_sessions() as session:
+            transaction = await session.begin()
+            try:
+                yield session
+            except BaseException:
+                await transaction.rollback()
+                raise
+            started = time.perf_counter()
+            await transaction.commit()
+            if self.on_commit is not None:
+                self.on_commit(time.perf_counter() - started)
 
     async def write_soon(self, work: Work) -> Any:
         """`work(session)` in a write transaction it may share with other small writes (group commit)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, false, text
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, false, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -95,6 +95,7 @@ class Job(Base):
     usage: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
     llm_error: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the LLM's refusal of the request: status and body
+    traceparent: Mapped[str | None] = mapped_column(String(55))  # W3C trace context, made at submission
 
     __table_args__ = (
         Index("ix_jobs_status_deadline", "status", "deadline"),
@@ -131,6 +132,11 @@ class RoutedJob(Base):
     dispatched_at: Mapped[float | None] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float)
     deadline: Mapped[float] = mapped_column(Float)
+    api_key_label: Mapped[str | None] = mapped_column(String(255))  # the key its client presented on the client's node
+    traceparent: Mapped[str | None] = mapped_column(String(55))
+    # Whether its usage row holds its tokens: a job the router ended itself (cancelled, timed out) is counted at
+    # once, and its tokens are added when its driver reports them.
+    tokens_counted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     __table_args__ = (
         Index("ix_routed_jobs_queue", "model", "status", "created_at"),
@@ -153,6 +159,7 @@ class ServedJob(Base):
     finished_at: Mapped[float | None] = mapped_column(Float)
     deadline: Mapped[float] = mapped_column(Float)
     worker: Mapped[str | None] = mapped_column(String(32))  # the process serving it (NULL: written before revision 0004)
+    traceparent: Mapped[str | None] = mapped_column(String(55))
 
     __table_args__ = (Index("ix_served_jobs_status", "status"),)
 
@@ -175,3 +182,30 @@ class SeenNonce(Base):
 
     nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
     sent_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class UsageDay(Base):
+    """Usage of the jobs this node ended in one role, per UTC day, client and model.  A row grows in the
+    same transaction that ends each job it counts."""
+
+    __tablename__ = "usage_days"
+
+    day: Mapped[str] = mapped_column(String(10), primary_key=True)  # YYYY-MM-DD, UTC
+    role: Mapped[str] = mapped_column(String(16), primary_key=True)
+    client: Mapped[str] = mapped_column(String(255), primary_key=True)
+    key_label: Mapped[str] = mapped_column(String(255), primary_key=True)  # "" where no API key applies
+    model: Mapped[str] = mapped_column(String(255), primary_key=True)
+    jobs: Mapped[int] = mapped_column(Integer)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger)
+    estimated_jobs: Mapped[int] = mapped_column(Integer)
+
+
+class Budget(Base):
+    """Router side: a client node's daily token budget (key_label ""), or one of its API keys'."""
+
+    __tablename__ = "budgets"
+
+    client_node: Mapped[str] = mapped_column(String(255), primary_key=True)
+    key_label: Mapped[str] = mapped_column(String(255), primary_key=True)
+    daily_tokens: Mapped[int] = mapped_column(BigInteger)

@@ -19,6 +19,8 @@ SEED_FORMS = [
     ("openai", {"RegisterOaiProviderEndpoint": {"endpoint": "https://api.openai.com/v1", "api_key": "sk-x"}}),
     ("driver", {"SetLocalDriver": {"model": "llama3", "is_public": True}}),
     ("driver", {"SetLocalDriver": {"models": ["a", "b"], "is_public": False, "capacity": 2}}),
+    ("router", {"SetBudget": {"client": "fake3.dev", "label": "alice", "daily_tokens": 5000}}),
+    ("router", {"SetBudget": {"client": "fake3.dev"}}),
 ]
 
 

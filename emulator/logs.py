@@ -1,0 +1,114 @@
+"""A node's log: where it goes, and its two formats.
+
+`text` (the default) is one line per record for people; `json` is one JSON object per line, with
+the time, level, node, process id and worker, and, on every line about a job, its `job_id` and
+`trace_id` (taken from the job at hand, `handlers.tracing`), so that one job can be followed
+across the logs of every node it passed through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import datetime as dt
+import json
+import logging
+import os
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TextIO
+
+from emulator.client import CommandError
+from emulator.homes import Home
+from handlers import tracing
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+FOLLOW_POLL_S = 0.2  # a file that grows sends no event to wait on (without inotify): `logs -f` looks again this often
+
+
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+class _JobOfTheMoment(logging.Filter):
+    """Stamps each record with the job the code that logged it was about (unless the call named one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        job = tracing.current()
+        if job is not None and not hasattr(record, "job_id"):
+            record.job_id = job.job_id
+            record.trace_id = job.trace_id
+        return True
+
+
+class JsonLines(logging.Formatter):
+    def __init__(self, node: str) -> None:
+        super().__init__()
+        self.node = node
+        self.worker: str | None = None  # set once the node's runtime has one (`identify_worker`)
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "node": self.node,
+            "pid": record.process or os.getpid(),
+            "worker": self.worker,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in ("job_id", "trace_id"):
+            if (value := getattr(record, key, None)) is not None:
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure(home: Home, node: str, verbose: bool, log_format: LogFormat = LogFormat.TEXT) -> None:
+    """Log to the node's home (and to stderr with `verbose`), in `log_format`."""
+    home.path.mkdir(parents=True, exist_ok=True)
+    handlers: list[logging.Handler] = [logging.FileHandler(home.log_file)]
+    if verbose:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    formatter = JsonLines(node) if log_format is LogFormat.JSON else logging.Formatter(TEXT_FORMAT)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler.addFilter(_JobOfTheMoment())
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True)
+    logging.captureWarnings(log_format is LogFormat.JSON)  # warnings too, as JSON lines rather than bare text
+    logging.getLogger("aiohttp.access").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def identify_worker(worker: str) -> None:
+    """Name this process's worker (`NodeContext.worker`) in its JSON log lines."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler.formatter, JsonLines):
+            handler.formatter.worker = worker
+
+
+# --- reading a node's log (`emulator logs`) ----------------------------------------------------------
+
+
+async def show(root: Path, node: str, follow: bool, out: TextIO = sys.stdout) -> None:
+    """Print the log of node `node` (its home under `root`); with `follow`, go on printing what it logs."""
+    path = Home(root / node).log_file
+    if not path.is_file():
+        found = sorted(home.parent.name for home in root.glob("*/node.log"))
+        listing = f"; nodes with logs: {', '.join(found)}" if found else ""
+        raise CommandError(f"no log of a node {node!r} under {root}{listing}")
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a read may end inside a character
+    with path.open("rb") as log:
+        while True:
+            chunk = log.read(64 * 1024)
+            if chunk:
+                out.write(decoder.decode(chunk))
+                continue
+            out.flush()
+            if not follow:
+                return
+            if path.stat().st_size < log.tell():  # the file was truncated or replaced: start again from its beginning
+                log.seek(0)
+            await asyncio.sleep(FOLLOW_POLL_S)
