@@ -214,4 +214,6 @@ def _media(content: Content, refs: dict[Any, dict[str, Any]], mode: JsonSchemaMo
 
 def _operation_id(method: str, path: str) -> str:
     words = re.sub(r"[{}]", "", path).strip("/").replace("/", "_").replace(".", "_").replace("-", "_") or "root"
+    if len(path) > 1 and path.endswith("/"):
+        words += "_index"  # `/ui/` beside `/ui`
     return f"{method.lower()}_{words}"

@@ -142,7 +142,7 @@ async def asset(api: NodeApi, request: HttpRequest) -> Reply:
     """The page's script and style sheet (not secret: they come with the package)."""
     name = request.params["name"]
     if name not in ASSETS:
-        raise HandlerError(404, "not_found", f"no file {name!r}")
+        raise HandlerError(404, "file_not_found", f"no file {name!r}")
     return ContentReply(200, _file(name), ASSETS[name], {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
 
 

@@ -37,7 +37,7 @@ async def test_the_openapi_document_validates_and_lists_every_route_the_node_ser
 
     # And each listed route answers over HTTP, under this host, as a route (not "no such route" nor "method not allowed").
     for method, path in sorted(listed):
-        concrete = path.replace("{job_id}", "nosuchjob").replace("{process}", "driver")
+        concrete = path.replace("{job_id}", "nosuchjob").replace("{process}", "driver").replace("{name}", "nosuchfile")
         async with http.request(method, node.url + concrete) as response:
             body: Any = await response.json(content_type=None) if response.content_type == "application/json" else None
         code = body.get("error", {}).get("code") if isinstance(body, dict) else None
