@@ -146,7 +146,7 @@ class _Serving:
             return "the job ran past its deadline"
         if self.seq == 0:
             return f"no first token within {self.spec.first_token_timeout} s"
-        return f"the LLM was silent for more than {self.spec.idle_timeout} s"
+        return f"no chunk came whole from the LLM for more than {self.spec.idle_timeout} s"
 
     async def deliver(self, update: JobUpdate) -> None:
         if self.seq == 0 and self.origin != self.ctx.name:
@@ -192,6 +192,9 @@ async def serve(ctx: NodeContext, spec: JobSpec, origin: str, endpoint: openai.E
             await _set_served(ctx, job_id, status="cancelled")
             raise
         final = job.final("failed", reason)
+    except Exception as error:  # a fault of the driver's own: the job still ends, saying so, and the slot frees
+        log.exception("job %s: serving failed", job_id)
+        final = job.final("failed", f"the driver failed while serving the job: {error!r}")
     await _finish(ctx, job.origin, final, job.spec.deadline + FINAL_DELIVERY_GRACE_S)
 
 
