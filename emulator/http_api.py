@@ -25,10 +25,12 @@ from schemas.jobs import ErrorBody, ErrorResponse
 from schemas.messages import Envelope, Process
 from schemas.openai_api import JobKind, JobOrder
 from schemas.sse import encode_comment, encode_event
+from store.errors import StorageUnavailable
 
 ENVELOPE_ALLOWANCE_BYTES = 64 * 1024  # a node message carries a client's body (up to the limit) and its envelope
 SSE_RETRY_MS = 2000
 SSE_HEARTBEAT_S = 15.0
+STORAGE_RETRY_AFTER_S = 1.0  # a refused write is worth trying again soon: most storage faults are brief
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -106,6 +108,10 @@ async def answer(route: Route, api: NodeApi, request: HttpRequest) -> Reply:
         if error.body is not None:
             return JsonReply(error.status, json.dumps(error.body).encode())
         return error_reply(error.status, error.code, error.message, error.details, error.retry_after)
+    except StorageUnavailable as error:
+        # Nothing of the request was stored; what the node had accepted before is kept, and goes on once the database does.
+        message = f"{api.ctx.name} cannot store anything just now (its database says: {error}); nothing of this request was kept"
+        return error_reply(503, "storage_unavailable", message, retry_after=STORAGE_RETRY_AFTER_S)
     except ValidationError as error:
         details = error.errors(include_url=False, include_context=False, include_input=False)
         return error_reply(422, "invalid_fields", "the request does not match its schema", details)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import select
@@ -24,12 +25,14 @@ from handlers.errors import HandlerError, PeerError, UpstreamError, unknown_job,
 from schemas.jobs import JobSpec, JobUpdate, LlmError
 from schemas.messages import JobAccepted, JobUpdateMessage, ReleaseJob, Source
 from schemas.openai_api import Usage
+from store.errors import StorageUnavailable
 from store.models import NodeConfig, ServedJob, Worker
 
 DELIVERY_BACKOFF_S = 0.1
 DELIVERY_BACKOFF_MAX_S = 2.0
 FINAL_DELIVERY_GRACE_S = 5.0  # a timed_out update is sent at the deadline, and still needs a moment to arrive
 WORKER_TTL_S = 15.0  # a process sharing the store reports every few seconds; silent this long, it is dead
+STORE_PATIENCE_S = 30.0  # the serving driver's own bookkeeping waits this long for a store that refuses writes
 
 
 def served_row(ctx: NodeContext, origin: str, spec: JobSpec) -> ServedJob:
@@ -87,8 +90,10 @@ def stop(ctx: NodeContext, job_id: str, reason: str | None = None) -> None:
 async def end_cancelled(ctx: NodeContext, job_id: str) -> None:
     """End the job `cancelled` and stop its upstream request.  Another process of the node may be
     serving it: that one stops at its next chunk, which finds the job ended."""
-    await _set_served(ctx, job_id, status="cancelled")
-    stop(ctx, job_id)
+    try:
+        await _set_served(ctx, job_id, status="cancelled")
+    finally:
+        stop(ctx, job_id)
 
 
 async def cancel(ctx: NodeContext, source: Source, job_id: str) -> None:
@@ -201,8 +206,8 @@ async def serve(ctx: NodeContext, spec: JobSpec, origin: str, endpoint: openai.E
 async def _finish(ctx: NodeContext, origin: str, final: JobUpdate, deadline: float) -> None:
     try:
         await _deliver(ctx, origin, final, deadline)
-    except PeerError as error:
-        log.warning("job %s: final update not delivered to %s: %s", final.job_id, origin, error.message)
+    except (PeerError, StorageUnavailable) as error:
+        log.warning("job %s: final update not delivered to %s: %s", final.job_id, origin, error)
     await _set_served(ctx, final.job_id, status=final.status or "failed")
 
 
@@ -222,7 +227,11 @@ async def _set_served(ctx: NodeContext, job_id: str, status: str | None = None, 
     if status is not None:
         values |= {"status": status, "finished_at": time.time()}
     statement = sa_update(ServedJob).where(ServedJob.id == job_id, ServedJob.status == "running").values(values)
-    await ctx.store.write_soon(lambda session: session.execute(statement.execution_options(synchronize_session=False)))
+
+    async def attempt() -> None:
+        await ctx.store.write_soon(lambda session: session.execute(statement.execution_options(synchronize_session=False)))
+
+    await _again_while_unavailable(f"job {job_id}: its record on the driver", attempt, time.time() + STORE_PATIENCE_S)
 
 
 async def _settle_orphan(ctx: NodeContext, served: ServedJob) -> None:
@@ -236,22 +245,35 @@ async def _settle_orphan(ctx: NodeContext, served: ServedJob) -> None:
 
 
 async def _deliver(ctx: NodeContext, origin: str, update: JobUpdate, deadline: float) -> None:
-    """To this node's own client, or to the router; a router that is down (restarting) is tried
-    again with backoff until the job's deadline.  Repeats are safe: receivers ignore known seqs."""
-    if origin == ctx.name:
-        if not await updates.record_update(ctx, update) and not update.is_final:
+    """To this node's own client, or to the router; a store that refuses writes, or a router that is down
+    (restarting), is tried again with backoff until the job's deadline.  Repeats are safe: receivers ignore known seqs."""
+
+    async def attempt() -> None:
+        if origin != ctx.name:
+            await ctx.transport.send("driver", origin, "router", JobUpdateMessage(update=update))
+        elif not await updates.record_update(ctx, update) and not update.is_final:
             # The job ended meanwhile (cancelled, perhaps through another process of this node).
             raise PeerError(409, "job_finished", f"job {update.job_id} already ended")
-        return
+
+    await _again_while_unavailable(f"job {update.job_id}: update {update.seq} to {origin}", attempt, deadline)
+
+
+async def _again_while_unavailable(what: str, attempt: Callable[[], Awaitable[None]], deadline: float) -> None:
+    """`attempt()`, and again with backoff while the store refuses writes or the peer answers 503, until `deadline`."""
     backoff = DELIVERY_BACKOFF_S
     while True:
         try:
-            await ctx.transport.send("driver", origin, "router", JobUpdateMessage(update=update))
+            await attempt()
             return
         except PeerError as error:
             if error.status != 503 or time.time() + backoff > deadline:
                 raise
-            log.info("job %s: router %s unreachable, update %d retried in %.1f s", update.job_id, origin, update.seq, backoff)
+            reason = error.message
+        except StorageUnavailable as error:
+            if time.time() + backoff > deadline:
+                raise
+            reason = f"the store is unavailable: {error}"
+        log.warning("%s: %s; retried in %.1f s", what, reason, backoff)
         await asyncio.sleep(backoff)
         backoff = min(backoff * 2, DELIVERY_BACKOFF_MAX_S)
 
