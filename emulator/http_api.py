@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from emulator import signing
 from emulator.directory import Directory
-from handlers import api_keys, driver, jobs, node, v1
+from handlers import api_keys, driver, jobs, node, strict_json, v1
 from handlers.api_keys import Caller
 from handlers.context import NodeContext, log
 from handlers.errors import HandlerError
@@ -137,8 +137,8 @@ def read_json(request: HttpRequest, limit: int) -> Any:
     if len(request.body) > limit:
         raise HandlerError(413, "body_too_large", f"request body over {limit} bytes")
     try:
-        return json.loads(request.body)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        return strict_json.loads(request.body)
+    except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, not JSON by the RFC
         raise HandlerError(400, "malformed_json", f"the body is not valid JSON: {error}") from error
 
 

@@ -22,6 +22,7 @@ from typing import Any, TypeGuard
 
 from pydantic import ValidationError
 
+from handlers import strict_json
 from handlers.assembly import adds_output, carries_output, choice_text, finish_chunk, finish_reason_of, has_finish_reason
 from handlers.config import config_for_update
 from handlers.context import NodeContext
@@ -104,8 +105,8 @@ async def fetch_answer(ctx: NodeContext, endpoint: Endpoint | None, spec: JobSpe
     except LlmUnreachable as error:
         raise UpstreamError(f"LLM endpoint {endpoint.url} failed: {error}", retryable=True) from error
     try:
-        answer = json.loads(text)
-    except ValueError as error:
+        answer = strict_json.loads(text)
+    except (ValueError, RecursionError) as error:
         raise UpstreamError(f"the LLM's answer is not JSON: {text[:ERROR_TEXT_LIMIT]!r}") from error
     if not isinstance(answer, dict):
         raise UpstreamError(f"the LLM's answer is not a JSON object: {text[:ERROR_TEXT_LIMIT]!r}")
@@ -236,8 +237,8 @@ def _check_sse(line: str, raw: bytes) -> None:
 def _chunk(data: str) -> dict[str, Any]:
     """One `data:` event as a chunk the network can read."""
     try:
-        chunk = json.loads(data)
-    except ValueError as error:
+        chunk = strict_json.loads(data)
+    except (ValueError, RecursionError) as error:
         raise UpstreamError(f"the LLM sent a chunk that is not JSON: {data[:ERROR_TEXT_LIMIT]!r}") from error
     if not isinstance(chunk, dict):
         raise UpstreamError(f"the LLM sent a chunk that is not a JSON object: {data[:ERROR_TEXT_LIMIT]!r}")
