@@ -27,7 +27,7 @@ from emulator.homes import Home, default_root, find_home
 from emulator.logs import LogFormat
 from emulator.node import JobLimits, NodeOptions, serve_forever
 from emulator.up import UpOptions, up
-from handlers.context import DEFAULT_JOB_TIMEOUT, DEFAULT_MAX_BODY_BYTES
+from handlers.context import DEFAULT_JOB_TIMEOUT, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_LLM_EVENT_BYTES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -124,12 +124,16 @@ def _add_job_limits(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-grace", type=float, default=10.0, help="on SIGTERM, seconds running jobs may take to finish")
     parser.add_argument("--retention", type=float, default=24 * 3600.0, help="seconds finished jobs are kept")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body a client may send")
+    parser.add_argument(
+        "--max-llm-event-bytes", type=int, default=DEFAULT_MAX_LLM_EVENT_BYTES, help="largest event a driver reads from its LLM's stream"
+    )
 
 
 def _job_limits(args: argparse.Namespace) -> JobLimits:
     return JobLimits(
         job_timeout=args.job_timeout, first_token_timeout=args.first_token_timeout, idle_timeout=args.idle_timeout,
         drain_grace=args.drain_grace, retention=args.retention, max_body_bytes=args.max_body_bytes,
+        max_llm_event_bytes=args.max_llm_event_bytes,
     )
 
 

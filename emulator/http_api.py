@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from emulator import openapi, signing
 from emulator.directory import Directory
 from emulator.openapi import Auth, Operation, event_stream, json_body, operation, text
-from handlers import accounting, api_keys, driver, jobs, metrics, node, tracing, v1
+from handlers import accounting, api_keys, driver, jobs, metrics, node, strict_json, tracing, v1
 from handlers.api_keys import Caller
 from handlers.context import NodeContext, log
 from handlers.errors import HandlerError
@@ -43,10 +43,12 @@ from schemas.openai_api import (
 )
 from schemas.sse import encode_comment, encode_event
 from schemas.usage import UsageQuery, UsageReport
+from store.errors import StorageUnavailable
 
 ENVELOPE_ALLOWANCE_BYTES = 64 * 1024  # a node message carries a client's body (up to the limit) and its envelope
 SSE_RETRY_MS = 2000
 SSE_HEARTBEAT_S = 15.0
+STORAGE_RETRY_AFTER_S = 1.0  # a refused write is worth trying again soon: most storage faults are brief
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 JSON_CONTENT_TYPE = "application/json"
 
@@ -136,6 +138,10 @@ async def answer(route: Route, api: NodeApi, request: HttpRequest) -> Reply:
         if error.body is not None:
             return JsonReply(error.status, json.dumps(error.body).encode())
         return error_reply(error.status, error.code, error.message, error.details, error.retry_after)
+    except StorageUnavailable as error:
+        # Nothing of the request was stored; what the node had accepted before is kept, and goes on once the database does.
+        message = f"{api.ctx.name} cannot store anything just now (its database says: {error}); nothing of this request was kept"
+        return error_reply(503, "storage_unavailable", message, retry_after=STORAGE_RETRY_AFTER_S)
     except ValidationError as error:
         details = error.errors(include_url=False, include_context=False, include_input=False)
         return error_reply(422, "invalid_fields", "the request does not match its schema", details)
@@ -161,8 +167,8 @@ def read_json(request: HttpRequest, limit: int) -> Any:
     if len(request.body) > limit:
         raise HandlerError(413, "body_too_large", f"request body over {limit} bytes")
     try:
-        return json.loads(request.body)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        return strict_json.loads(request.body)
+    except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, not JSON by the RFC
         raise HandlerError(400, "malformed_json", f"the body is not valid JSON: {error}") from error
 
 

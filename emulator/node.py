@@ -23,7 +23,7 @@ from emulator.signing import NodeKey
 from emulator.transport import HttpTransport
 from handlers import metrics, news, serving, upkeep
 from handlers import node as node_handlers
-from handlers.context import DEFAULT_JOB_TIMEOUT, DEFAULT_MAX_BODY_BYTES, NodeContext, Settings
+from handlers.context import DEFAULT_JOB_TIMEOUT, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_LLM_EVENT_BYTES, NodeContext, Settings
 from schemas.messages import Message, Process, Source
 from store.database import Store, sqlite_url
 
@@ -36,13 +36,14 @@ class JobLimits:
     drain_grace: float = 10.0
     retention: float = 24 * 3600.0
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_llm_event_bytes: int = DEFAULT_MAX_LLM_EVENT_BYTES
 
     def flags(self) -> list[str]:
         """The same limits as `emulator node` options."""
         pairs = [
             ("--job-timeout", self.job_timeout), ("--first-token-timeout", self.first_token_timeout),
             ("--idle-timeout", self.idle_timeout), ("--drain-grace", self.drain_grace), ("--retention", self.retention),
-            ("--max-body-bytes", self.max_body_bytes),
+            ("--max-body-bytes", self.max_body_bytes), ("--max-llm-event-bytes", self.max_llm_event_bytes),
         ]
         defaults = JobLimits()
         return [item for flag, value in pairs if value is not None and value != getattr(defaults, flag[2:].replace("-", "_"))
@@ -79,6 +80,7 @@ class NodeOptions:
             limits=JobLimits(
                 job_timeout=float(environ.get("LLMP_JOB_TIMEOUT", JobLimits().job_timeout)),
                 max_body_bytes=int(environ.get("LLMP_MAX_BODY_BYTES", JobLimits().max_body_bytes)),
+                max_llm_event_bytes=int(environ.get("LLMP_MAX_LLM_EVENT_BYTES", JobLimits().max_llm_event_bytes)),
             ),
             log_format=logs.LogFormat(environ.get("LLMP_LOG_FORMAT", logs.LogFormat.TEXT)),
         )
@@ -121,6 +123,7 @@ class NodeRuntime:
                 drain_grace=options.limits.drain_grace,
                 retention=options.limits.retention,
                 max_body_bytes=options.limits.max_body_bytes,
+                max_llm_event_bytes=options.limits.max_llm_event_bytes,
             ),
         )
         logs.identify_worker(self.ctx.worker)

@@ -114,6 +114,26 @@ def carries_output(chunk: dict[str, Any]) -> bool:
     return False
 
 
+def adds_output(kind: JobKind, chunk: dict[str, Any], index: int = 0) -> bool:
+    """Whether a chunk carries generated output for choice `index`: text, a tool call's fragment, a refusal,
+    reasoning (what max_tokens counts), as opposed to a role, a finish_reason, logprobs or usage alone."""
+    for choice in chunk.get("choices") or []:
+        if choice.get("index", 0) != index:
+            continue
+        if kind is not JobKind.CHAT:
+            return bool(choice.get("text"))
+        if any(value not in (None, "", []) for key, value in (choice.get("delta") or {}).items() if key != "role"):
+            return True
+    return False
+
+
+def finish_chunk(kind: JobKind, indexes: Iterable[int], finish_reason: str | None) -> dict[str, Any]:
+    """A chunk that ends the given choices with `finish_reason` (the network's own, where the LLM gave none)."""
+    if kind is JobKind.COMPLETION:
+        return {"choices": [{"index": index, "text": "", "logprobs": None, "finish_reason": finish_reason} for index in indexes]}
+    return {"choices": [{"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason} for index in indexes]}
+
+
 def finish_reason_of(chunk: dict[str, Any], index: int = 0) -> str | None:
     for choice in chunk.get("choices") or []:
         if choice.get("index", 0) == index and choice.get("finish_reason") is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -18,6 +18,7 @@ log = logging.getLogger("llm_provider")
 
 DEFAULT_JOB_TIMEOUT = 60.0
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024  # room for images sent inline
+DEFAULT_MAX_LLM_EVENT_BYTES = 8 * 1024 * 1024  # one streamed event of the LLM; a chunk is rarely over a few KiB
 
 
 class Transport(Protocol):
@@ -29,9 +30,10 @@ class Transport(Protocol):
 class LlmClient(Protocol):
     """HTTP to the LLM endpoint, provided by the host process."""
 
-    def stream_lines(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> AsyncIterator[bytes]:
+    def stream_lines(self, url: str, body: dict[str, Any], headers: dict[str, str], max_line_bytes: int) -> AsyncGenerator[bytes, None]:
         """POST `body` as JSON and yield the answer's lines as they arrive; raise LlmHttpError for a
-        status other than 200, LlmUnreachable when no (whole) answer came."""
+        status other than 200 (with at most `max_line_bytes` of its body), LlmUnreachable when no
+        (whole) answer came, LlmLineTooLong (and stop reading) at a line over `max_line_bytes`."""
         ...
 
     async def post(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> str:
@@ -51,6 +53,7 @@ class Settings:
     max_attempts: int = 3
     drain_grace: float = 10.0
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_llm_event_bytes: int = DEFAULT_MAX_LLM_EVENT_BYTES
     status_hold: float = 10.0  # a streamed /v1 answer waits this long for the first chunk or a refusal before it commits to 200
 
 

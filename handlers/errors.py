@@ -74,3 +74,11 @@ class LlmHttpError(Exception):
 
 class LlmUnreachable(Exception):
     """No answer, or a broken one, from the LLM endpoint (raised by the node's LlmClient)."""
+
+
+class LlmLineTooLong(Exception):
+    """The LLM sent a line longer than the node takes (raised by the node's LlmClient, which stops reading)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"a line over {limit} bytes")
+        self.limit = limit

@@ -13,6 +13,7 @@ import asyncio
 from sqlalchemy import select
 
 from handlers.context import NodeContext
+from store.errors import StorageUnavailable
 from store.models import Job
 
 
@@ -27,9 +28,12 @@ async def watch_the_store(ctx: NodeContext) -> None:
         if not watched:
             seen.clear()
             continue
-        async with ctx.store.reading() as session:
-            rows = await session.execute(select(Job.id, Job.next_seq).where(Job.id.in_(watched)))
-            now: dict[str, int] = {job_id: next_seq for job_id, next_seq in rows}
+        try:
+            async with ctx.store.reading() as session:
+                rows = await session.execute(select(Job.id, Job.next_seq).where(Job.id.in_(watched)))
+                now: dict[str, int] = {job_id: next_seq for job_id, next_seq in rows}
+        except StorageUnavailable:
+            continue  # looked at again in a moment
         for job_id, next_seq in now.items():
             if seen.get(job_id) != next_seq:  # moved, or first seen: a reader may have read before the change
                 ctx.signals.notify(job_id)

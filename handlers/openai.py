@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
-from handlers.assembly import carries_output, choice_text, finish_reason_of, has_finish_reason
+from pydantic import ValidationError
+
+from handlers import strict_json
+from handlers.assembly import adds_output, carries_output, choice_text, finish_chunk, finish_reason_of, has_finish_reason
 from handlers.config import config_for_update
 from handlers.context import NodeContext
-from handlers.errors import HandlerError, LlmHttpError, LlmUnreachable, UpstreamError, UpstreamErrorKind
+from handlers.errors import HandlerError, LlmHttpError, LlmLineTooLong, LlmUnreachable, UpstreamError, UpstreamErrorKind
 from schemas.jobs import JobSpec, LlmError
 from schemas.messages import Ack, Message, RegisterOaiProviderEndpoint, Source
-from schemas.openai_api import JobKind, OpenAiErrorBody, Usage, upstream_body
+from schemas.openai_api import JobKind, OpenAiErrorBody, UpstreamChunk, Usage, upstream_body
 from schemas.sse import SSEDecoder
 
 ERROR_TEXT_LIMIT = 2000
@@ -76,16 +80,21 @@ def _url(endpoint: Endpoint | None, kind: JobKind) -> tuple[Endpoint, str]:
 
 
 async def stream_answer(ctx: NodeContext, endpoint: Endpoint | None, spec: JobSpec) -> AsyncIterator[Piece]:
-    """Stream `spec` from the registered endpoint, one Piece per chunk that carries anything."""
+    """Stream `spec` from the registered endpoint, one Piece per chunk that carries anything.  Leaving early
+    (an error, the cut at max_tokens, the job's end) closes the upstream request."""
     endpoint, url = _url(endpoint, spec.kind)
     body = upstream_body(spec.kind, spec.model, spec.body, spec.stream_options)
+    limit = ctx.settings.max_llm_event_bytes
     try:
-        async for piece in _pieces(spec.kind, ctx.llm.stream_lines(url, body, endpoint.headers())):
-            yield piece
+        async with aclosing(ctx.llm.stream_lines(url, body, endpoint.headers(), limit)) as lines:
+            async for piece in _pieces(spec.kind, lines, limit, TokenBudget.of(spec.body)):
+                yield piece
     except LlmHttpError as error:
         raise _refusal(ctx, spec.kind, error.status, error.text) from error
     except LlmUnreachable as error:
         raise _unreachable(endpoint, error) from error
+    except LlmLineTooLong as error:
+        raise _too_large(error.limit) from error
 
 
 async def fetch_answer(ctx: NodeContext, endpoint: Endpoint | None, spec: JobSpec) -> dict[str, Any]:
@@ -98,11 +107,9 @@ async def fetch_answer(ctx: NodeContext, endpoint: Endpoint | None, spec: JobSpe
     except LlmUnreachable as error:
         raise _unreachable(endpoint, error) from error
     try:
-        answer = json.loads(text)
-    except ValueError as error:
-        raise UpstreamError(
-            f"the LLM's answer is not JSON: {text[:ERROR_TEXT_LIMIT]!r}", UpstreamErrorKind.MALFORMED
-        ) from error
+        answer = strict_json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise UpstreamError(f"the LLM's answer is not JSON: {text[:ERROR_TEXT_LIMIT]!r}", UpstreamErrorKind.MALFORMED) from error
     if not isinstance(answer, dict):
         raise UpstreamError(f"the LLM's answer is not a JSON object: {text[:ERROR_TEXT_LIMIT]!r}", UpstreamErrorKind.MALFORMED)
     return answer
@@ -145,14 +152,65 @@ def _refusal(ctx: NodeContext, kind: JobKind, status: int, text: str) -> Upstrea
     return UpstreamError(f"LLM endpoint answered HTTP {status}: {message}", failure, retryable=body is None)
 
 
-async def _pieces(kind: JobKind, lines: AsyncIterator[bytes]) -> AsyncIterator[Piece]:
+@dataclass
+class TokenBudget:
+    """The request's max_tokens (or max_completion_tokens, the smaller), which the network holds an LLM to.
+
+    The network counts choice 0's output fragments (`assembly.adds_output`: a chunk of text, of a tool
+    call, of reasoning), one token each, or the LLM's own usage count where a chunk reports one on the
+    way and only one choice was asked for, whichever is more.  A chunk that takes the count past the
+    budget is not kept: the answer ends there, `length`, as an LLM that honours max_tokens ends it."""
+
+    limit: int | None
+    use_usage: bool = True
+    used: int = 0
+
+    @classmethod
+    def of(cls, body: dict[str, Any]) -> TokenBudget:
+        limits = [value for value in (body.get("max_tokens"), body.get("max_completion_tokens")) if _is_count(value)]
+        return cls(limit=min(limits) if limits else None, use_usage=body.get("n") in (None, 1))
+
+    def goes_past(self, kind: JobKind, chunk: dict[str, Any]) -> bool:
+        """Count `chunk`; whether it is output beyond the budget."""
+        if self.limit is None:
+            return False
+        output = adds_output(kind, chunk)
+        used = self.used + output
+        reported = (chunk.get("usage") or {}).get("completion_tokens")
+        if self.use_usage and _is_count(reported):
+            used = max(used, reported)
+        if output and used > self.limit:
+            return True
+        self.used = used
+        return False
+
+
+def _is_count(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+SSE_FIELDS = frozenset({"data", "event", "id", "retry"})
+
+
+async def _pieces(kind: JobKind, lines: AsyncIterator[bytes], limit: int, budget: TokenBudget) -> AsyncIterator[Piece]:
     """The pieces of a streamed answer, which must end with a finish_reason and `[DONE]`.  A chunk that
-    carries only the assistant's role waits for the next, so that nothing leaves before the first token."""
+    carries only the assistant's role waits for the next, so that nothing leaves before the first token.
+    Anything the network cannot read ends it: a line that is not server-sent events, an event over `limit`
+    bytes, a chunk that is not a JSON object of OpenAI's shape, an error the LLM reports."""
     decoder = SSEDecoder()
     finished = False
+    unfinished: set[int] = set()  # choices seen without their finish_reason, for the cut at max_tokens
     held: list[dict[str, Any]] = []
-    async for line in lines:
-        event = decoder.feed_line(line.decode(errors="replace"))
+    event_bytes = 0  # of the event being read: its lines pile up in the decoder until a blank line
+    async for raw in lines:
+        event_bytes += len(raw)
+        if event_bytes > limit:
+            raise _too_large(limit)
+        line = raw.decode(errors="replace")
+        _check_sse(line, raw)
+        event = decoder.feed_line(line)
+        if line.strip("\r\n") == "":
+            event_bytes = 0
         if event is None:
             continue
         if event.data.strip() == "[DONE]":
@@ -164,26 +222,63 @@ async def _pieces(kind: JobKind, lines: AsyncIterator[bytes]) -> AsyncIterator[P
             if held:
                 yield _piece(kind, held)
             return
-        try:
-            chunk = json.loads(event.data)
-        except ValueError as error:
-            raise UpstreamError(
-                f"the LLM sent a chunk that is not JSON: {event.data[:ERROR_TEXT_LIMIT]!r}", UpstreamErrorKind.MALFORMED
-            ) from error
-        if not isinstance(chunk, dict):
-            raise UpstreamError(
-                f"the LLM sent a chunk that is not a JSON object: {event.data[:ERROR_TEXT_LIMIT]!r}", UpstreamErrorKind.MALFORMED
-            )
-        if "error" in chunk:
-            raise UpstreamError(
-                f"the LLM reported an error mid-answer: {str(chunk['error'])[:ERROR_TEXT_LIMIT]}", UpstreamErrorKind.SERVER_ERROR
-            )
+        chunk = _chunk(event.data)
+        if budget.goes_past(kind, chunk):
+            yield _piece(kind, [*held, finish_chunk(kind, sorted(unfinished | {0}), "length")])
+            return
         held.append({key: value for key, value in chunk.items() if key not in _SET_BY_CLIENTS_NODE})
+        for choice in chunk.get("choices") or []:
+            (unfinished.discard if choice.get("finish_reason") is not None else unfinished.add)(choice.get("index", 0))
         finished = finished or has_finish_reason(chunk)
         if carries_output(chunk):
             yield _piece(kind, held)
             held = []
     raise UpstreamError("the LLM's stream broke off before [DONE]", UpstreamErrorKind.CONNECTION, retryable=True)
+
+
+def _check_sse(line: str, raw: bytes) -> None:
+    """A line of server-sent events: blank, a comment, or a field OpenAI-compatible servers send."""
+    text = line.rstrip("\r\n")
+    if text == "" or text.startswith(":"):
+        return
+    name, _, value = text.partition(":")
+    if name in SSE_FIELDS:
+        return
+    if name == "error":  # llama.cpp's server reports a failure mid-stream this way
+        raise UpstreamError(f"the LLM reported an error mid-answer: {value.strip()[:ERROR_TEXT_LIMIT]}", UpstreamErrorKind.SERVER_ERROR)
+    raise UpstreamError(f"the LLM's answer is not an event stream; it sent {raw[:200]!r}", UpstreamErrorKind.MALFORMED)
+
+
+def _chunk(data: str) -> dict[str, Any]:
+    """One `data:` event as a chunk the network can read."""
+    try:
+        chunk = strict_json.loads(data)
+    except (ValueError, RecursionError) as error:
+        raise UpstreamError(f"the LLM sent a chunk that is not JSON: {data[:ERROR_TEXT_LIMIT]!r}", UpstreamErrorKind.MALFORMED) from error
+    if not isinstance(chunk, dict):
+        raise UpstreamError(f"the LLM sent a chunk that is not a JSON object: {data[:ERROR_TEXT_LIMIT]!r}", UpstreamErrorKind.MALFORMED)
+    if "error" in chunk:
+        raise UpstreamError(
+            f"the LLM reported an error mid-answer: {str(chunk['error'])[:ERROR_TEXT_LIMIT]}", UpstreamErrorKind.SERVER_ERROR
+        )
+    try:
+        UpstreamChunk.model_validate(chunk)
+    except ValidationError as error:
+        raise UpstreamError(
+            f"the LLM sent a chunk not of OpenAI's shape ({_first_problem(error)}): {data[:ERROR_TEXT_LIMIT]!r}", UpstreamErrorKind.MALFORMED
+        ) from error
+    return chunk
+
+
+def _first_problem(error: ValidationError) -> str:
+    problem = error.errors(include_url=False)[0]
+    return f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}"
+
+
+def _too_large(limit: int) -> UpstreamError:
+    return UpstreamError(
+        f"the LLM sent an event over {limit} bytes (the node's --max-llm-event-bytes); the answer was cut there", UpstreamErrorKind.MALFORMED
+    )
 
 
 def _piece(kind: JobKind, chunks: list[dict[str, Any]]) -> Piece:

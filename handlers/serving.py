@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import select
@@ -26,6 +27,7 @@ from schemas.jobs import JobSpec, JobUpdate, LlmError
 from schemas.messages import JobAccepted, JobUpdateMessage, ReleaseJob, Source
 from schemas.openai_api import Usage
 from schemas.usage import Role, TokenCount, utc_day
+from store.errors import StorageUnavailable
 from store.models import NodeConfig, ServedJob, Worker
 
 DELIVERY_BACKOFF_S = 0.1
@@ -33,6 +35,7 @@ DELIVERY_BACKOFF_MAX_S = 2.0
 FINAL_DELIVERY_GRACE_S = 5.0  # a timed_out update is sent at the deadline, and still needs a moment to arrive
 WORKER_TTL_S = 15.0  # a process sharing the store reports every few seconds; silent this long, it is dead
 CANCELLED_BY_CLIENT = "cancelled by the client"  # the reason a serving task is cancelled with when its client gave up
+STORE_PATIENCE_S = 30.0  # the serving driver's own bookkeeping waits this long for a store that refuses writes
 
 
 def served_row(ctx: NodeContext, origin: str, spec: JobSpec, traceparent: str | None) -> ServedJob:
@@ -92,8 +95,10 @@ def stop(ctx: NodeContext, job_id: str, reason: str | None = None) -> None:
 async def end_cancelled(ctx: NodeContext, job_id: str) -> None:
     """End the job `cancelled` and stop its upstream request (which counts what the LLM produced).  Another
     process of the node may be serving it: that one stops at its next chunk, which finds the job ended."""
-    await _set_served(ctx, job_id, status="cancelled")
-    stop(ctx, job_id, CANCELLED_BY_CLIENT)
+    try:
+        await _set_served(ctx, job_id, status="cancelled")
+    finally:
+        stop(ctx, job_id, CANCELLED_BY_CLIENT)
 
 
 async def cancel(ctx: NodeContext, source: Source, job_id: str) -> None:
@@ -157,7 +162,7 @@ class _Serving:
             return "the job ran past its deadline"
         if self.seq == 0:
             return f"no first token within {self.spec.first_token_timeout} s"
-        return f"the LLM was silent for more than {self.spec.idle_timeout} s"
+        return f"no chunk came whole from the LLM for more than {self.spec.idle_timeout} s"
 
     async def deliver(self, update: JobUpdate) -> None:
         if self.seq == 0 and self.origin != self.ctx.name:
@@ -225,14 +230,17 @@ async def serve(ctx: NodeContext, spec: JobSpec, origin: str, endpoint: openai.E
             await _cancelled(ctx, job)
             return
         final = job.final("failed", reason)
+    except Exception as error:  # a fault of the driver's own: the job still ends, saying so, and the slot frees
+        log.exception("job %s: serving failed", job_id)
+        final = job.final("failed", f"the driver failed while serving the job: {error!r}")
     await _finish(ctx, job, final)
 
 
 async def _finish(ctx: NodeContext, job: _Serving, final: JobUpdate) -> None:
     try:
         await _deliver(ctx, job.origin, final, job.spec.deadline + FINAL_DELIVERY_GRACE_S)
-    except PeerError as error:
-        log.warning("job %s: final update not delivered to %s: %s", final.job_id, job.origin, error.message)
+    except (PeerError, StorageUnavailable) as error:
+        log.warning("job %s: final update not delivered to %s: %s", final.job_id, job.origin, error)
     await job.end(final.status or "failed", final.tokens or job.tokens())
 
 
@@ -278,7 +286,10 @@ async def _set_served(
             day = utc_day(time.time())
             await accounting.record(session, role=Role.DRIVER, day=day, client=origin, model=model, tokens=tokens)
 
-    await ctx.store.write_soon(write)
+    async def attempt() -> None:
+        await ctx.store.write_soon(write)
+
+    await _again_while_unavailable(f"job {job_id}: its record on the driver", attempt, time.time() + STORE_PATIENCE_S)
 
 
 async def _settle_orphan(ctx: NodeContext, served: ServedJob) -> None:
@@ -297,22 +308,35 @@ async def _settle_orphan(ctx: NodeContext, served: ServedJob) -> None:
 
 
 async def _deliver(ctx: NodeContext, origin: str, update: JobUpdate, deadline: float) -> None:
-    """To this node's own client, or to the router; a router that is down (restarting) is tried
-    again with backoff until the job's deadline.  Repeats are safe: receivers ignore known seqs."""
-    if origin == ctx.name:
-        if not await updates.record_update(ctx, update) and not update.is_final:
+    """To this node's own client, or to the router; a store that refuses writes, or a router that is down
+    (restarting), is tried again with backoff until the job's deadline.  Repeats are safe: receivers ignore known seqs."""
+
+    async def attempt() -> None:
+        if origin != ctx.name:
+            await ctx.transport.send("driver", origin, "router", JobUpdateMessage(update=update))
+        elif not await updates.record_update(ctx, update) and not update.is_final:
             # The job ended meanwhile (cancelled, perhaps through another process of this node).
             raise PeerError(409, "job_finished", f"job {update.job_id} already ended")
-        return
+
+    await _again_while_unavailable(f"job {update.job_id}: update {update.seq} to {origin}", attempt, deadline)
+
+
+async def _again_while_unavailable(what: str, attempt: Callable[[], Awaitable[None]], deadline: float) -> None:
+    """`attempt()`, and again with backoff while the store refuses writes or the peer answers 503, until `deadline`."""
     backoff = DELIVERY_BACKOFF_S
     while True:
         try:
-            await ctx.transport.send("driver", origin, "router", JobUpdateMessage(update=update))
+            await attempt()
             return
         except PeerError as error:
             if error.status != 503 or time.time() + backoff > deadline:
                 raise
-            log.info("job %s: router %s unreachable, update %d retried in %.1f s", update.job_id, origin, update.seq, backoff)
+            reason = error.message
+        except StorageUnavailable as error:
+            if time.time() + backoff > deadline:
+                raise
+            reason = f"the store is unavailable: {error}"
+        log.warning("%s: %s; retried in %.1f s", what, reason, backoff)
         await asyncio.sleep(backoff)
         backoff = min(backoff * 2, DELIVERY_BACKOFF_MAX_S)
 

@@ -10,6 +10,7 @@ from sqlalchemy import delete, select
 from handlers import driver, router, tracing, updates
 from handlers.context import NodeContext, log
 from schemas.jobs import FINAL_STATUSES, JobUpdate
+from store.errors import StorageUnavailable
 from store.models import Job, RoutedJob, SeenNonce, ServedJob, UiLogin, Worker
 
 SWEEP_INTERVAL_S = 0.5
@@ -20,10 +21,17 @@ ACTIVE = ("queued", "running")
 
 
 async def boot(ctx: NodeContext) -> None:
-    await sweep(ctx)
-    await prune(ctx)
-    await router.boot(ctx)
-    await driver.boot(ctx)
+    """The chores of a restart; a store that refuses writes (full, read-only) is waited for, not given up on."""
+    while True:
+        try:
+            await sweep(ctx)
+            await prune(ctx)
+            await router.boot(ctx)
+            await driver.boot(ctx)
+            return
+        except StorageUnavailable as error:
+            log.warning("upkeep: the boot chores wait for the store (%s); tried again in %.1f s", error, SWEEP_INTERVAL_S)
+        await asyncio.sleep(SWEEP_INTERVAL_S)
 
 
 async def run(ctx: NodeContext) -> None:

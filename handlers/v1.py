@@ -16,6 +16,7 @@ from typing import Any
 
 from handlers import driver, jobs
 from handlers.api_keys import Caller
+from handlers.assembly import finish_chunk
 from handlers.context import NodeContext
 from handlers.errors import HandlerError
 from schemas.jobs import ErrorBody, JobUpdate, output_chunks
@@ -86,16 +87,10 @@ async def stream(ctx: NodeContext, answer: Answer) -> AsyncIterator[dict[str, An
                 return
             # A job stored before chunks were kept: its end and usage were kept beside the text.
             if 0 not in finished:
-                yield answer.chunk({"choices": [_finish_choice(answer.kind, update.finish_reason)]})
+                yield answer.chunk(finish_chunk(answer.kind, [0], update.finish_reason))
             if answer.wants_usage and not usage_sent and update.usage is not None:
                 yield answer.chunk({"choices": [], "usage": update.usage.model_dump()})
             return
-
-
-def _finish_choice(kind: JobKind, finish_reason: str | None) -> dict[str, Any]:
-    if kind is JobKind.COMPLETION:
-        return {"index": 0, "text": "", "logprobs": None, "finish_reason": finish_reason}
-    return {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}
 
 
 async def complete(ctx: NodeContext, answer: Answer) -> dict[str, Any]:

@@ -181,6 +181,13 @@ class ChatCompletionChunk(Passthrough):
     usage: Usage | None = None
 
 
+class UpstreamChunk(Passthrough):
+    """What the network reads of a chunk an LLM streams; a chunk it cannot read this way is refused, the rest passes as it came."""
+
+    choices: list[ChunkChoice] | None = None
+    usage: Usage | None = None
+
+
 class CompletionChoice(Passthrough):
     index: int = 0
     message: dict[str, Any] | None = None  # chat

@@ -1,6 +1,11 @@
 """Engines and sessions.  SQLite runs in WAL mode; a write transaction starts with
 BEGIN IMMEDIATE so that two writers queue on the lock instead of failing when one
-upgrades a read snapshot to a write."""
+upgrades a read snapshot to a write.
+
+A database that refuses work (its disk full, its file read-only, its lock held by another process
+past `SQLITE_LOCK_WAIT_MS`, its server gone) raises `StorageUnavailable`; after a refused write
+every pooled connection is closed, so that the next one sees the database as it is by then (SQLite
+keeps a file opened read-only as long as any connection of the process has it open)."""
 
 from __future__ import annotations
 
@@ -12,15 +17,26 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Insert, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from store import migrate, notifications
+from store.errors import StorageUnavailable
 from store.group_commit import GroupCommit, Work
 from store.models import Base
 
-SQLITE_BUSY_TIMEOUT_MS = 30_000
+SQLITE_BUSY_TIMEOUT_MS = 30_000  # at connect: switching to WAL, and migrations, which a sibling process may be running
+SQLITE_LOCK_WAIT_MS = 5_000  # a write transaction waits this long for the lock; held longer, the store is unavailable
+
+
+def _refusal(error: Exception) -> bool:
+    """Whether an error is the database refusing work (rather than the work being wrong)."""
+    if isinstance(error, sa_exc.DBAPIError):
+        return isinstance(error, sa_exc.OperationalError) or error.connection_invalidated
+    return isinstance(error, sa_exc.TimeoutError)  # no pooled connection came free
 
 
 def sqlite_url(path: Path) -> str:
@@ -31,7 +47,7 @@ def _is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-def _configure_sqlite(engine: AsyncEngine, begin: str | None) -> None:
+def _configure_sqlite(engine: AsyncEngine, begin: str | None, lock_wait_ms: int = SQLITE_LOCK_WAIT_MS) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin.
@@ -42,6 +58,7 @@ def _configure_sqlite(engine: AsyncEngine, begin: str | None) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={lock_wait_ms}")
         cursor.close()
 
     if begin is not None:
@@ -49,6 +66,12 @@ def _configure_sqlite(engine: AsyncEngine, begin: str | None) -> None:
         @event.listens_for(engine.sync_engine, "begin")
         def _on_begin(connection: Any) -> None:
             connection.exec_driver_sql(begin)
+
+
+def _describe(error: Exception) -> str:
+    """The database's own words, without SQLAlchemy's statement and parameters."""
+    cause = error.orig if isinstance(error, sa_exc.DBAPIError) else error
+    return str(cause).splitlines()[0] if str(cause) else type(cause).__name__
 
 
 def insert_or_ignore(session: AsyncSession, model: type[Base]) -> Insert:
@@ -116,29 +139,60 @@ class Store:
         )
 
     async def migrate(self) -> None:
-        """Bring the schema to the newest Alembic revision (never drops data)."""
-        async with self.write_engine.connect() as connection:
-            await connection.run_sync(migrate.upgrade_to_head)
-            await connection.commit()
+        """Bring the schema to the newest Alembic revision (never drops data).  A database already there
+        is only read, so that a node boots on a database it cannot write to (and answers 503 to writes)."""
+        async with self.read_engine.connect() as connection:
+            if await connection.run_sync(migrate.is_at_head):
+                return
+        if self.is_sqlite:
+            # Its own engine: a sibling process may hold the lock for its own migration, far longer than a write waits.
+            engine = create_async_engine(self.url, poolclass=NullPool)
+            _configure_sqlite(engine, "BEGIN IMMEDIATE", lock_wait_ms=SQLITE_BUSY_TIMEOUT_MS)
+        else:
+            engine = self.write_engine
+        try:
+            async with engine.connect() as connection:
+                await connection.run_sync(migrate.upgrade_to_head)
+                await connection.commit()
+        finally:
+            if engine is not self.write_engine:
+                await engine.dispose()
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[AsyncSession]:
-        async with self._read_sessions() as session:
-            yield session
+        try:
+            async with self._read_sessions() as session:
+                yield session
+        except Exception as error:
+            if not _refusal(error):
+                raise
+            raise StorageUnavailable(_describe(error)) from error
 
     @asynccontextmanager
     async def writing(self) -> AsyncIterator[AsyncSession]:
-        async with self._write_sessions() as session:
-            transaction = await session.begin()
-            try:
-                yield session
-            except BaseException:
-                await transaction.rollback()
+        try:
+            async with self._write_sessions() as session:
+                transaction = await session.begin()
+                try:
+                    yield session
+                except BaseException:
+                    await transaction.rollback()
+                    raise
+                started = time.perf_counter()
+                await transaction.commit()
+                if self.on_commit is not None:
+                    self.on_commit(time.perf_counter() - started)
+        except Exception as error:
+            if not _refusal(error):
                 raise
-            started = time.perf_counter()
-            await transaction.commit()
-            if self.on_commit is not None:
-                self.on_commit(time.perf_counter() - started)
+            await self._reconnect()
+            raise StorageUnavailable(_describe(error)) from error
+
+    async def _reconnect(self) -> None:
+        """Close every pooled connection: the next ones open the database anew."""
+        await self.write_engine.dispose()
+        if self.read_engine is not self.write_engine:
+            await self.read_engine.dispose()
 
     async def write_soon(self, work: Work) -> Any:
         """`work(session)` in a write transaction it may share with other small writes (group commit)."""

@@ -13,6 +13,8 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from store.errors import StorageUnavailable
+
 Work = Callable[[AsyncSession], Awaitable[Any]]
 
 
@@ -46,11 +48,13 @@ class GroupCommit:
             async with self._transaction() as session:
                 results = [await work(session) for work, _ in batch]
         except Exception as error:
-            if len(batch) > 1:
+            if len(batch) > 1 and not isinstance(error, StorageUnavailable):
                 for item in batch:  # one bad write must not sink the others: each again, alone
                     await self._commit([item])
-            elif not batch[0][1].done():
-                batch[0][1].set_exception(error)
+                return
+            for _, future in batch:  # the store itself refused: alone, each would be refused again
+                if not future.done():
+                    future.set_exception(error)
             return
         for (_, future), result in zip(batch, results):
             if not future.done():

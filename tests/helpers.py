@@ -6,8 +6,8 @@ import asyncio
 import json
 import shutil
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -354,3 +354,75 @@ async def scripted() -> AsyncIterator[ScriptedUpstream]:
 async def scripted_network(start_node: StartNode, scripted: ScriptedUpstream) -> Network:
     """A fixture: router, driver and client nodes, the driver's LLM the scripted upstream."""
     return await start_network(start_node, scripted)
+
+
+# --- a raw upstream: bytes as they are, at the pace the test sets --------------------------------------
+
+
+def sse(chunk: dict[str, Any]) -> bytes:
+    """One chunk as the `data:` event an OpenAI-compatible server streams."""
+    return f"data: {json.dumps(chunk)}\n\n".encode()
+
+
+@dataclass
+class RawReply:
+    """What a raw upstream answers: `status` and `content_type`, then the bytes `body()` yields, each written as it comes."""
+
+    body: Callable[[], AsyncGenerator[bytes, None]]
+    status: int = 200
+    content_type: str = "text/event-stream"
+
+
+@dataclass
+class RawUpstream(Upstream):
+    """An upstream that misbehaves on cue: garbage, HTML, a byte at a time, a line without end, a stream past
+    max_tokens.  `reply` answers every chat request; `cut` is set when the node dropped the connection while
+    a reply was still being written, and `written` counts each reply's bytes that went out."""
+
+    reply: RawReply | None = None
+    cut: asyncio.Event = field(default_factory=asyncio.Event)
+    written: list[int] = field(default_factory=list)
+
+
+@asynccontextmanager
+async def raw_upstream() -> AsyncIterator[RawUpstream]:
+    upstream: RawUpstream
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        upstream.stats.requests += 1
+        reply = upstream.reply
+        assert reply is not None, "the test did not say what to answer"
+        response = web.StreamResponse(status=reply.status, headers={"Content-Type": reply.content_type})
+        await response.prepare(request)
+        upstream.written.append(0)
+        try:
+            async with aclosing(reply.body()) as pieces:
+                async for piece in pieces:
+                    await response.write(piece)
+                    upstream.written[-1] += len(piece)
+            await response.write_eof()
+        except ConnectionResetError:  # the node hung up mid-reply
+            upstream.cut.set()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    runner, port = await serve_app(app)
+    upstream = RawUpstream(url=f"http://127.0.0.1:{port}/v1", stats=FakeLlmStats())
+    try:
+        yield upstream
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[RawUpstream]:
+    async with raw_upstream() as upstream:
+        yield upstream
+
+
+@pytest.fixture
+async def raw_network(start_node: StartNode, raw: RawUpstream) -> Network:
+    """A fixture: router, driver and client nodes, the driver's LLM the raw upstream."""
+    return await start_network(start_node, raw)

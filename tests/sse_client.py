@@ -11,9 +11,12 @@ import aiohttp
 from schemas.sse import ServerSentEvent, SSEDecoder
 
 
+MAX_LINE_BYTES = 64 * 1024 * 1024  # a test reads chunks as large as a node passes on
+
+
 async def events(response: aiohttp.ClientResponse) -> AsyncIterator[ServerSentEvent]:
     decoder = SSEDecoder()
-    async for line in response.content:
+    while line := await response.content.readline(max_line_length=MAX_LINE_BYTES):
         event = decoder.feed_line(line.decode())
         if event is not None:
             yield event
