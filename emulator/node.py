@@ -129,6 +129,7 @@ class NodeRuntime:
         await store.listen(self.ctx.signals.notify)
         self.ctx.spawn(news.watch_the_store(self.ctx), name="news")
         self.home.write_info(options.name, self.url)
+        await upkeep.announce(self.ctx)  # before the host takes a request: see announce
         self.ctx.spawn(self._upkeep(self.ctx), name="upkeep")
         logging.getLogger("llm_provider").info(
             "node %s at %s (home %s); public key %s", options.name, self.url, self.home.path, key.public_key

@@ -10,7 +10,7 @@ or hands them to its router, and keeps what the client reads (`handlers.updates`
 | CancelJob (from our router)   | served_jobs         |                                         | served_jobs             | (stops serving)                |
 | JobUpdate (from our router)   | jobs                | from the job's router? new?             | jobs, job_chunks        | wakes the job's readers        |
 | serve (`serving.serve`)       | the LLM's stream    | retry elsewhere or fail?                | served_jobs             | JobUpdate per chunk, ReleaseJob|
-| boot                          | served_jobs, workers| which jobs died with their process      | served_jobs, workers    | ReleaseJob / JobUpdate, Register|
+| boot                          | served_jobs, workers| which jobs died with their process      | served_jobs             | ReleaseJob / JobUpdate, Register|
 | heartbeat (every 5 s)         | served_jobs, workers| a sibling process silent too long?      | workers (+ served_jobs) | RegisterDriver (jobs served)   |
 """
 
@@ -140,9 +140,8 @@ async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | Jo
 
 
 async def boot(ctx: NodeContext) -> None:
-    """After a restart: settle the jobs the last process was serving, then tell the router we are back."""
-    if ctx.store.shared:
-        await serving.report_alive(ctx)
+    """After a restart: settle the jobs the last process was serving, then tell the router we are back.
+    (A process sharing the store said it is alive before it took any request: `upkeep.announce`.)"""
     await serving.settle_orphans(ctx)
     await _tell_router_we_live(ctx, restarted=not ctx.store.shared)  # a new worker beside live siblings is no restart
 

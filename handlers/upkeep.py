@@ -7,7 +7,7 @@ import time
 
 from sqlalchemy import delete, select
 
-from handlers import driver, router, updates
+from handlers import driver, router, serving, updates
 from handlers.context import NodeContext, log
 from schemas.jobs import FINAL_STATUSES, JobUpdate
 from store.models import Job, RoutedJob, SeenNonce, ServedJob, Worker
@@ -17,6 +17,14 @@ PRUNE_INTERVAL_S = 60.0
 SEEN_NONCE_RETENTION_S = 600.0  # well past any replay window: older messages are refused for their age
 CLIENT_GRACE_S = 1.0  # the serving driver's own timed_out update, richer, normally arrives first
 ACTIVE = ("queued", "running")
+
+
+async def announce(ctx: NodeContext) -> None:
+    """Before the process takes its first request.  Where processes share the store, a sibling settling
+    orphans takes the jobs of every process it does not see alive there: this one must be seen before it
+    serves a job, or a job it takes while its boot chores still run is settled as a dead process's."""
+    if ctx.store.shared:
+        await serving.report_alive(ctx)
 
 
 async def boot(ctx: NodeContext) -> None:

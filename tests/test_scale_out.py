@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 from sqlalchemy import update
 
-from handlers import router, serving
+from handlers import router, serving, upkeep
 from store import notifications
 from store.models import ServedJob, Worker
 from tests.cluster import (
@@ -285,6 +285,39 @@ async def test_a_process_booting_beside_a_live_sibling_leaves_its_jobs_and_settl
             while (settled := await served_by(first, job_id))[0] == "running":  # written just after the final update
                 await asyncio.sleep(0.01)
         assert settled == ("failed", second_ctx.worker)
+
+
+async def test_a_job_taken_before_the_boot_chores_ran_is_no_orphan_to_a_sibling(
+    start_node: StartNode, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers booting together (issue 14: a job ended `failed` right after boot): a process is alive in
+    the store before it takes its first request, so a sibling's orphan sweep leaves its jobs alone even while
+    its own boot chores (sweep, prune, heartbeat) have not run yet, as on a loaded machine."""
+    chores = asyncio.Event()  # never set: every process's boot chores wait
+
+    async def held_boot(ctx: Any) -> None:
+        await chores.wait()
+
+    monkeypatch.setattr(upkeep, "boot", held_boot)
+    async with gated_upstream(first="alpha", rest=" omega") as upstream:
+        first = await start_node("solo.dev", shared=True)
+        second = await start_node("solo.dev", shared=True, database_url=first.node.options.database_url)
+        first_ctx, second_ctx = first.node.ctx, second.node.ctx
+        assert first_ctx is not None and second_ctx is not None
+        await wire_driver(first, upstream, router=None)
+        job_id = (await submit(http, first.url, {"model": MODEL, "prompt": "hi"}))["job_id"]
+        async with asyncio.timeout(STEP_S):
+            async with http.get(f"{first.url}/jobs/{job_id}/events") as response:
+                async for _ in events(response):
+                    break  # the first process is streaming it
+
+        await serving.settle_orphans(second_ctx)  # what the sibling's boot and heartbeats do
+        assert await served_by(first, job_id) == ("running", first_ctx.worker)
+        upstream.gate.set()
+        async with asyncio.timeout(STEP_S):
+            updates = await job_updates(http, second.url, job_id)
+    assert final_of(updates)["status"] == "succeeded", updates
+    assert text_of(updates) == "alpha omega"
 
 
 async def test_a_reader_on_one_process_follows_the_chunks_another_process_of_the_node_writes(
