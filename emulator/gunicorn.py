@@ -26,6 +26,7 @@ async def create_app() -> web.Application:
     configure_logging(Home(options.home), options.verbose)
     runtime = NodeRuntime(options)
     app = http_app.create_app(await runtime.start())
+    runtime.note_in_home()
 
     async def shutdown(_app: web.Application) -> None:
         await runtime.drain()
