@@ -16,18 +16,19 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy import update as sa_update
 
-from handlers import openai, updates
+from handlers import openai, router, updates
 from handlers.coalesce import batches
 from handlers.config import read_config
 from handlers.context import NodeContext, log
-from handlers.errors import HandlerError, PeerError, UpstreamError, unknown_job, unknown_model
+from handlers.errors import HandlerError, PeerError, UpstreamError, too_late, unknown_job, unknown_model
 from schemas.jobs import JobSpec, JobUpdate, LlmError
-from schemas.messages import JobAccepted, JobUpdateMessage, ReleaseJob, Source
+from schemas.messages import ACCEPT_MARGIN_S, JobAccepted, JobUpdateMessage, ReleaseJob, RunJob, Source
 from schemas.openai_api import Usage
 from store.models import NodeConfig, ServedJob, Worker
 
 DELIVERY_BACKOFF_S = 0.1
 DELIVERY_BACKOFF_MAX_S = 2.0
+DELIVERY_TIMEOUT_S = 10.0  # the longest one attempt to deliver an update waits for the router
 FINAL_DELIVERY_GRACE_S = 5.0  # a timed_out update is sent at the deadline, and still needs a moment to arrive
 WORKER_TTL_S = 15.0  # a process sharing the store reports every few seconds; silent this long, it is dead
 
@@ -45,8 +46,10 @@ def served_row(ctx: NodeContext, origin: str, spec: JobSpec) -> ServedJob:
     )
 
 
-async def accept_from_router(ctx: NodeContext, source: Source, spec: JobSpec) -> JobAccepted:
-    """RunJob from our router: store the job, then start serving it."""
+async def accept_from_router(ctx: NodeContext, source: Source, offer: RunJob) -> JobAccepted:
+    """RunJob from our router: store the job, then start serving it; not if the router stopped waiting for
+    our answer (it has queued the job again, for another driver perhaps)."""
+    spec = offer.job
     if ctx.draining:
         raise HandlerError(503, "shutting_down", f"{ctx.name} is shutting down and takes no new jobs")
     async with ctx.store.writing() as session:
@@ -62,6 +65,8 @@ async def accept_from_router(ctx: NodeContext, source: Source, spec: JobSpec) ->
             await session.delete(earlier)
             await session.flush()
         session.add(served_row(ctx, source.node, spec))
+        if offer.too_late():  # last, just before the commit
+            raise too_late(spec.job_id)
     start(ctx, spec, source.node, endpoint_of(config))
     return JobAccepted(job_id=spec.job_id, status="running")
 
@@ -242,13 +247,16 @@ async def _deliver(ctx: NodeContext, origin: str, update: JobUpdate, deadline: f
         return
     backoff = DELIVERY_BACKOFF_S
     while True:
+        # One attempt at a time, each ending by the deadline, yet long enough for the router to say that the
+        # client node does not answer (it waits RELAY_TIMEOUT_S for it) before we give up on the router.
+        wait = min(DELIVERY_TIMEOUT_S, max(deadline - time.time(), router.RELAY_TIMEOUT_S + ACCEPT_MARGIN_S))
         try:
-            await ctx.transport.send("driver", origin, "router", JobUpdateMessage(update=update))
+            await ctx.transport.send("driver", origin, "router", JobUpdateMessage(update=update), timeout=wait)
             return
         except PeerError as error:
             if error.status != 503 or time.time() + backoff > deadline:
                 raise
-            log.info("job %s: router %s unreachable, update %d retried in %.1f s", update.job_id, origin, update.seq, backoff)
+            log.info("job %s: %s, update %d retried in %.1f s", update.job_id, error.message, update.seq, backoff)
         await asyncio.sleep(backoff)
         backoff = min(backoff * 2, DELIVERY_BACKOFF_MAX_S)
 

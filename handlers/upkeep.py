@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 from sqlalchemy import delete, select
 
@@ -35,19 +36,21 @@ async def boot(ctx: NodeContext) -> None:
 
 
 async def run(ctx: NodeContext) -> None:
-    """Sweep deadlines often, re-register with the router now and then, prune rarely."""
-    every = [(SWEEP_INTERVAL_S, sweep), (router.HEARTBEAT_S, driver.heartbeat), (PRUNE_INTERVAL_S, prune)]
-    due = [time.monotonic() + interval for interval, _ in every]
+    """Sweep deadlines often, say we live now and then, prune rarely: each chore on a clock of its own, so
+    one that waits on a peer (a heartbeat to a frozen router) holds up no other."""
+    chores = [
+        (SWEEP_INTERVAL_S, sweep), (router.HEARTBEAT_S, driver.keep_alive), (router.HEARTBEAT_S, driver.heartbeat), (PRUNE_INTERVAL_S, prune),
+    ]
+    await asyncio.gather(*(_every(ctx, interval, chore) for interval, chore in chores))
+
+
+async def _every(ctx: NodeContext, interval: float, chore: Callable[[NodeContext], Awaitable[None]]) -> None:
     while True:
-        await asyncio.sleep(SWEEP_INTERVAL_S)
-        for i, (interval, chore) in enumerate(every):
-            if time.monotonic() < due[i]:
-                continue
-            due[i] = time.monotonic() + interval
-            try:
-                await chore(ctx)
-            except Exception:
-                log.exception("upkeep: %s failed; it runs again in %.1f s", chore.__name__, interval)
+        await asyncio.sleep(interval)
+        try:
+            await chore(ctx)
+        except Exception:
+            log.exception("upkeep: %s failed; it runs again in %.1f s", chore.__name__, interval)
 
 
 async def sweep(ctx: NodeContext) -> None:
