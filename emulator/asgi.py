@@ -63,6 +63,7 @@ class NodeAsgi:
             if message["type"] == "lifespan.startup":
                 try:
                     self.api = await self.runtime.start()
+                    self.runtime.note_in_home()
                 except Exception as error:
                     await send({"type": "lifespan.startup.failed", "message": repr(error)})
                     return

@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="llama3")
     p.add_argument("--no-wire", dest="wire", action="store_false", help="start the nodes, configure nothing")
     p.add_argument("--fresh", action="store_true", help="delete the nodes' homes first")
+    p.add_argument("--restart", action="store_true", help="start a node whose process exited again, by itself, with backoff")
     _add_job_limits(p)
     _add_log_format(p)
     p.add_argument("--verbose", action="store_true")
@@ -198,7 +199,7 @@ async def _dispatch(args: argparse.Namespace) -> int | None:
                 UpOptions(
                     nodes=args.nodes, base_port=args.base_port, root=root, llm=args.llm, llm_port=args.llm_port,
                     ttft=args.ttft, tps=args.tps, model=args.model, wire=args.wire, fresh=args.fresh,
-                    verbose=args.verbose, limits=_job_limits(args), log_format=args.log_format,
+                    verbose=args.verbose, limits=_job_limits(args), log_format=args.log_format, restart=args.restart,
                 )
             )
         case "node":

@@ -30,6 +30,7 @@ async def create_app() -> web.Application:
     configure_logging(options)
     runtime = NodeRuntime(options)
     app = http_app.create_app(await runtime.start())
+    runtime.note_in_home()
 
     async def shutdown(_app: web.Application) -> None:
         await runtime.drain()

@@ -129,12 +129,17 @@ class NodeRuntime:
         logs.identify_worker(self.ctx.worker)
         await store.listen(self.ctx.signals.notify)
         self.ctx.spawn(news.watch_the_store(self.ctx), name="news")
-        self.home.write_info(options.name, self.url)
+        await upkeep.announce(self.ctx)  # before the host takes a request: see announce
         self.ctx.spawn(self._upkeep(self.ctx), name="upkeep")
         logging.getLogger("llm_provider").info(
             "node %s at %s (home %s); public key %s", options.name, self.url, self.home.path, key.public_key
         )
         return NodeApi(self.ctx, token, directory, signing.ReplayGuard(store), self.home.metrics_token())
+
+    def note_in_home(self) -> None:
+        """Where the node listens and which process serves it (`emulator up` watches that pid), once it listens:
+        a process that failed to bind leaves the note of the one that did."""
+        self.home.write_info(self.options.name, self.url)
 
     @staticmethod
     async def _upkeep(ctx: NodeContext) -> None:
@@ -176,6 +181,7 @@ class Node(NodeRuntime):
         self._runner = create_runner(api, access_log)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.options.host, self.options.port, reuse_address=True).start()
+        self.note_in_home()
         return self
 
     async def __aexit__(self, *_exc: object) -> None:

@@ -16,10 +16,34 @@ from emulator.directory import Directory
 from emulator.signing import SIGNATURE_HEADER, NodeKey
 from handlers import metrics, tracing
 from handlers.errors import HandlerError, PeerError
-from schemas.messages import Message, Process, Source, to_wire
+from schemas.messages import (
+    CancelJob,
+    JobUpdateMessage,
+    ListModels,
+    Message,
+    Process,
+    QueuePosition,
+    RegisterDriver,
+    ReleaseJob,
+    RunJob,
+    Source,
+    to_wire,
+)
 
 MESSAGE_PATH = "/node/message"
-MESSAGE_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
+# How long a sender waits for the reply to each message: a peer that accepts connections and never
+# answers (frozen, overloaded) costs no more.  Handlers pass a shorter one where a client or a deadline waits.
+REPLY_TIMEOUTS_S: dict[type[Message], float] = {
+    RunJob: 10.0,
+    JobUpdateMessage: 10.0,
+    ReleaseJob: 5.0,
+    CancelJob: 5.0,
+    RegisterDriver: 5.0,
+    ListModels: 5.0,
+    QueuePosition: 2.0,
+}
+DEFAULT_REPLY_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 2.0
 DOWN_S = 5.0
 
 LocalDelivery = Callable[[Source, Process, Message], Awaitable[BaseModel]]
@@ -35,39 +59,49 @@ class HttpTransport:
         self._turns: dict[str, int] = {}
         self._down_until: dict[str, float] = {}  # URLs that refused a connection lately go last
 
-    async def send(self, source: Process, node: str, target: Process, message: Message) -> dict[str, Any]:
+    async def send(self, source: Process, node: str, target: Process, message: Message, timeout: float | None = None) -> dict[str, Any]:
         if node == self.name:
             return await self._send_to_self(source, target, message)
         kind = message.type  # type: ignore[attr-defined]
         metrics.MESSAGES_SENT.labels(self.name, kind).inc()
         try:
-            return await self._send_to_peer(source, node, target, message)
+            return await self._send_to_peer(source, node, target, message, timeout)
         except PeerError as error:
             metrics.MESSAGE_SEND_FAILURES.labels(self.name, kind, error.code).inc()
             raise
 
-    async def _send_to_peer(self, source: Process, node: str, target: Process, message: Message) -> dict[str, Any]:
+    async def _send_to_peer(
+        self, source: Process, node: str, target: Process, message: Message, timeout: float | None
+    ) -> dict[str, Any]:
         peer = self.directory.peer(node)
         if peer is None:
             raise PeerError(503, "unknown_node", f"no URL for node {node!r} in the directory")
         urls = self._in_turn(node, peer.urls)
+        wait = timeout if timeout is not None else REPLY_TIMEOUTS_S.get(type(message), DEFAULT_REPLY_TIMEOUT_S)
+        until = time.monotonic() + wait
         failure: BaseException | None = None
         for url in urls:
+            left = until - time.monotonic()
+            if left <= 0:
+                break
             try:
-                body = await self._post(source, node, url, target, message)
-            except aiohttp.ClientConnectorError as error:
+                body = await self._post(source, node, url, target, message, left)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
                 # Nothing reached this replica: the next may take the message, in an envelope of its own.
                 self._went_down(url)
                 failure = error
                 continue
-            except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError) as error:
+            except TimeoutError as error:  # connected, then no answer in time (a frozen or overloaded peer)
+                raise PeerError(503, "peer_unreachable", f"{node} at {url} did not answer within {wait:g} s") from error
+            except (aiohttp.ClientError, json.JSONDecodeError) as error:
                 # A broken connection may have carried the message first: the sender decides whether to repeat it.
                 # With one URL there is nothing to try instead, nor in-flight messages to cut short.
                 if isinstance(error, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)) and len(urls) > 1:
                     self._went_down(url)
                 raise PeerError(503, "peer_unreachable", f"{node} at {url} did not answer: {error!r}") from error
             return body
-        raise PeerError(503, "peer_unreachable", f"{node} at {', '.join(urls)} did not answer: {failure!r}") from failure
+        why = f": {failure!r}" if failure is not None else f" within {wait:g} s"
+        raise PeerError(503, "peer_unreachable", f"{node} at {', '.join(urls)} did not answer{why}") from failure
 
     def _went_down(self, url: str) -> None:
         """Try `url` last for a while, and drop its connections: after a crash each pooled one would fail
@@ -86,7 +120,7 @@ class HttpTransport:
         now = time.monotonic()
         return sorted(rotated, key=lambda url: self._down_until.get(url, 0.0) > now)
 
-    async def _post(self, source: Process, node: str, url: str, target: Process, message: Message) -> dict[str, Any]:
+    async def _post(self, source: Process, node: str, url: str, target: Process, message: Message, timeout: float) -> dict[str, Any]:
         envelope = {
             "source": {"node": self.name, "process": source},
             "destination": node,
@@ -100,7 +134,8 @@ class HttpTransport:
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: self.key.sign(data)}
         if (traceparent := tracing.outgoing(self.name)) is not None:
             headers[tracing.HEADER] = traceparent
-        async with self._session(url).post(url + MESSAGE_PATH, data=data, headers=headers) as response:
+        limits = aiohttp.ClientTimeout(total=timeout, sock_connect=min(CONNECT_TIMEOUT_S, timeout))
+        async with self._session(url).post(url + MESSAGE_PATH, data=data, headers=headers, timeout=limits) as response:
             body = await response.json(content_type=None)
             if response.status >= 400:
                 error = body.get("error", {}) if isinstance(body, dict) else {}
@@ -121,7 +156,7 @@ class HttpTransport:
     def _session(self, url: str) -> aiohttp.ClientSession:
         session = self._sessions.get(url)
         if session is None or session.closed:
-            session = self._sessions[url] = aiohttp.ClientSession(timeout=MESSAGE_TIMEOUT, connector=aiohttp.TCPConnector(limit=1024))
+            session = self._sessions[url] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024))
         return session
 
     async def close(self) -> None:

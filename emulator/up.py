@@ -7,7 +7,6 @@ is a client of the router; nodes 4 and up are more drivers on the same LLM.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import shlex
 import shutil
 import signal
@@ -25,10 +24,9 @@ from emulator.homes import Home, default_root
 from emulator.logs import LogFormat
 from emulator.node import JobLimits
 from emulator.signing import NodeKey
+from emulator.supervise import Supervisor, Watched
 
 STARTUP_TIMEOUT_S = 30.0
-PR_SET_PDEATHSIG = 1
-STOP_GRACE_S = 10.0
 
 
 @dataclass
@@ -46,6 +44,7 @@ class UpOptions:
     verbose: bool
     limits: JobLimits
     log_format: LogFormat = LogFormat.TEXT
+    restart: bool = False  # start a node whose process exited again, by itself
 
 
 @dataclass
@@ -120,12 +119,6 @@ def _check_ports_free(ports: dict[int, str]) -> None:
                 raise CommandError(f"port {port} ({owner}) is taken: {error.strerror}; stop what uses it or pick --base-port") from error
 
 
-def _die_with_parent() -> None:
-    """Children get SIGTERM when `up` dies, even by SIGKILL (Linux)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def _wiring(nodes: list[NodePlan], llm: str, model: str) -> list[tuple[NodePlan, Any]]:
     router = nodes[0].name
     steps: list[tuple[NodePlan, Any]] = [(nodes[0], "StartRouter")]
@@ -161,7 +154,9 @@ def _print_table(nodes: list[NodePlan], options: UpOptions, llm: str, llm_comman
     width = max(len(n.name) for n in nodes)
     for node in nodes:
         print(f"  {node.name.ljust(width)}  {node.url}/ui  login: {node.url}{logins[node.name]}")
-    print("\nCtrl-C stops every process started here.", flush=True)
+    if options.restart:
+        print("\nA node whose process exits is started again (--restart).")
+    print("\nCtrl-C stops every node of the network, those started again by hand too.", flush=True)
 
 
 async def up(options: UpOptions) -> int:
@@ -174,7 +169,7 @@ async def up(options: UpOptions) -> int:
     # Keys are made before the nodes start, so the directory can carry every public key.
     keys = {n.name: NodeKey.load_or_create(n.home.key_file).public_key for n in nodes}
     write_directory(options.root / "directory.json", {n.name: Peer.at(n.url, keys[n.name]) for n in nodes})
-    processes: dict[str, asyncio.subprocess.Process] = {}
+    supervisor = Supervisor([], options.restart)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -185,64 +180,26 @@ async def up(options: UpOptions) -> int:
             if llm is None:
                 llm_args = ["emulator", "fake-llm", "--port", str(options.llm_port), "--ttft", str(options.ttft), "--tps", str(options.tps)]
                 llm_command = shlex.join(llm_args)
-                log_path = options.root / "fake-llm.log"
-                with log_path.open("ab") as log:
-                    processes["fake-llm"] = await asyncio.create_subprocess_exec(
-                        *_argv(llm_args), stdout=log, stderr=log, start_new_session=True, preexec_fn=_die_with_parent
-                    )
+                fake = Watched(name="the fake LLM", argv=_argv(llm_args), log=options.root / "fake-llm.log")
+                supervisor.watched.append(fake)
+                process = await supervisor.start(fake)
                 llm_root = f"http://127.0.0.1:{options.llm_port}"
-                await _wait_healthy(session, "the fake LLM", llm_root, processes["fake-llm"], log_path)
+                await _wait_healthy(session, "the fake LLM", llm_root, process, fake.log)
                 llm = llm_root + "/v1"
+            started = []
             for node in nodes:
-                node.home.path.mkdir(parents=True, exist_ok=True)
-                with node.home.log_file.open("ab") as log:
-                    processes[node.name] = await asyncio.create_subprocess_exec(
-                        *_argv(node_command(node, options)), stdout=log, stderr=log, start_new_session=True,
-                        preexec_fn=_die_with_parent,
-                    )
-            for node in nodes:
-                await _wait_healthy(session, node.name, node.url, processes[node.name], node.home.log_file)
+                command = node_command(node, options)
+                item = Watched(name=node.name, argv=_argv(command), log=node.home.log_file, home=node.home, hand_command=shlex.join(command))
+                supervisor.watched.append(item)
+                started.append(await supervisor.start(item))
+            for node, process in zip(nodes, started):
+                await _wait_healthy(session, node.name, node.url, process, node.home.log_file)
             if options.wire:
                 for node, message in _wiring(nodes, llm, options.model):
                     await send_admin(node.url, node.home.admin_token(), message)
             logins = {node.name: (await ui_login(node.url, node.home.admin_token())).path for node in nodes}
         _print_table(nodes, options, llm, llm_command, logins)
         print("ready", flush=True)
-        await _supervise(processes, nodes, options, stop)
-        return 0
+        return await supervisor.watch(stop)
     finally:
-        await _stop_all(processes)
-
-
-async def _supervise(
-    processes: dict[str, asyncio.subprocess.Process], nodes: list[NodePlan], options: UpOptions, stop: asyncio.Event
-) -> None:
-    by_name = {n.name: n for n in nodes}
-    waits = {asyncio.ensure_future(p.wait()): name for name, p in processes.items()}
-    stopping = asyncio.ensure_future(stop.wait())
-    while waits:
-        done, _ = await asyncio.wait([*waits, stopping], return_when=asyncio.FIRST_COMPLETED)
-        if stopping in done:
-            break
-        for finished in done:
-            name = waits.pop(finished)
-            print(f"\n!! {name} exited with code {processes[name].returncode}; the others keep running.", flush=True)
-            if name in by_name:
-                print(f"   start it again with: {shlex.join(node_command(by_name[name], options))}", flush=True)
-    for pending in waits:
-        pending.cancel()
-    stopping.cancel()
-
-
-async def _stop_all(processes: dict[str, asyncio.subprocess.Process]) -> None:
-    running = [p for p in processes.values() if p.returncode is None]
-    for process in running:
-        process.send_signal(signal.SIGTERM)
-    try:
-        await asyncio.wait_for(asyncio.gather(*(p.wait() for p in running)), STOP_GRACE_S)
-    except TimeoutError:
-        for process in running:
-            if process.returncode is None:
-                process.kill()
-        await asyncio.gather(*(p.wait() for p in running))
-    print("stopped all processes", flush=True)
+        await supervisor.stop_all()

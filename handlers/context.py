@@ -22,8 +22,9 @@ DEFAULT_MAX_LLM_EVENT_BYTES = 8 * 1024 * 1024  # one streamed event of the LLM; 
 
 
 class Transport(Protocol):
-    async def send(self, source: Process, node: str, target: Process, message: Message) -> dict[str, Any]:
-        """Deliver `message` to process `target` of `node`; the reply body, or raise PeerError."""
+    async def send(self, source: Process, node: str, target: Process, message: Message, timeout: float | None = None) -> dict[str, Any]:
+        """Deliver `message` to process `target` of `node`; the reply body, or raise PeerError (503 when no
+        reply came within `timeout` seconds, by default the message's own: the message may have arrived)."""
         ...
 
 

@@ -11,8 +11,9 @@ or hands them to its router, and keeps what the client reads (`handlers.updates`
 | CancelJob (from our router)   | served_jobs         |                                         | served_jobs             | (stops serving)                |
 | JobUpdate (from our router)   | jobs                | from the job's router? new?             | jobs, job_chunks        | wakes the job's readers        |
 | serve (`serving.serve`)       | the LLM's stream    | retry elsewhere or fail?                | served_jobs             | JobUpdate per chunk, ReleaseJob|
-| boot                          | served_jobs, workers| which jobs died with their process      | served_jobs, workers    | ReleaseJob / JobUpdate, Register|
-| heartbeat (every 5 s)         | served_jobs, workers| a sibling process silent too long?      | workers (+ served_jobs) | RegisterDriver (jobs served)   |
+| boot                          | served_jobs, workers| which jobs died with their process      | served_jobs             | ReleaseJob / JobUpdate, Register|
+| keep_alive (every 5 s)        | served_jobs, workers| a sibling process silent too long?      | workers (+ served_jobs) | (settles its jobs)             |
+| heartbeat (every 5 s)         | served_jobs         |                                         |                         | RegisterDriver (jobs served)   |
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ from schemas.messages import (
 )
 from schemas.openai_api import JobOrder
 from store.models import Job, NodeConfig
+
+ROUTER_ACCEPT_S = 3.0  # a client's submission waits this long (and ACCEPT_MARGIN_S) for the router to take it, then 503
 
 # --- events ---------------------------------------------------------------------
 
@@ -142,8 +145,8 @@ async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | Jo
             return Ack()
         case CreateUiLogin(valid_for=valid_for):
             return await ui_logins.create(ctx, valid_for)
-        case RunJob(job=spec):
-            return await serving.accept_from_router(ctx, source, spec)
+        case RunJob():
+            return await serving.accept_from_router(ctx, source, message)
         case CancelJob(job_id=job_id):
             await serving.cancel(ctx, source, job_id)
             return Ack()
@@ -154,18 +157,21 @@ async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | Jo
 
 
 async def boot(ctx: NodeContext) -> None:
-    """After a restart: settle the jobs the last process was serving, then tell the router we are back."""
-    if ctx.store.shared:
-        await serving.report_alive(ctx)
+    """After a restart: settle the jobs the last process was serving, then tell the router we are back.
+    (A process sharing the store said it is alive before it took any request: `upkeep.announce`.)"""
     await serving.settle_orphans(ctx)
     await _tell_router_we_live(ctx, restarted=not ctx.store.shared)  # a new worker beside live siblings is no restart
 
 
-async def heartbeat(ctx: NodeContext) -> None:
-    """Every few seconds: alive to the processes sharing the store (settling a dead one's jobs), and to the router."""
+async def keep_alive(ctx: NodeContext) -> None:
+    """Every few seconds: alive to the processes sharing the store, settling a dead one's jobs."""
     if ctx.store.shared:
         await serving.report_alive(ctx)
         await serving.settle_orphans(ctx)
+
+
+async def heartbeat(ctx: NodeContext) -> None:
+    """Every few seconds: alive to the router, listing the jobs served."""
     await _tell_router_we_live(ctx)
 
 
@@ -247,16 +253,19 @@ def _job_row(
 
 
 async def _forward(ctx: NodeContext, spec: JobSpec, router: str) -> JobCreated:
-    """Hand the stored job to the router; if it refuses, the row goes again and the refusal leaves nothing behind."""
+    """Hand the stored job to the router; if it refuses, or has not taken it by the offer's `accept_by` (it is
+    frozen, say), the row goes again, the client gets the error, and a router that comes to the offer later
+    refuses it."""
+    offer = RunJob.offer(spec, ROUTER_ACCEPT_S)
     try:
         try:
-            reply = await ctx.transport.send("driver", router, "router", RunJob(job=spec))
+            reply = await ctx.transport.send("driver", router, "router", offer, timeout=offer.reply_timeout())
         except PeerError as error:
-            if error.code != "peer_unreachable":
+            if error.code != "peer_unreachable" or offer.too_late():
                 raise
             # It may have been taken before the answer was lost: the router takes a repeat as the same job,
             # and another replica of it may answer this time.
-            reply = await ctx.transport.send("driver", router, "router", RunJob(job=spec))
+            reply = await ctx.transport.send("driver", router, "router", offer, timeout=offer.reply_timeout())
     except PeerError as error:
         async with ctx.store.writing() as session:
             job = await session.get(Job, spec.job_id)

@@ -58,6 +58,10 @@ def unknown_job(job_id: str) -> HandlerError:
     return HandlerError(404, "job_not_found", f"no job {job_id!r} on this node")
 
 
+def too_late(job_id: str) -> HandlerError:
+    return HandlerError(408, "offer_expired", f"job {job_id} came after its sender stopped waiting for the answer; not taken")
+
+
 def unknown_model(model: str, offered: list[str]) -> HandlerError:
     listing = ", ".join(offered) if offered else "none"
     return HandlerError(404, "model_not_found", f"model {model!r} is not served here; models on offer: {listing}", {"models": offered})

@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from handlers import accounting, budgets, metrics, tracing
 from handlers.config import config_for_update, read_config
 from handlers.context import NodeContext, log
-from handlers.errors import HandlerError, PeerError, unknown_job, unknown_model
+from handlers.errors import HandlerError, PeerError, too_late, unknown_job, unknown_model
 from schemas.jobs import FINAL_STATUSES, JobSpec, JobUpdate
 from schemas.messages import (
     Ack,
@@ -66,6 +66,8 @@ FAILURES_BEFORE_COOLDOWN = 3
 RETRY_BACKOFF_S = 0.2
 QUEUE_FULL_RETRY_S = 1.0
 RECONCILE_MARGIN_S = 2.0  # a RunJob may still be on its way when a driver lists what it serves
+HAND_OVER_S = 5.0  # a driver that has not taken a job by then (frozen, overloaded) is skipped: the job is queued again
+RELAY_TIMEOUT_S = 3.0  # an update for a client node that does not answer goes back to its driver, which retries
 
 
 # Messages about a job need no check: only a router holds routed jobs.
@@ -109,8 +111,8 @@ async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | Jo
         case RegisterDriver():
             await _register(ctx, source.node, message)
             return Ack()
-        case RunJob(job=spec):
-            return await _enqueue(ctx, source, spec)
+        case RunJob():
+            return await _enqueue(ctx, source, message)
         case JobUpdateMessage():
             await _relay(ctx, source, message)
             return Ack()
@@ -182,7 +184,8 @@ async def _offered(session: AsyncSession, client_node: str) -> list[ModelInfo]:
     return [ModelInfo(id=model, drivers=count, owned_by="network") for model, count in rows]
 
 
-async def _enqueue(ctx: NodeContext, source: Source, spec: JobSpec) -> JobAccepted:
+async def _enqueue(ctx: NodeContext, source: Source, offer: RunJob) -> JobAccepted:
+    spec = offer.job
     if spec.client_node != source.node:
         raise HandlerError(403, "client_mismatch", f"{source.node} may not submit jobs for {spec.client_node}")
     async with ctx.store.writing() as session:
@@ -219,6 +222,8 @@ async def _enqueue(ctx: NodeContext, source: Source, spec: JobSpec) -> JobAccept
         )
         await session.flush()
         assignments = await _assign(session, spec.model, time.time())  # a free driver takes it in the same transaction
+        if offer.too_late():  # last, just before the commit: the client was told its job failed
+            raise too_late(spec.job_id)
     log.info("job %s queued for %s from %s", spec.job_id, spec.model, source.node)
     if assignments:
         ctx.spawn(_hand_over(ctx, spec.model, assignments), name=f"hand-over-{spec.job_id}")
@@ -300,8 +305,9 @@ async def _hand_over(ctx: NodeContext, model: str, assignments: list[Assignment]
         if attempts == 0:
             metrics.QUEUE_WAIT.labels(ctx.name, model).observe(max(time.time() - arrived_at, 0.0))
         with tracing.about(job_id, traceparent):
+            offer = RunJob.offer(spec, HAND_OVER_S)
             try:
-                await ctx.transport.send("router", driver, "driver", RunJob(job=spec))
+                await ctx.transport.send("router", driver, "driver", offer, timeout=offer.reply_timeout())
             except PeerError as error:
                 log.warning("driver %s did not take job %s (%s); job requeued", driver, job_id, error.message)
                 await _requeue(ctx, job_id, driver, count_failure=True)
@@ -325,7 +331,7 @@ async def _assign(session: AsyncSession, model: str, now: float) -> list[Assignm
     queued = (
         await session.scalars(
             select(RoutedJob)
-            .where(RoutedJob.model == model, RoutedJob.status == "queued")
+            .where(RoutedJob.model == model, RoutedJob.status == "queued", RoutedJob.deadline > now)  # the late are ended, not served
             .order_by(RoutedJob.created_at)
             .with_for_update(skip_locked=True)
         )
@@ -408,7 +414,7 @@ async def _relay(ctx: NodeContext, source: Source, message: JobUpdateMessage) ->
     if repeated_final and job.status == "cancelled":
         return  # the client ended it itself: it needs no final
     try:
-        await ctx.transport.send("router", job.client_node, "driver", message)
+        await ctx.transport.send("router", job.client_node, "driver", message, timeout=RELAY_TIMEOUT_S)
     except PeerError as error:
         # Not swallowed: the driver keeps the update and tries again (with backoff), so a client
         # node that restarts misses no chunk.
@@ -485,7 +491,7 @@ async def _mark_streamed(session: AsyncSession, job_id: str, driver: str) -> Non
 
 async def _to_client(ctx: NodeContext, client_node: str, message: JobUpdateMessage) -> None:
     try:
-        await ctx.transport.send("router", client_node, "driver", message)
+        await ctx.transport.send("router", client_node, "driver", message, timeout=RELAY_TIMEOUT_S)
     except PeerError as error:
         log.warning("job %s: client node %s did not take update %d: %s", message.update.job_id, client_node, message.update.seq, error.message)
 
@@ -577,8 +583,10 @@ async def expire(ctx: NodeContext, now: float) -> None:
             )
         ).all()
         silent = (await session.scalars(select(DriverRegistration.node).where(DriverRegistration.last_seen < now - DRIVER_TTL_S).distinct())).all()
-    for job in late:
-        await _end(ctx, job, "timed_out", "the job ran past its deadline" + (" while queued" if job.status == "queued" else ""))
+    # At once: a client node that does not answer holds up its own jobs' ends, not the others'.
+    await asyncio.gather(
+        *(_end(ctx, job, "timed_out", "the job ran past its deadline" + (" while queued" if job.status == "queued" else "")) for job in late)
+    )
     for node in silent:
         await _driver_lost(ctx, node)
 

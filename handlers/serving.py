@@ -18,13 +18,13 @@ from sqlalchemy import select
 from sqlalchemy import update as sa_update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from handlers import accounting, metrics, openai, tracing, updates
+from handlers import accounting, metrics, openai, router, tracing, updates
 from handlers.coalesce import batches
 from handlers.config import read_config
 from handlers.context import NodeContext, log
-from handlers.errors import HandlerError, PeerError, UpstreamError, UpstreamErrorKind, unknown_job, unknown_model
+from handlers.errors import HandlerError, PeerError, UpstreamError, UpstreamErrorKind, too_late, unknown_job, unknown_model
 from schemas.jobs import JobSpec, JobUpdate, LlmError
-from schemas.messages import JobAccepted, JobUpdateMessage, ReleaseJob, Source
+from schemas.messages import ACCEPT_MARGIN_S, JobAccepted, JobUpdateMessage, ReleaseJob, RunJob, Source
 from schemas.openai_api import Usage
 from schemas.usage import Role, TokenCount, utc_day
 from store.errors import StorageUnavailable
@@ -32,6 +32,7 @@ from store.models import NodeConfig, ServedJob, Worker
 
 DELIVERY_BACKOFF_S = 0.1
 DELIVERY_BACKOFF_MAX_S = 2.0
+DELIVERY_TIMEOUT_S = 10.0  # the longest one attempt to deliver an update waits for the router
 FINAL_DELIVERY_GRACE_S = 5.0  # a timed_out update is sent at the deadline, and still needs a moment to arrive
 WORKER_TTL_S = 15.0  # a process sharing the store reports every few seconds; silent this long, it is dead
 CANCELLED_BY_CLIENT = "cancelled by the client"  # the reason a serving task is cancelled with when its client gave up
@@ -52,8 +53,10 @@ def served_row(ctx: NodeContext, origin: str, spec: JobSpec, traceparent: str | 
     )
 
 
-async def accept_from_router(ctx: NodeContext, source: Source, spec: JobSpec) -> JobAccepted:
-    """RunJob from our router: store the job, then start serving it."""
+async def accept_from_router(ctx: NodeContext, source: Source, offer: RunJob) -> JobAccepted:
+    """RunJob from our router: store the job, then start serving it; not if the router stopped waiting for
+    our answer (it has queued the job again, for another driver perhaps)."""
+    spec = offer.job
     if ctx.draining:
         raise HandlerError(503, "shutting_down", f"{ctx.name} is shutting down and takes no new jobs")
     async with ctx.store.writing() as session:
@@ -69,6 +72,8 @@ async def accept_from_router(ctx: NodeContext, source: Source, spec: JobSpec) ->
             await session.delete(earlier)
             await session.flush()
         session.add(served_row(ctx, source.node, spec, tracing.traceparent_of(spec.job_id)))
+        if offer.too_late():  # last, just before the commit
+            raise too_late(spec.job_id)
     log.info("job %s serving %s for %s", spec.job_id, spec.model, source.node)
     start(ctx, spec, source.node, endpoint_of(config))
     return JobAccepted(job_id=spec.job_id, status="running")
@@ -313,7 +318,10 @@ async def _deliver(ctx: NodeContext, origin: str, update: JobUpdate, deadline: f
 
     async def attempt() -> None:
         if origin != ctx.name:
-            await ctx.transport.send("driver", origin, "router", JobUpdateMessage(update=update))
+            # Each attempt ends by the deadline, yet waits long enough for the router to say that the client
+            # node does not answer (it waits RELAY_TIMEOUT_S for it) before we give up on the router.
+            wait = min(DELIVERY_TIMEOUT_S, max(deadline - time.time(), router.RELAY_TIMEOUT_S + ACCEPT_MARGIN_S))
+            await ctx.transport.send("driver", origin, "router", JobUpdateMessage(update=update), timeout=wait)
         elif not await updates.record_update(ctx, update) and not update.is_final:
             # The job ended meanwhile (cancelled, perhaps through another process of this node).
             raise PeerError(409, "job_finished", f"job {update.job_id} already ended")

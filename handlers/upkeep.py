@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 from sqlalchemy import delete, select
 
-from handlers import driver, router, tracing, updates
+from handlers import driver, router, serving, tracing, updates
 from handlers.context import NodeContext, log
 from schemas.jobs import FINAL_STATUSES, JobUpdate
 from store.errors import StorageUnavailable
@@ -18,6 +19,14 @@ PRUNE_INTERVAL_S = 60.0
 SEEN_NONCE_RETENTION_S = 600.0  # well past any replay window: older messages are refused for their age
 CLIENT_GRACE_S = 1.0  # the serving driver's own timed_out update, richer, normally arrives first
 ACTIVE = ("queued", "running")
+
+
+async def announce(ctx: NodeContext) -> None:
+    """Before the process takes its first request.  Where processes share the store, a sibling settling
+    orphans takes the jobs of every process it does not see alive there: this one must be seen before it
+    serves a job, or a job it takes while its boot chores still run is settled as a dead process's."""
+    if ctx.store.shared:
+        await serving.report_alive(ctx)
 
 
 async def boot(ctx: NodeContext) -> None:
@@ -35,19 +44,21 @@ async def boot(ctx: NodeContext) -> None:
 
 
 async def run(ctx: NodeContext) -> None:
-    """Sweep deadlines often, re-register with the router now and then, prune rarely."""
-    every = [(SWEEP_INTERVAL_S, sweep), (router.HEARTBEAT_S, driver.heartbeat), (PRUNE_INTERVAL_S, prune)]
-    due = [time.monotonic() + interval for interval, _ in every]
+    """Sweep deadlines often, say we live now and then, prune rarely: each chore on a clock of its own, so
+    one that waits on a peer (a heartbeat to a frozen router) holds up no other."""
+    chores = [
+        (SWEEP_INTERVAL_S, sweep), (router.HEARTBEAT_S, driver.keep_alive), (router.HEARTBEAT_S, driver.heartbeat), (PRUNE_INTERVAL_S, prune),
+    ]
+    await asyncio.gather(*(_every(ctx, interval, chore) for interval, chore in chores))
+
+
+async def _every(ctx: NodeContext, interval: float, chore: Callable[[NodeContext], Awaitable[None]]) -> None:
     while True:
-        await asyncio.sleep(SWEEP_INTERVAL_S)
-        for i, (interval, chore) in enumerate(every):
-            if time.monotonic() < due[i]:
-                continue
-            due[i] = time.monotonic() + interval
-            try:
-                await chore(ctx)
-            except Exception:
-                log.exception("upkeep: %s failed; it runs again in %.1f s", chore.__name__, interval)
+        await asyncio.sleep(interval)
+        try:
+            await chore(ctx)
+        except Exception:
+            log.exception("upkeep: %s failed; it runs again in %.1f s", chore.__name__, interval)
 
 
 async def sweep(ctx: NodeContext) -> None:

@@ -8,6 +8,7 @@ entry point that turns wire JSON into a model, `to_wire` the way back.
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -118,11 +119,30 @@ class RegisterOaiProviderEndpoint(Message):
 # --- between nodes --------------------------------------------------------------
 
 
+ACCEPT_MARGIN_S = 1.0  # a reply sent just before `accept_by` still reaches a sender that waits this much longer
+
+
 class RunJob(Message):
-    """Client's driver → router: queue this job.  Router → driver: serve it."""
+    """Client's driver → router: queue this job.  Router → driver: serve it.
+
+    `accept_by` (a time, as the nodes' clocks agree): the sender stops waiting for the reply then and takes
+    the job as not taken, so a receiver that gets to it later (it was frozen, or overloaded) refuses it: a
+    job its client was told failed never reaches an LLM."""
 
     type: Literal["RunJob"] = "RunJob"
     job: JobSpec
+    accept_by: float | None = None
+
+    @classmethod
+    def offer(cls, job: JobSpec, within: float) -> RunJob:
+        return cls(job=job, accept_by=time.time() + within)
+
+    def reply_timeout(self) -> float | None:
+        """How long the sender waits for the reply."""
+        return None if self.accept_by is None else max(self.accept_by - time.time(), 0.0) + ACCEPT_MARGIN_S
+
+    def too_late(self) -> bool:
+        return self.accept_by is not None and time.time() > self.accept_by
 
 
 class JobUpdateMessage(Message):

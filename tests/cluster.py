@@ -165,6 +165,13 @@ class Cluster:
         os.killpg(proc.pid, signal.SIGKILL)
         return await self.exited(name)
 
+    def freeze(self, name: str) -> None:
+        """SIGSTOP: the process keeps its sockets (the kernel still accepts connections) and answers nothing."""
+        os.killpg(self.procs[name].pid, signal.SIGSTOP)
+
+    def thaw(self, name: str) -> None:
+        os.killpg(self.procs[name].pid, signal.SIGCONT)
+
     async def exited(self, name: str, bound: float = STEP_S) -> int:
         proc = self.procs[name]
         assert proc.process is not None
@@ -212,6 +219,7 @@ class Cluster:
         self,
         *,
         llm: dict[str, Any] | None = None,
+        llm_url: str | None = None,
         drivers: tuple[str, ...] = (DRIVER,),
         capacity: int = 1,
         client_flags: tuple[str, ...] = (),
@@ -219,8 +227,9 @@ class Cluster:
         router: bool = True,
         client: bool = True,
     ) -> dict[str, Proc]:
-        """A fake LLM, the router fake.dev, driver(s) serving llama3 from it, the client fake3.dev; wired."""
-        llm_url = await self.llm(**(llm or {}))
+        """A fake LLM (or the one at `llm_url`), the router fake.dev, driver(s) serving llama3 from it, the
+        client fake3.dev; wired."""
+        llm_url = llm_url or await self.llm(**(llm or {}))
         names = ([ROUTER] if router else []) + list(drivers) + ([CLIENT] if client else [])
         flags = {name: (driver_flags if name in drivers else client_flags if name == CLIENT else ()) for name in names}
         started = await asyncio.gather(*(self.node(name, *flags[name]) for name in names))

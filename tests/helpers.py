@@ -186,6 +186,7 @@ class GatedUpstream(Upstream):
 
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    prompts: list[Any] = field(default_factory=list)  # each request's last message's content, in arrival order
 
 
 @asynccontextmanager
@@ -196,6 +197,7 @@ async def gated_upstream(first: str = "alpha", rest: str = " omega") -> AsyncIte
     async def chat_completions(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         upstream.stats.requests += 1
+        upstream.prompts.append(body["messages"][-1].get("content"))
         upstream.arrived.set()
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)

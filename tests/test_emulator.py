@@ -343,6 +343,57 @@ async def test_a_killed_node_is_reported_and_can_be_started_again_by_hand(proces
     assert "fake2.dev exited" in up.transcript() and "stopped all processes" in up.output
 
 
+async def test_up_watches_nodes_started_again_by_hand_and_stops_them_on_ctrl_c(
+    processes: Processes, http: aiohttp.ClientSession
+) -> None:
+    """Issue 14: once every node `up` started had died, it stopped, though each had been started again by hand."""
+    up = processes.up(2)  # fake.dev routes, fake2.dev drives
+    commands = hand_commands(up)
+    hands: dict[str, subprocess.Popen[Any]] = {}
+    for index, name in ((1, "fake.dev"), (2, "fake2.dev")):
+        os.kill(up.pid_of(name), signal.SIGKILL)
+        up.expect(rf"{re.escape(name)} exited with code -9")
+        hand = processes.start([str(EMULATOR), *commands[name][1:]], env=up.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        await wait_healthy(http, up.url(index), hand.poll)
+        up.expect(rf"{re.escape(name)} runs again \(pid {hand.pid}, started by hand\)")
+        hands[name] = hand
+
+    # Every process `up` started for a node is gone; `up` still watches the network, which works.
+    assert up.proc.poll() is None, up.transcript()
+    assert_job_ran(await cli(up, "run-job", "-p", str(up.base), MODEL, *WOODCHUCK.split()), driver="fake2.dev")
+
+    # A node started by hand that exits is reported like any other.
+    hands["fake2.dev"].send_signal(signal.SIGTERM)
+    assert hands["fake2.dev"].wait(timeout=TIMEOUT_S) == 0
+    up.expect(rf"fake2\.dev \(pid {hands['fake2.dev'].pid}, started by hand\) exited")
+    assert up.proc.poll() is None, up.transcript()
+
+    # Ctrl-C stops the network, the node started by hand included.
+    up.proc.send_signal(signal.SIGINT)
+    assert up.wait_exit() == 0, up.transcript()
+    assert hands["fake.dev"].wait(timeout=TIMEOUT_S) == 0, "the node started by hand was not stopped"
+    assert f"stopped fake.dev (pid {hands['fake.dev'].pid}, started by hand)" in up.output, up.transcript()
+    assert "stopped all processes" in up.output
+
+
+async def test_up_with_restart_starts_a_dead_node_again_with_backoff(processes: Processes, http: aiohttp.ClientSession) -> None:
+    up = processes.up(3, "--restart")
+    for attempt, backoff in ((1, "1"), (2, "2")):  # killed again at once: the second wait is longer
+        os.kill(up.pid_of("fake2.dev"), signal.SIGKILL)
+        up.expect(r"fake2\.dev exited with code -9")
+        up.expect(rf"restarting it in {backoff} s$")
+        match, _ = up.expect(r"restarted fake2\.dev \(pid (\d+)\)$")
+        await wait_healthy(http, up.url(2))
+        assert up.pid_of("fake2.dev") == int(match[1]), attempt
+    assert_job_ran(await cli(up, "run-job", "-p", str(up.base + 2), MODEL, *WOODCHUCK.split()), driver="fake2.dev")
+    assert "start it again with" not in up.transcript()
+
+    restarted = up.pid_of("fake2.dev")
+    up.proc.send_signal(signal.SIGINT)
+    assert up.wait_exit() == 0, up.transcript()
+    assert not wait_gone({restarted}), "the restarted node outlived `up`"
+
+
 # --- 4. other sizes ----------------------------------------------------------------------------
 
 

@@ -254,7 +254,7 @@ async def test_a_node_of_two_workers_shows_the_nodes_totals_whichever_worker_is_
         stack.push_async_callback(cluster.close)
         node = await (cluster.gunicorn_node if server == "gunicorn" else cluster.uvicorn_node)(DRIVER, workers=2)
         await wire_driver(node, upstream, router=None, capacity=4)
-        workers = await sessions_per_worker(node.url, 2, stack)
+        workers = [group[0] for group in await sessions_per_worker(node.url, 2, stack)]
         for i in range(4):  # two jobs taken by each worker
             created = await submit(workers[i % 2], node.url, {"model": MODEL, "prompt": f"job {i}"})
             assert (await follow(workers[i % 2], node.url, created["job_id"]))[-1]["status"] == "succeeded"

@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 from sqlalchemy import update
 
-from handlers import router, serving
+from handlers import router, serving, upkeep
 from store import notifications
 from store.models import ServedJob, Worker
 from tests.cluster import (
@@ -41,7 +41,15 @@ from tests.cluster import (
 )
 from tests.conftest import RunningNode, StartNode, StartUpstream, Upstream
 from tests.databases import fresh_database, postgres_server
-from tests.helpers import expected_completion, gated_upstream, recording_upstream, store_of
+from tests.helpers import (
+    expected_completion,
+    gated_upstream,
+    job_stream,
+    next_update,
+    recording_upstream,
+    store_of,
+    updates_to_final,
+)
 from tests.processes import children_of
 from tests.sse_client import events, job_updates
 
@@ -60,16 +68,18 @@ async def wire_driver(driver: Any, upstream: Upstream, router: str | None, capac
 # --- several gunicorn workers per node --------------------------------------------------------------
 
 
-async def sessions_per_worker(url: str, workers: int, stack: AsyncExitStack) -> list[aiohttp.ClientSession]:
-    """One client session (a connection of its own) answered by each worker: which worker accepts a new
-    connection is the kernel's choice, so connections are opened until every worker has answered one."""
-    found: dict[str, aiohttp.ClientSession] = {}
+async def sessions_per_worker(url: str, workers: int, stack: AsyncExitStack, each: int = 1) -> list[list[aiohttp.ClientSession]]:
+    """`each` client sessions answered by each worker, every session one connection of its own (a request
+    waits for it while another holds it): which worker accepts a new connection is the kernel's choice, so
+    connections are opened until every worker has answered `each` of them."""
+    found: dict[str, list[aiohttp.ClientSession]] = {}
     async with asyncio.timeout(STEP_S):
-        while len(found) < workers:
+        while len(found) < workers or any(len(group) < each for group in found.values()):
             session = await stack.enter_async_context(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)))
             async with session.get(f"{url}/healthz") as response:
                 worker = (await response.json())["worker"]
-            found.setdefault(worker, session)
+            if len(group := found.setdefault(worker, [])) < each:
+                group.append(session)
     return list(found.values())
 
 
@@ -78,38 +88,53 @@ async def test_two_workers_serve_jobs_and_each_follows_what_the_other_writes(
     tmp_path: Path, http: aiohttp.ClientSession, start_upstream: StartUpstream, server: str
 ) -> None:
     """Two worker processes of one node: gunicorn with aiohttp's worker, or uvicorn running the ASGI app."""
-    upstream = await start_upstream(ttft=0.0, tokens_per_second=40)  # slow enough to arrive in several chunks
     cluster = Cluster(tmp_path, http)
     async with AsyncExitStack() as stack:
         stack.push_async_callback(cluster.close)
+        held = await stack.enter_async_context(gated_upstream(first="alpha", rest=" omega"))
         start = cluster.gunicorn_node if server == "gunicorn" else cluster.uvicorn_node
         node = await start(DRIVER, workers=2)
-        await wire_driver(node, upstream, router=None, capacity=4)
-        first, second = await sessions_per_worker(node.url, 2, stack)
-
-        # Each job is served by the worker that took it, and read, chunk by chunk, from the other.
         prompts = [f"worker job {i}" for i in range(8)]
-        created = [await submit((first, second)[i % 2], node.url, {"model": MODEL, "prompt": p}) for i, p in enumerate(prompts)]
-        streams = await asyncio.gather(*(follow((second, first)[i % 2], node.url, c["job_id"]) for i, c in enumerate(created)))
-        for prompt, updates in zip(prompts, streams):
+        await wire_driver(node, held, router=None, capacity=len(prompts))
+        # A session per job and worker: a stream holds its session's one connection to its end.
+        first, second = await sessions_per_worker(node.url, 2, stack, each=len(prompts) // 2)
+
+        # Each job is served by the worker that took it, and read from the other: its first chunk while the
+        # LLM still holds the job (followed live, not replayed at the end), the rest once the LLM goes on.
+        created = [await submit((first, second)[i % 2][i // 2], node.url, {"model": MODEL, "prompt": p}) for i, p in enumerate(prompts)]
+        async with asyncio.timeout(STEP_S):
+            streams = [
+                await stack.enter_async_context(job_stream((second, first)[i % 2][i // 2], node.url, c["job_id"]))
+                for i, c in enumerate(created)
+            ]
+        async with asyncio.timeout(STEP_S):
+            heads = [await next_update(stream) for stream in streams]
+        assert [(head["seq"], head["delta"], head["is_final"]) for head in heads] == [(0, "alpha", False)] * len(prompts), heads
+        assert sorted(held.prompts) == sorted(prompts)
+        held.gate.set()
+        async with asyncio.timeout(STEP_S):
+            tails = [await updates_to_final(stream) for stream in streams]
+        for head, tail in zip(heads, tails):
+            updates = [head, *tail]
             assert_in_order(updates)
             assert final_of(updates)["status"] == "succeeded", updates
-            assert text_of(updates) == answer_to(prompt)
-            assert len(updates) > 3  # followed as it streamed, not only replayed at the end
-        assert upstream.stats.requests == len(prompts)
+            assert text_of(updates) == "alpha omega"
+        assert held.stats.requests == len(prompts)
 
-        # A cancellation taken by one worker stops the job the other serves.
-        slow = await submit(first, node.url, {"model": MODEL, "prompt": "long", "max_tokens": 10_000})
+        # A cancellation taken by one worker stops the job the other serves (an LLM that streams on and on).
+        upstream = await start_upstream(ttft=0.0, tokens_per_second=40)
+        await node.admin({"RegisterOaiProviderEndpoint": {"endpoint": upstream.url}}, "openai")
+        slow = await submit(first[0], node.url, {"model": MODEL, "prompt": "long", "max_tokens": 10_000})
         async with asyncio.timeout(STEP_S):
-            async with second.get(f"{node.url}/jobs/{slow['job_id']}/events") as response:
+            async with second[0].get(f"{node.url}/jobs/{slow['job_id']}/events") as response:
                 async for _ in events(response):
                     break  # the job is streaming
-        async with second.delete(f"{node.url}/jobs/{slow['job_id']}") as response:
+        async with second[0].delete(f"{node.url}/jobs/{slow['job_id']}") as response:
             assert response.status == 200, await response.text()
             assert (await response.json())["status"] == "cancelled"
         async with asyncio.timeout(STEP_S):
             await upstream.stats.until_idle()  # the other worker closed its request to the LLM
-        async with first.get(f"{node.url}/jobs/{slow['job_id']}") as response:
+        async with first[0].get(f"{node.url}/jobs/{slow['job_id']}") as response:
             assert (await response.json())["status"] == "cancelled"
 
 
@@ -155,7 +180,7 @@ async def test_a_client_node_of_two_gunicorn_workers_gets_every_update_whichever
         await router.admin("StartRouter")
         await wire_driver(driver, upstream, router=ROUTER, capacity=4)
         await client.admin({"SetRouter": {"node": ROUTER}})
-        sessions = await sessions_per_worker(client.url, 2, stack)
+        sessions = [group[0] for group in await sessions_per_worker(client.url, 2, stack)]
         prompts = [f"through the router {i}" for i in range(12)]
 
         async def run(i: int, prompt: str) -> list[dict[str, Any]]:
@@ -285,6 +310,39 @@ async def test_a_process_booting_beside_a_live_sibling_leaves_its_jobs_and_settl
             while (settled := await served_by(first, job_id))[0] == "running":  # written just after the final update
                 await asyncio.sleep(0.01)
         assert settled == ("failed", second_ctx.worker)
+
+
+async def test_a_job_taken_before_the_boot_chores_ran_is_no_orphan_to_a_sibling(
+    start_node: StartNode, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers booting together (issue 14: a job ended `failed` right after boot): a process is alive in
+    the store before it takes its first request, so a sibling's orphan sweep leaves its jobs alone even while
+    its own boot chores (sweep, prune, heartbeat) have not run yet, as on a loaded machine."""
+    chores = asyncio.Event()  # never set: every process's boot chores wait
+
+    async def held_boot(ctx: Any) -> None:
+        await chores.wait()
+
+    monkeypatch.setattr(upkeep, "boot", held_boot)
+    async with gated_upstream(first="alpha", rest=" omega") as upstream:
+        first = await start_node("solo.dev", shared=True)
+        second = await start_node("solo.dev", shared=True, database_url=first.node.options.database_url)
+        first_ctx, second_ctx = first.node.ctx, second.node.ctx
+        assert first_ctx is not None and second_ctx is not None
+        await wire_driver(first, upstream, router=None)
+        job_id = (await submit(http, first.url, {"model": MODEL, "prompt": "hi"}))["job_id"]
+        async with asyncio.timeout(STEP_S):
+            async with http.get(f"{first.url}/jobs/{job_id}/events") as response:
+                async for _ in events(response):
+                    break  # the first process is streaming it
+
+        await serving.settle_orphans(second_ctx)  # what the sibling's boot and heartbeats do
+        assert await served_by(first, job_id) == ("running", first_ctx.worker)
+        upstream.gate.set()
+        async with asyncio.timeout(STEP_S):
+            updates = await job_updates(http, second.url, job_id)
+    assert final_of(updates)["status"] == "succeeded", updates
+    assert text_of(updates) == "alpha omega"
 
 
 async def test_a_reader_on_one_process_follows_the_chunks_another_process_of_the_node_writes(
