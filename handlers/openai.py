@@ -203,7 +203,8 @@ async def _pieces(kind: JobKind, lines: AsyncIterator[bytes], limit: int, budget
     held: list[dict[str, Any]] = []
     event_bytes = 0  # of the event being read: its lines pile up in the decoder until a blank line
     async for raw in lines:
-        event_bytes += len(raw)
+        if not raw.startswith(b":"):  # a comment is not kept, so not counted
+            event_bytes += len(raw)
         if event_bytes > limit:
             raise _too_large(limit)
         line = raw.decode(errors="replace")
@@ -224,7 +225,7 @@ async def _pieces(kind: JobKind, lines: AsyncIterator[bytes], limit: int, budget
             return
         chunk = _chunk(event.data)
         if budget.goes_past(kind, chunk):
-            yield _piece(kind, [*held, finish_chunk(kind, sorted(unfinished | {0}), "length")])
+            yield _piece(kind, [*held, finish_chunk(kind, sorted(unfinished) or [0], "length")])
             return
         held.append({key: value for key, value in chunk.items() if key not in _SET_BY_CLIENTS_NODE})
         for choice in chunk.get("choices") or []:

@@ -172,7 +172,7 @@ class _Serving:
     async def deliver(self, update: JobUpdate) -> None:
         if self.seq == 0 and self.origin != self.ctx.name:
             # Written before the chunk leaves: after a crash, a job that may have reached its client is never handed over.
-            await _set_served(self.ctx, self.job_id, streamed=True)
+            await _set_served(self.ctx, self.job_id, streamed=True, until=self.spec.deadline)
         await _deliver(self.ctx, self.origin, update, self.spec.deadline)
         self.seq += 1
 
@@ -274,10 +274,11 @@ async def _release(ctx: NodeContext, job: _Serving, reason: str) -> None:
 
 async def _set_served(
     ctx: NodeContext, job_id: str, status: str | None = None, streamed: bool | None = None,
-    tokens: TokenCount | None = None, origin: str | None = None, model: str | None = None,
+    tokens: TokenCount | None = None, origin: str | None = None, model: str | None = None, until: float | None = None,
 ) -> None:
-    """Update the served job while it runs; with `tokens`, count it (for `origin` and `model`) in the same
-    transaction, whether or not it still ran (another process may have ended it)."""
+    """Record how the job stands on this driver; with `tokens`, count it (for `origin` and `model`) in the same
+    transaction, whether or not it still ran (another process may have ended it).  A store that refuses writes
+    is tried again until `until` (STORE_PATIENCE_S from now by default)."""
     values: dict[str, Any] = {}
     if streamed is not None:
         values["streamed"] = streamed
@@ -294,7 +295,7 @@ async def _set_served(
     async def attempt() -> None:
         await ctx.store.write_soon(write)
 
-    await _again_while_unavailable(f"job {job_id}: its record on the driver", attempt, time.time() + STORE_PATIENCE_S)
+    await _again_while_unavailable(f"job {job_id}: its record on the driver", attempt, until or time.time() + STORE_PATIENCE_S)
 
 
 async def _settle_orphan(ctx: NodeContext, served: ServedJob) -> None:

@@ -383,3 +383,29 @@ async def test_signed_node_messages(
     if answer.is_refusal():
         assert_nothing_added(before, footprint(node))
     assert not errors_logged(caplog, logged)
+
+
+# --- what the fuzzing found, pinned ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        rb'{"model": "llama3", "prompt": "\ud800"}',  # a lone surrogate: no UTF-8 holds it (it was a 500)
+        rb'{"model": "llama3", "prompt": "x", "temperature": NaN}',
+        rb'{"model": "llama3", "prompt": "x", "temperature": Infinity}',
+        rb'{"model": "llama3", "prompt": "x", "temperature": 1e999}',
+    ],
+)
+async def test_json_beyond_the_rfc_is_malformed(client_node: tuple[RunningNode, Commits], http: aiohttp.ClientSession, raw: bytes) -> None:
+    node, commits = client_node
+    before = commits.version()
+    answer = await send(http, "POST", f"{node.url}/jobs", raw)
+    assert answer.status == 400 and json.loads(answer.body)["error"]["code"] == "malformed_json", answer
+    assert commits.version() == before
+
+
+async def test_a_surrogate_pair_is_text_like_any_other(client_node: tuple[RunningNode, Commits], http: aiohttp.ClientSession) -> None:
+    node, _ = client_node
+    answer = await send(http, "POST", f"{node.url}/jobs", rb'{"model": "llama3", "prompt": "\ud83d\ude00"}')
+    assert answer.status == 202, answer
