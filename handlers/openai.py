@@ -106,13 +106,18 @@ async def fetch_answer(ctx: NodeContext, endpoint: Endpoint | None, spec: JobSpe
         raise _refusal(ctx, spec.kind, error.status, error.text) from error
     except LlmUnreachable as error:
         raise _unreachable(endpoint, error) from error
+    return _json_object(text, "the LLM's answer")
+
+
+def _json_object(text: str, what: str) -> dict[str, Any]:
+    """`text` as a JSON object; anything else is a malformed answer (`what` names the part of it)."""
     try:
-        answer = strict_json.loads(text)
+        value = strict_json.loads(text)
     except (ValueError, RecursionError) as error:
-        raise UpstreamError(f"the LLM's answer is not JSON: {text[:ERROR_TEXT_LIMIT]!r}", UpstreamErrorKind.MALFORMED) from error
-    if not isinstance(answer, dict):
-        raise UpstreamError(f"the LLM's answer is not a JSON object: {text[:ERROR_TEXT_LIMIT]!r}", UpstreamErrorKind.MALFORMED)
-    return answer
+        raise UpstreamError(f"{what} is not JSON: {text[:ERROR_TEXT_LIMIT]!r}", UpstreamErrorKind.MALFORMED) from error
+    if not isinstance(value, dict):
+        raise UpstreamError(f"{what} is not a JSON object: {text[:ERROR_TEXT_LIMIT]!r}", UpstreamErrorKind.MALFORMED)
+    return value
 
 
 def _unreachable(endpoint: Endpoint, error: LlmUnreachable) -> UpstreamError:
@@ -252,12 +257,7 @@ def _check_sse(line: str, raw: bytes) -> None:
 
 def _chunk(data: str) -> dict[str, Any]:
     """One `data:` event as a chunk the network can read."""
-    try:
-        chunk = strict_json.loads(data)
-    except (ValueError, RecursionError) as error:
-        raise UpstreamError(f"the LLM sent a chunk that is not JSON: {data[:ERROR_TEXT_LIMIT]!r}", UpstreamErrorKind.MALFORMED) from error
-    if not isinstance(chunk, dict):
-        raise UpstreamError(f"the LLM sent a chunk that is not a JSON object: {data[:ERROR_TEXT_LIMIT]!r}", UpstreamErrorKind.MALFORMED)
+    chunk = _json_object(data, "a chunk the LLM sent")
     if "error" in chunk:
         raise UpstreamError(
             f"the LLM reported an error mid-answer: {str(chunk['error'])[:ERROR_TEXT_LIMIT]}", UpstreamErrorKind.SERVER_ERROR
