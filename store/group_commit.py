@@ -35,12 +35,20 @@ class GroupCommit:
         return await future
 
     async def _flush(self) -> None:
+        batch: list[tuple[Work, asyncio.Future[Any]]] = []
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
                 await self._commit(batch)
+                batch = []
         finally:
             self._flushing = False
+            if batch:
+                # Cancelled mid-commit (the process is stopping): no commit comes for the writes in this batch
+                # or behind it, so their writers must not wait for one (a writer waiting forever hangs the shutdown).
+                for _, future in [*batch, *self._pending]:
+                    future.cancel()
+                self._pending = []
 
     async def _commit(self, batch: list[tuple[Work, asyncio.Future[Any]]]) -> None:
         self.transactions += 1

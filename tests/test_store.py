@@ -258,6 +258,31 @@ async def test_small_writes_in_flight_share_transactions_and_a_failing_one_fails
     async with store.reading() as session:
         assert set(await session.scalars(select(Job.id))) == {*first, "k1", "k2"}
 
+async def test_writers_behind_a_commit_cut_short_by_shutdown_stop_waiting(database_url: str, open_store: OpenStore) -> None:
+    """A process stopping cancels every task at once: the group commit's among them, mid-commit.  Writers whose
+    write was in that commit, or behind it, must not wait for it forever (a serving task ending a job as its
+    process stops writes once more, and a writer that never returns hangs the whole shutdown)."""
+    store = open_store(database_url)
+    await store.migrate()
+    in_commit, hold = asyncio.Event(), asyncio.Event()
+
+    async def held(session: AsyncSession) -> None:
+        in_commit.set()
+        await hold.wait()
+
+    first = asyncio.ensure_future(store.write_soon(held))
+    async with asyncio.timeout(GUARD_S):
+        await in_commit.wait()
+    behind = asyncio.ensure_future(store.write_soon(lambda session: session.execute(text("SELECT 1"))))
+    await asyncio.sleep(0)  # `behind` queues behind the commit in flight
+    [flush] = [task for task in asyncio.all_tasks() if task.get_coro().__qualname__ == "GroupCommit._flush"]  # type: ignore[union-attr]
+    flush.cancel()
+    async with asyncio.timeout(GUARD_S):
+        results = await asyncio.gather(first, behind, return_exceptions=True)
+    assert all(isinstance(result, asyncio.CancelledError) for result in results), results
+    assert await store.write_soon(lambda session: session.execute(text("SELECT 1"))) is not None  # and later writes commit
+
+
 # --- SQLite only: its pragmas, and BEGIN IMMEDIATE (PostgreSQL writers lock rows instead) -------------
 
 
