@@ -67,6 +67,9 @@ RETRY_BACKOFF_S = 0.2
 QUEUE_FULL_RETRY_S = 1.0
 RECONCILE_MARGIN_S = 2.0  # a RunJob may still be on its way when a driver lists what it serves
 HAND_OVER_S = 5.0  # a driver that has not taken a job by then (frozen, overloaded) is skipped: the job is queued again
+# A driver checks `accept_by` just before it commits a job; the router waits this much longer for its answer, since a
+# job queued again while its driver has it is served twice (a commit under a burst of jobs took over 1 s in CI).
+HAND_OVER_MARGIN_S = 5.0
 RELAY_TIMEOUT_S = 3.0  # an update for a client node that does not answer goes back to its driver, which retries
 
 
@@ -307,7 +310,7 @@ async def _hand_over(ctx: NodeContext, model: str, assignments: list[Assignment]
         with tracing.about(job_id, traceparent):
             offer = RunJob.offer(spec, HAND_OVER_S)
             try:
-                await ctx.transport.send("router", driver, "driver", offer, timeout=offer.reply_timeout())
+                await ctx.transport.send("router", driver, "driver", offer, timeout=offer.reply_timeout(HAND_OVER_MARGIN_S))
             except PeerError as error:
                 log.warning("driver %s did not take job %s (%s); job requeued", driver, job_id, error.message)
                 await _requeue(ctx, job_id, driver, count_failure=True)

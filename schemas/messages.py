@@ -137,9 +137,10 @@ class RunJob(Message):
     def offer(cls, job: JobSpec, within: float) -> RunJob:
         return cls(job=job, accept_by=time.time() + within)
 
-    def reply_timeout(self) -> float | None:
-        """How long the sender waits for the reply."""
-        return None if self.accept_by is None else max(self.accept_by - time.time(), 0.0) + ACCEPT_MARGIN_S
+    def reply_timeout(self, margin: float = ACCEPT_MARGIN_S) -> float | None:
+        """How long the sender waits for the reply: until `accept_by`, and `margin` more for a receiver that
+        checked in time and then committed and answered."""
+        return None if self.accept_by is None else max(self.accept_by - time.time(), 0.0) + margin
 
     def too_late(self) -> bool:
         return self.accept_by is not None and time.time() > self.accept_by
