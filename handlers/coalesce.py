@@ -56,7 +56,5 @@ async def batches(source: AsyncIterator[T]) -> AsyncIterator[tuple[list[T], bool
                 return
     finally:
         reader.task.cancel()
-        try:
-            await reader.task
-        except asyncio.CancelledError:
-            pass
+        # Not `try: await reader.task except CancelledError`: that would also swallow a cancellation of the consumer.
+        await asyncio.gather(reader.task, return_exceptions=True)

@@ -16,41 +16,47 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from store.errors import StorageUnavailable
 
 Work = Callable[[AsyncSession], Awaitable[Any]]
+Write = tuple[Work, "asyncio.Future[Any]"]
 
 
 class GroupCommit:
     def __init__(self, transaction: Callable[[], AbstractAsyncContextManager[AsyncSession]]) -> None:
         self._transaction = transaction
-        self._pending: list[tuple[Work, asyncio.Future[Any]]] = []
-        self._flushing = False
+        self._pending: list[Write] = []
+        self._flusher: asyncio.Task[None] | None = None  # held here: the loop keeps only a weak reference to a task
         self.transactions = 0  # begun so far: with many writes in flight, far fewer than writes
 
     async def run(self, work: Work) -> Any:
         """Run `work` in a write transaction, shared with whatever else is waiting; its result once committed."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((work, future))
-        if not self._flushing:
-            self._flushing = True
-            asyncio.get_running_loop().create_task(self._flush())
+        self._start_flusher()
         return await future
 
-    async def _flush(self) -> None:
-        batch: list[tuple[Work, asyncio.Future[Any]]] = []
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                await self._commit(batch)
-                batch = []
-        finally:
-            self._flushing = False
-            if batch:
-                # Cancelled mid-commit (the process is stopping): no commit comes for the writes in this batch
-                # or behind it, so their writers must not wait for one (a writer waiting forever hangs the shutdown).
-                for _, future in [*batch, *self._pending]:
-                    future.cancel()
-                self._pending = []
+    def _start_flusher(self) -> None:
+        if not self._pending or (self._flusher is not None and not self._flusher.done()):
+            return
+        in_commit: list[Write] = []
+        self._flusher = asyncio.get_running_loop().create_task(self._flush(in_commit))
+        self._flusher.add_done_callback(lambda _: self._flusher_ended(in_commit))
 
-    async def _commit(self, batch: list[tuple[Work, asyncio.Future[Any]]]) -> None:
+    async def _flush(self, in_commit: list[Write]) -> None:
+        while self._pending:
+            in_commit.extend(self._pending)
+            self._pending = []
+            await self._commit(in_commit)
+            in_commit.clear()
+
+    def _flusher_ended(self, in_commit: list[Write]) -> None:
+        """A done callback, so it runs even for a flusher cancelled before it began (a stopping process cancels
+        every task at once).  A commit cut short commits nothing its writers could wait for; writes queued
+        behind it get a flusher of their own.  A writer left waiting would hang the shutdown."""
+        for _, future in in_commit:
+            future.cancel()
+        in_commit.clear()
+        self._start_flusher()
+
+    async def _commit(self, batch: list[Write]) -> None:
         self.transactions += 1
         try:
             async with self._transaction() as session:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ from emulator.asgi import NodeAsgi
 from emulator.node import Node, NodeOptions, NodeRuntime
 
 HOSTS = ["aiohttp", "uvicorn", "hypercorn"]
+STOP_S = 60.0  # the graceful timeout, the node's drain (up to its grace) and its stop, with room to spare
 
 
 def _listening_socket(port: int) -> socket.socket:
@@ -38,7 +40,9 @@ async def serve(host: str, options: NodeOptions) -> AsyncIterator[NodeRuntime]:
     if host == "uvicorn":
         import uvicorn
 
-        server = uvicorn.Server(uvicorn.Config(lifespan_app, lifespan="on", log_level="warning"))
+        # uvicorn waits for open responses before the lifespan shutdown that ends the node's event streams;
+        # hypercorn gives them 3 s (its graceful_timeout), and so does this test host.
+        server = uvicorn.Server(uvicorn.Config(lifespan_app, lifespan="on", log_level="warning", timeout_graceful_shutdown=3))
         task = asyncio.ensure_future(server.serve(sockets=[sock]))
     else:
         from hypercorn.asyncio import serve as hypercorn_serve
@@ -57,8 +61,21 @@ async def serve(host: str, options: NodeOptions) -> AsyncIterator[NodeRuntime]:
         if host == "uvicorn":
             server.should_exit = True
         stop.set()
-        await task
-        sock.close()
+        try:
+            async with asyncio.timeout(STOP_S):
+                await task
+        except TimeoutError:
+            raise AssertionError(f"{host} did not stop within {STOP_S} s: {_pending_tasks()}") from None
+        finally:
+            sock.close()
+
+
+def _pending_tasks() -> str:
+    """What a server that does not stop is waiting for: every unfinished task, with where it waits."""
+    out = io.StringIO()
+    for task in asyncio.all_tasks():
+        task.print_stack(limit=6, file=out)
+    return out.getvalue()
 
 
 def _signal_startup(app: NodeAsgi, started: asyncio.Event) -> NodeAsgi:

@@ -258,10 +258,17 @@ async def test_small_writes_in_flight_share_transactions_and_a_failing_one_fails
     async with store.reading() as session:
         assert set(await session.scalars(select(Job.id))) == {*first, "k1", "k2"}
 
-async def test_writers_behind_a_commit_cut_short_by_shutdown_stop_waiting(database_url: str, open_store: OpenStore) -> None:
+def flusher() -> asyncio.Task[None]:
+    [flush] = [task for task in asyncio.all_tasks() if task.get_coro().__qualname__ == "GroupCommit._flush"]  # type: ignore[union-attr]
+    return flush
+
+
+async def test_a_commit_cut_short_by_shutdown_cancels_its_writers_and_the_writes_behind_it_still_commit(
+    database_url: str, open_store: OpenStore
+) -> None:
     """A process stopping cancels every task at once: the group commit's among them, mid-commit.  Writers whose
-    write was in that commit, or behind it, must not wait for it forever (a serving task ending a job as its
-    process stops writes once more, and a writer that never returns hangs the whole shutdown)."""
+    write was in that commit must not wait for it forever (a serving task ending a job as its process stops
+    writes once more, and a writer that never returns hangs the whole shutdown); writes behind it commit."""
     store = open_store(database_url)
     await store.migrate()
     in_commit, hold = asyncio.Event(), asyncio.Event()
@@ -275,12 +282,26 @@ async def test_writers_behind_a_commit_cut_short_by_shutdown_stop_waiting(databa
         await in_commit.wait()
     behind = asyncio.ensure_future(store.write_soon(lambda session: session.execute(text("SELECT 1"))))
     await asyncio.sleep(0)  # `behind` queues behind the commit in flight
-    [flush] = [task for task in asyncio.all_tasks() if task.get_coro().__qualname__ == "GroupCommit._flush"]  # type: ignore[union-attr]
-    flush.cancel()
+    flusher().cancel()
     async with asyncio.timeout(GUARD_S):
         results = await asyncio.gather(first, behind, return_exceptions=True)
-    assert all(isinstance(result, asyncio.CancelledError) for result in results), results
+    assert isinstance(results[0], asyncio.CancelledError) and not isinstance(results[1], BaseException), results
     assert await store.write_soon(lambda session: session.execute(text("SELECT 1"))) is not None  # and later writes commit
+
+
+async def test_writes_commit_even_when_the_group_commit_is_cancelled_before_it_began(
+    database_url: str, open_store: OpenStore
+) -> None:
+    """Cancelled before its first step, a task never runs its body, not even a `finally`: the writes it was
+    started for must still commit, and later writes too."""
+    store = open_store(database_url)
+    await store.migrate()
+    first = asyncio.ensure_future(store.write_soon(lambda session: session.execute(text("SELECT 1"))))
+    await asyncio.sleep(0)  # `first` has queued its write and started the group commit, which has not begun
+    flusher().cancel()
+    async with asyncio.timeout(GUARD_S):
+        assert await first is not None
+        assert await store.write_soon(lambda session: session.execute(text("SELECT 1"))) is not None
 
 
 # --- SQLite only: its pragmas, and BEGIN IMMEDIATE (PostgreSQL writers lock rows instead) -------------
