@@ -25,16 +25,19 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+import peers
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY_LLM_SERVER = ROOT.parent / "shared" / "tools" / "tiny-llm-server"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+BASELINE = "3d5b40b"  # the commit the cost-per-hop work started from
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -73,11 +76,12 @@ async def fake_llm(port: int, *flags: str) -> AsyncIterator[str]:
 
 
 @asynccontextmanager
-async def network(llm: str, base_port: int, nodes: int = 3, capacity: int = 1) -> AsyncIterator[Network]:
+async def network(llm: str, base_port: int, nodes: int = 3, capacity: int = 1, source: Path = ROOT) -> AsyncIterator[Network]:
+    """`emulator up` of the code in `source` (this checkout, or a worktree of an older commit)."""
     root = Path(tempfile.mkdtemp(prefix="llmp-bench-"))
     up = subprocess.Popen(
         _emulator("up", "--nodes", str(nodes), "--base-port", str(base_port), "--llm", llm, "--root", str(root)),
-        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+        stdout=subprocess.PIPE, text=True, cwd=source, env={**os.environ, "PYTHONPATH": str(source)},
     )
     try:
         assert up.stdout is not None
@@ -104,6 +108,22 @@ async def network(llm: str, base_port: int, nodes: int = 3, capacity: int = 1) -
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it (a server's workers)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(current := todo.pop())
+        todo.extend(children.get(current, []))
+    return tree
 
 
 def rss_bytes(pid: int) -> int:
@@ -348,6 +368,141 @@ async def growth(report: Report, args: argparse.Namespace, llm: str) -> None:
     report.table(["state", "TTFT p50 ms", "TTFT p99 ms", "jobs/s"], rows)
 
 
+# --- cost per hop: our paths beside their peers, in one run ---------------------------------------
+
+
+@dataclass
+class Target:
+    url: str
+    processes: dict[str, int]  # whose CPU a job costs: name -> pid (with its children)
+
+
+@dataclass
+class Rate:
+    jobs_per_s: float
+    errors: int
+    cpu_ms: dict[str, float]  # per job, per process
+
+
+async def jobs_per_second(target: Target, seconds: float, clients: int = 64) -> Rate:
+    """`clients` concurrent clients, each asking for 4-token answers one after another, for `seconds`."""
+    trees = {name: process_tree(pid) for name, pid in target.processes.items()}
+    before = {name: sum(cpu_seconds(p) for p in pids) for name, pids in trees.items()}
+    done, errors = 0, 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal done, errors
+        while time.perf_counter() < deadline:
+            try:
+                await chat(session, target.url, max_tokens=4)
+                done += 1
+            except Exception:
+                errors += 1
+
+    started = time.perf_counter()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=60)) as session:
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+    elapsed = time.perf_counter() - started
+    cpu = {name: (sum(cpu_seconds(p) for p in pids) - before[name]) * 1000 / max(done, 1) for name, pids in trees.items()}
+    return Rate(done / elapsed, errors, cpu)
+
+
+def _mean_rate(rates: list[Rate]) -> Rate:
+    return Rate(
+        statistics.mean(r.jobs_per_s for r in rates), sum(r.errors for r in rates),
+        {name: statistics.mean(r.cpu_ms[name] for r in rates) for name in rates[0].cpu_ms},
+    )
+
+
+UPSTREAM, RELAY, LITELLM, LOCAL, THREE_HOPS = "upstream alone", "bare relay", "LiteLLM proxy (1 worker)", "node 2, local path", "node 3 → router → node 2"
+
+
+async def cost_per_hop(report: Report, args: argparse.Namespace) -> None:
+    seconds = 8.0 if not args.quick else 3.0
+    async with fake_llm(args.llm_port + 6, "--ttft", "0", "--tps", "0", "--tokens", "4") as llm, AsyncExitStack() as stack:
+        targets = {UPSTREAM: Target(llm.removesuffix("/v1"), {})}
+        url, pid = await stack.enter_async_context(peers.relay(args.base_port + 50, llm))
+        targets[RELAY] = Target(url, {"relay": pid})
+        if args.peers:
+            url, pid = await stack.enter_async_context(peers.litellm(args.base_port + 51, llm))
+            targets[LITELLM] = Target(url, {"litellm": pid})
+        net = await stack.enter_async_context(network(llm, args.base_port, capacity=64))
+        targets[LOCAL] = Target(net.url(2), {"driver": net.pid(2)})
+        targets[THREE_HOPS] = Target(net.url(3), {"client node": net.pid(3), "router": net.pid(1), "driver": net.pid(2)})
+        baseline = f"3 hops at {args.baseline} (before)" if args.baseline else None
+        if baseline:
+            old = await stack.enter_async_context(
+                network(llm, args.base_port + 20, capacity=64, source=peers.worktree(args.baseline))
+            )
+            targets[baseline] = Target(old.url(3), {"client node": old.pid(3), "router": old.pid(1), "driver": old.pid(2)})
+        latency = await interleaved({name: target.url for name, target in targets.items()}, args.rounds, max_tokens=4)
+        passes: dict[str, list[Rate]] = {name: [] for name in targets}
+        for _ in range(2):  # in turns, so a noisy moment hits every target alike
+            for name, target in targets.items():
+                passes[name].append(await jobs_per_second(target, seconds / 2))
+    rates = {name: _mean_rate(runs) for name, runs in passes.items()}
+
+    base_ttft = statistics.median(t.ttft for t in latency[UPSTREAM])
+    base_total = statistics.median(t.total for t in latency[UPSTREAM])
+    added = {name: statistics.median(t.ttft for t in timings) - base_ttft for name, timings in latency.items()}
+    added_total = {name: statistics.median(t.total for t in timings) - base_total for name, timings in latency.items()}
+    p50 = {name: pct([t.ttft for t in timings], 0.5) for name, timings in latency.items()}
+    p99 = {name: pct([t.ttft for t in timings], 0.99) for name, timings in latency.items()}
+    cpu = {name: sum(rate.cpu_ms.values()) for name, rate in rates.items()}
+    floor_added, floor_rate = added[RELAY], rates[RELAY].jobs_per_s
+    rows = []
+    for name in targets:
+        rate = rates[name]
+        parts = " + ".join(f"{process} {ms_:.2f}" for process, ms_ in rate.cpu_ms.items())
+        rows.append([
+            name, ms(p50[name]), "" if name == UPSTREAM else f"+{ms(added[name])}",
+            "" if name == UPSTREAM else f"{added[name] / floor_added:.1f}", f"{p99[name] / p50[name]:.1f}",
+            "" if name == UPSTREAM else f"+{ms(added_total[name])}",
+            f"{rate.jobs_per_s:,.0f}", f"{rate.jobs_per_s / floor_rate:.2f}", str(rate.errors),
+            (parts if len(rate.cpu_ms) == 1 else f"{parts} = {cpu[name]:.2f}") if rate.cpu_ms else "",
+        ])
+        if name != UPSTREAM:
+            report.cdf[f"cost per hop: {name}"] = [t.ttft - base_ttft for t in latency[name]]
+    report.say(
+        f"### Cost per hop: every target in one run ({args.rounds} requests each, one at a time and interleaved, for TTFT; "
+        f"64 concurrent clients, 4-token answers, {seconds:.0f} s each in two turns, for jobs/s)\n"
+    )
+    if args.peers:
+        report.say(f"LiteLLM {peers.litellm_version()}, its proxy with one worker, pointed at the same fake upstream.\n")
+    report.table(
+        ["target", "TTFT p50 ms", "added TTFT p50 ms", "× relay", "TTFT p99 / p50", "added total p50 ms", "jobs/s",
+         "× relay", "errors", "CPU ms per job, by process"],
+        rows,
+    )
+    checks = [
+        ("added TTFT p50, local path ≤ 2× the bare relay's", f"{added[LOCAL] / floor_added:.1f}×", added[LOCAL] <= 2 * floor_added),
+        ("added TTFT p50, 3-hop path ≤ 5× the bare relay's", f"{added[THREE_HOPS] / floor_added:.1f}×", added[THREE_HOPS] <= 5 * floor_added),
+        ("jobs/s, local path ≥ 0.4× the bare relay's", f"{rates[LOCAL].jobs_per_s / floor_rate:.2f}×", rates[LOCAL].jobs_per_s >= 0.4 * floor_rate),
+        ("jobs/s, 3-hop path ≥ 0.15× the bare relay's", f"{rates[THREE_HOPS].jobs_per_s / floor_rate:.2f}×",
+         rates[THREE_HOPS].jobs_per_s >= 0.15 * floor_rate),
+        *[(f"TTFT p99 ≤ 3× p50, {name}", f"{p99[name] / p50[name]:.1f}×", p99[name] <= 3 * p50[name]) for name in (LOCAL, THREE_HOPS)],
+    ]
+    if args.peers:
+        checks += [
+            ("local path ahead of LiteLLM: added TTFT", f"{ms(added[LOCAL])} vs {ms(added[LITELLM])} ms", added[LOCAL] < added[LITELLM]),
+            ("local path ahead of LiteLLM: added total time", f"{ms(added_total[LOCAL])} vs {ms(added_total[LITELLM])} ms",
+             added_total[LOCAL] < added_total[LITELLM]),
+            ("local path ahead of LiteLLM: jobs/s", f"{rates[LOCAL].jobs_per_s:,.0f} vs {rates[LITELLM].jobs_per_s:,.0f}",
+             rates[LOCAL].jobs_per_s > rates[LITELLM].jobs_per_s),
+            ("local path ahead of LiteLLM: CPU per job", f"{cpu[LOCAL]:.2f} vs {cpu[LITELLM]:.2f} ms", cpu[LOCAL] < cpu[LITELLM]),
+        ]
+    if baseline:
+        checks += [
+            (f"3-hop added TTFT at most half of {args.baseline}'s", f"{added[THREE_HOPS] / added[baseline]:.2f}×",
+             added[THREE_HOPS] <= added[baseline] / 2),
+            (f"3-hop jobs/s at least twice {args.baseline}'s", f"{rates[THREE_HOPS].jobs_per_s / rates[baseline].jobs_per_s:.2f}×",
+             rates[THREE_HOPS].jobs_per_s >= 2 * rates[baseline].jobs_per_s),
+        ]
+    report.say("Against the targets, in this run:\n")
+    report.table(["target", "measured", "met?"], [[what, figure, "yes" if met else "**no**"] for what, figure, met in checks])
+
+
 @asynccontextmanager
 async def tiny_llm_server(port: int) -> AsyncIterator[str]:
     cache = Path.home() / ".cache" / "llm-provider"
@@ -399,15 +554,20 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--base-port", type=int, default=18081)
     parser.add_argument("--llm-port", type=int, default=18180)
-    parser.add_argument("--only", default=None, help="comma-separated: latency,llama,relay,throughput,scale,growth")
+    parser.add_argument("--only", default=None, help="comma-separated: hops,latency,llama,relay,throughput,scale,growth")
+    parser.add_argument("--peers", action="store_true", help="also measure the LiteLLM proxy (installed once into a venv of its own)")
+    parser.add_argument("--baseline", default=BASELINE, help="an older commit measured beside this one ('' for none)")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
     args.rounds = args.rounds or (300 if not args.quick else 60)
-    only = set(args.only.split(",")) if args.only else {"latency", "relay", "throughput", "scale", "growth"} | ({"llama"} if args.llama else set())
+    only = set(args.only.split(",")) if args.only else {"hops", "latency", "relay", "throughput", "scale", "growth"} | ({"llama"} if args.llama else set())
 
     report = Report()
     report.say(f"## Figures\n\n{machine()}\n")
-    report.say("Produced by `python benchmarks/network.py" + (" --llama" if args.llama else "") + "`; every network is `emulator up`, one process per node.\n")
+    flags = "".join(f" --{flag}" for flag in ("llama", "peers") if getattr(args, flag))
+    report.say(f"Produced by `python benchmarks/network.py{flags}`; every network is `emulator up`, one process per node.\n")
+    if "hops" in only:
+        await cost_per_hop(report, args)
     async with fake_llm(args.llm_port, "--ttft", "0", "--tps", "0", "--tokens", "16") as fast:
         if "latency" in only:
             await added_latency(report, args, fast, "fake upstream, 0 ms to first token")
@@ -422,9 +582,10 @@ async def main() -> None:
             await scale(report, args)
         if "growth" in only:
             await growth(report, args, fast)
-    png = args.out.parent / "benchmarks" / "ttft_cdf.png"
+    # Beside the report it illustrates: benchmarks/ for BENCHMARKS.md, the same folder for a report elsewhere.
+    png = ROOT / "benchmarks" / "ttft_cdf.png" if args.out.resolve() == ROOT / "BENCHMARKS.md" else args.out.with_suffix(".png")
     if report.cdf and plot(report.cdf, png):
-        report.say(f"![added TTFT CDF](benchmarks/{png.name})\n")
+        report.say(f"![added TTFT CDF]({os.path.relpath(png, args.out.resolve().parent)})\n")
     write_figures(args.out, "\n".join(report.lines))
 
 

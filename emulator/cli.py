@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 import aiohttp
 
-from emulator import fake_llm, logs
+from emulator import event_loop, fake_llm, logs
 from emulator.client import (
     CommandError,
     fetch_usage,
@@ -179,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     args = _parser().parse_args(argv)
     try:
-        sys.exit(asyncio.run(_dispatch(args)) or 0)
+        sys.exit(event_loop.run(_dispatch(args)) or 0)
     except CommandError as error:
         print(f"emulator: {error}", file=sys.stderr)
         sys.exit(1)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from emulator.homes import Home
+from handlers.os_processes import pid_alive
 
 POLL_S = 0.5  # a process started by hand is not our child: nothing tells us when it ends, so we look
 STOP_GRACE_S = 10.0
@@ -55,21 +56,6 @@ def _die_with_parent() -> None:
     """Children get SIGTERM when `up` dies, even by SIGKILL (Linux)."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def pid_alive(pid: int) -> bool:
-    """The process exists and has not exited (a zombie has)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True  # no /proc here: existing is all we can tell
-    return state != "Z"
 
 
 def _looks_like_a_node(pid: int) -> bool:

@@ -26,6 +26,7 @@ from sqlalchemy import func, select
 
 from handlers.config import read_config
 from handlers.context import NodeContext
+from handlers.os_processes import pid_alive
 from schemas.usage import Role, TokenCount
 from store.models import DriverRegistration, RoutedJob
 
@@ -134,18 +135,8 @@ _LIVE_GAUGE_FILE = re.compile(r"^gauge_live\w+?_(\d+)\.db$")
 def _forget_dead_workers(directory: Path) -> None:
     """Open streams of a worker that died are not open any more (its counters still count: they are the node's)."""
     for path in directory.glob("gauge_live*.db"):
-        if (match := _LIVE_GAUGE_FILE.match(path.name)) and not _is_alive(int(match[1])):
+        if (match := _LIVE_GAUGE_FILE.match(path.name)) and not pid_alive(int(match[1])):
             mark_process_dead(int(match[1]), str(directory))
-
-
-def _is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _only_node(family: Metric, node: str) -> Metric:

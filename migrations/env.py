@@ -4,7 +4,7 @@ or, from the `alembic` command line, on `sqlalchemy.url` (sync driver)."""
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine
+from sqlalchemy import Connection, create_engine
 
 from store.models import Base
 
@@ -12,7 +12,7 @@ config = context.config
 connection = config.attributes.get("connection")
 
 
-def run(conn: object) -> None:
+def run(conn: Connection) -> None:
     # SQLite's DDL is transactional too: the whole upgrade is one transaction, so processes that boot
     # together (gunicorn workers, replicas) queue on the write lock and the later ones find it done.
     context.configure(connection=conn, target_metadata=Base.metadata, render_as_batch=True, transactional_ddl=True)

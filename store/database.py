@@ -23,10 +23,12 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from store import migrate, notifications
+from store import aiosqlite_stop, migrate, notifications
 from store.errors import StorageUnavailable
 from store.group_commit import GroupCommit, Work
 from store.models import Base
+
+aiosqlite_stop.apply()
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000  # at connect: switching to WAL, and migrations, which a sibling process may be running
 SQLITE_LOCK_WAIT_MS = 5_000  # a write transaction waits this long for the lock; held longer, the store is unavailable

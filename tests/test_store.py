@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiosqlite
 import pytest
 from alembic import command
 from alembic.script import ScriptDirectory
@@ -302,6 +303,19 @@ async def test_writes_commit_even_when_the_group_commit_is_cancelled_before_it_b
     async with asyncio.timeout(GUARD_S):
         assert await first is not None
         assert await store.write_soon(lambda session: session.execute(text("SELECT 1"))) is not None
+
+
+async def test_a_connection_stopped_while_it_closes_still_closes(tmp_path: Path) -> None:
+    """SQLAlchemy terminates a connection whose graceful close was cut short by stopping it at once; the close
+    must still end (aiosqlite 0.22 waited forever for a second stop queued behind the first: a hung shutdown)."""
+    import store.database  # noqa: F401  (it mends aiosqlite on import)
+
+    connection = await aiosqlite.connect(tmp_path / "node.db")
+    closing = asyncio.ensure_future(connection.close())
+    await asyncio.sleep(0)  # the close is queued on the connection's thread
+    connection.stop()  # as SQLAlchemy's terminate does when the close's waiter is cancelled
+    async with asyncio.timeout(GUARD_S):
+        await closing
 
 
 # --- SQLite only: its pragmas, and BEGIN IMMEDIATE (PostgreSQL writers lock rows instead) -------------
