@@ -37,7 +37,7 @@ async def record(
         "jobs": jobs, "prompt_tokens": tokens.prompt_tokens, "completion_tokens": tokens.completion_tokens,
         "estimated_jobs": int(tokens.estimated and jobs > 0),
     }
-    await session.execute(insert_or_add(session, UsageDay, key, amounts))
+    await insert_or_add(session, UsageDay, key, amounts)
 
 
 def counted(tokens: TokenCount | None, usage: Usage | None) -> TokenCount | None:

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, bindparam, select
 
 from handlers import tracing
 from handlers.context import NodeContext
@@ -88,7 +88,7 @@ async def follow(ctx: NodeContext, job_id: str, after_seq: int = -1, idle: float
     while True:
         wake = ctx.signals.watch(job_id)
         async with ctx.store.reading() as session:
-            rows = (await session.execute(_news(job_id, last))).all()
+            rows = (await (await session.connection()).execute(_NEWS, {"job_id": job_id, "after_seq": last})).all()
         if not rows:
             raise unknown_job(job_id)
         job = rows[0]
@@ -115,17 +115,17 @@ async def follow(ctx: NodeContext, job_id: str, after_seq: int = -1, idle: float
             yield None
 
 
-def _news(job_id: str, after_seq: int) -> Select[Any]:
-    """One statement: the job's state, joined with its chunks after `after_seq` (none: one row of NULLs)."""
-    return (
-        select(
-            Job.id, Job.status, Job.next_seq, Job.driver_node, Job.finish_reason, Job.usage, Job.error, Job.llm_error,
-            JobChunk.seq, JobChunk.delta, JobChunk.chunks,
-        )
-        .outerjoin(JobChunk, (JobChunk.job_id == Job.id) & (JobChunk.seq > after_seq))
-        .where(Job.id == job_id)
-        .order_by(JobChunk.seq)
+# One statement, built once (a reader runs it at every wake-up): the job's state, joined with its chunks after
+# `after_seq` (none: one row of NULLs).
+_NEWS: Select[Any] = (
+    select(
+        Job.id, Job.status, Job.next_seq, Job.driver_node, Job.finish_reason, Job.usage, Job.error, Job.llm_error,
+        JobChunk.seq, JobChunk.delta, JobChunk.chunks,
     )
+    .outerjoin(JobChunk, (JobChunk.job_id == Job.id) & (JobChunk.seq > bindparam("after_seq")))
+    .where(Job.id == bindparam("job_id"))
+    .order_by(JobChunk.seq)
+)
 
 
 def _final_update(job: Any) -> JobUpdate:

@@ -287,7 +287,7 @@ async def _set_served(
     statement = sa_update(ServedJob).where(ServedJob.id == job_id, ServedJob.status == "running").values(values)
 
     async def write(session: AsyncSession) -> None:
-        await session.execute(statement.execution_options(synchronize_session=False))
+        await (await session.connection()).execute(statement)
         if tokens is not None and origin is not None and model is not None:
             day = utc_day(time.time())
             await accounting.record(session, role=Role.DRIVER, day=day, client=origin, model=model, tokens=tokens)

@@ -63,11 +63,12 @@ async def record_update(ctx: NodeContext, update: Update, router: str | None = N
     statement = sa_update(Job).where(*conditions).values(values).returning(*returned)
 
     async def write(session: AsyncSession) -> tuple[Any, TokenCount | None] | None:
-        job = (await session.execute(statement.execution_options(synchronize_session=False))).first()
+        connection = await session.connection()
+        job = (await connection.execute(statement)).first()
         if job is None:
             return None
         chunk = {"job_id": update.job_id, "seq": job.next_seq - 1, "delta": update.delta, "chunks": update.chunks}
-        await session.execute(insert(JobChunk).values(chunk))
+        await connection.execute(insert(JobChunk).values(chunk))
         await ctx.store.announce(session, update.job_id)
         if not update.is_final:
             return job, None

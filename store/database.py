@@ -9,6 +9,7 @@ keeps a file opened read-only as long as any connection of the process has it op
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -83,10 +84,17 @@ def insert_or_ignore(session: AsyncSession, model: type[Base]) -> Insert:
     return dialect.insert(model).on_conflict_do_nothing()
 
 
-def insert_or_add(session: AsyncSession, model: type[Base], key: Mapping[str, Any], amounts: Mapping[str, int]) -> Insert:
-    """An INSERT of the row `key` with `amounts`, which adds the amounts to the row's instead where `key` exists."""
-    dialect = sqlite if session.get_bind().dialect.name == "sqlite" else postgresql
-    statement = dialect.insert(model).values({**key, **amounts})
+async def insert_or_add(session: AsyncSession, model: type[Base], key: Mapping[str, Any], amounts: Mapping[str, int]) -> None:
+    """INSERT the row `key` with `amounts`, or add the amounts to the row's where `key` exists."""
+    statement = _insert_or_add(session.get_bind().dialect.name, model, tuple(key), tuple(amounts))
+    await (await session.connection()).execute(statement, {**key, **amounts})
+
+
+@functools.cache
+def _insert_or_add(dialect_name: str, model: type[Base], key: tuple[str, ...], amounts: tuple[str, ...]) -> Insert:
+    """Built once per shape (it runs as each job ends); the values come as parameters."""
+    dialect = sqlite if dialect_name == "sqlite" else postgresql
+    statement = dialect.insert(model)
     table = model.__table__
     return statement.on_conflict_do_update(
         index_elements=list(key), set_={name: table.c[name] + statement.excluded[name] for name in amounts}
