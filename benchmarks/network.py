@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -344,20 +345,49 @@ async def _open_streams(args: argparse.Namespace, llm: str, streams: int) -> lis
     return [str(errors)] + [f"{idle[i] / 2**20:.0f} → {peak[i] / 2**20:.0f}" for i in (1, 2, 3)] + [f"{per_stream / 1024:.0f}"]
 
 
+def insert_history(net: Network, jobs: int, start: int) -> None:
+    """`jobs` finished jobs of 4 chunks each, written straight into the three nodes' stores (as a long-lived
+    network would hold them within its retention), numbered from `start`."""
+    now = time.time()
+    spec = json.dumps({"job_id": "", "model": "llama3", "body": {"messages": [{"role": "user", "content": "old"}]}})
+    ids = [f"history{n:08d}" for n in range(start, start + jobs)]
+    stores = {name: net.root / name / "node.db" for name in ("fake.dev", "fake2.dev", "fake3.dev")}
+    with sqlite3.connect(stores["fake3.dev"], timeout=60) as client:
+        client.executemany(
+            "INSERT INTO jobs (id, client, model, spec, status, router_node, driver_node, next_seq, created_at, first_token_at,"
+            " finished_at, deadline, finish_reason) VALUES (?, 'http:127.0.0.1', 'llama3', ?, 'succeeded', 'fake.dev',"
+            " 'fake2.dev', 5, ?, ?, ?, ?, 'stop')",
+            [(job, spec, now - 60, now - 59, now - 58, now) for job in ids],
+        )
+        client.executemany(
+            "INSERT INTO job_chunks (job_id, seq, delta) VALUES (?, ?, ?)",
+            [(job, seq, "word ") for job in ids for seq in range(4)] + [(job, 4, "") for job in ids],
+        )
+    with sqlite3.connect(stores["fake.dev"], timeout=60) as router:
+        router.executemany(
+            "INSERT INTO routed_jobs (id, client_node, model, spec, status, driver_node, created_at, dispatched_at, finished_at,"
+            " deadline, attempts, streamed, tokens_counted) VALUES (?, 'fake3.dev', 'llama3', ?, 'succeeded', 'fake2.dev', ?, ?, ?, ?, 1, 1, 1)",
+            [(job, spec, now - 60, now - 60, now - 58, now) for job in ids],
+        )
+    with sqlite3.connect(stores["fake2.dev"], timeout=60) as driver:
+        driver.executemany(
+            "INSERT INTO served_jobs (id, origin_node, spec, status, created_at, finished_at, deadline, streamed)"
+            " VALUES (?, 'fake.dev', ?, 'succeeded', ?, ?, ?, 1)",
+            [(job, spec, now - 60, now - 58, now) for job in ids],
+        )
+
+
 async def growth(report: Report, args: argparse.Namespace, llm: str) -> None:
     rows = []
     rounds = 50 if not args.quick else 20
     async with network(llm, args.base_port) as net:
         stored = 0
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-            for target in (1, 10, 100, 1000):
-                while stored < target:
-                    batch = min(32, target - stored)
-                    await asyncio.gather(*(chat(session, net.url(3), max_tokens=2) for _ in range(batch)))
-                    stored += batch
-                results = await interleaved({"3 hops": net.url(3)}, rounds, max_tokens=16)
-                ttft = [t.ttft for t in results["3 hops"]]
-                rows.append([f"{target} stored jobs, 1 driver", ms(pct(ttft, 0.5)), ms(pct(ttft, 0.99)), ""])
+        for target in (1, 1_000, 10_000, 100_000):
+            insert_history(net, target - stored, stored)
+            stored = target
+            results = await interleaved({"3 hops": net.url(3)}, rounds, max_tokens=16)
+            ttft = [t.ttft for t in results["3 hops"]]
+            rows.append([f"{target:,} finished jobs stored, 1 driver", ms(pct(ttft, 0.5)), ms(pct(ttft, 0.99)), ""])
     for drivers, nodes in ((4, 6), (16, 18)):
         async with network(llm, args.base_port, nodes=nodes) as net:
             results = await interleaved({"3 hops": net.url(3)}, rounds, max_tokens=16)

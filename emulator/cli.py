@@ -1,4 +1,8 @@
-"""The `emulator` command: up, node, admin, message, status, ui, run-job, usage, logs, fake-llm."""
+"""The `emulator` command: up, node, admin, message, status, ui, run-job, usage, logs, fake-llm.
+
+Each command imports what it uses when it runs: `--help` and the client commands (admin, status,
+run-job, ...) never load the node runtime (SQLAlchemy, alembic, cryptography, the hosts).
+"""
 
 from __future__ import annotations
 
@@ -6,27 +10,22 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
-
-from emulator import event_loop, fake_llm, logs
-from emulator.client import (
-    CommandError,
-    fetch_usage,
-    format_router_state,
-    format_usage,
-    parse_message_arg,
-    run_job,
-    send_admin,
-    ui_login,
-)
-from emulator.directory import parse_peer
+from emulator import event_loop
+from emulator.arguments import CommandError, parse_message_arg
 from emulator.homes import Home, default_root, find_home
-from emulator.logs import LogFormat
-from emulator.node import JobLimits, NodeOptions, serve_forever
-from emulator.up import UpOptions, up
-from handlers.context import DEFAULT_JOB_TIMEOUT, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_LLM_EVENT_BYTES
+from emulator.log_format import LogFormat
+from handlers.limits import (
+    DEFAULT_DRAIN_GRACE,
+    DEFAULT_JOB_TIMEOUT,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_LLM_EVENT_BYTES,
+    DEFAULT_RETENTION,
+)
+
+if TYPE_CHECKING:
+    from emulator.node import JobLimits
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -121,8 +120,8 @@ def _add_job_limits(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job-timeout", type=float, default=DEFAULT_JOB_TIMEOUT, help="seconds from submission to a job's deadline")
     parser.add_argument("--first-token-timeout", type=float, default=None, help="seconds allowed until the first token (default: off)")
     parser.add_argument("--idle-timeout", type=float, default=None, help="longest silence between chunks (default: off)")
-    parser.add_argument("--drain-grace", type=float, default=10.0, help="on SIGTERM, seconds running jobs may take to finish")
-    parser.add_argument("--retention", type=float, default=24 * 3600.0, help="seconds finished jobs are kept")
+    parser.add_argument("--drain-grace", type=float, default=DEFAULT_DRAIN_GRACE, help="on SIGTERM, seconds running jobs may take to finish")
+    parser.add_argument("--retention", type=float, default=DEFAULT_RETENTION, help="seconds finished jobs are kept")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body a client may send")
     parser.add_argument(
         "--max-llm-event-bytes", type=int, default=DEFAULT_MAX_LLM_EVENT_BYTES, help="largest event a driver reads from its LLM's stream"
@@ -130,6 +129,8 @@ def _add_job_limits(parser: argparse.ArgumentParser) -> None:
 
 
 def _job_limits(args: argparse.Namespace) -> JobLimits:
+    from emulator.node import JobLimits
+
     return JobLimits(
         job_timeout=args.job_timeout, first_token_timeout=args.first_token_timeout, idle_timeout=args.idle_timeout,
         drain_grace=args.drain_grace, retention=args.retention, max_body_bytes=args.max_body_bytes,
@@ -153,11 +154,15 @@ def _admin_token(args: argparse.Namespace) -> str:
 
 
 async def _admin(args: argparse.Namespace, process: str | None) -> None:
+    from emulator.client import send_admin
+
     reply = await send_admin(f"http://127.0.0.1:{args.port}", _admin_token(args), parse_message_arg(args.body), process)
     print(json.dumps(reply))
 
 
 async def _run_job(args: argparse.Namespace) -> int:
+    from emulator.client import run_job
+
     request: dict[str, Any] = {"model": args.model, "prompt": " ".join(args.prompt)}
     for key in ("max_tokens", "seed", "temperature"):
         if getattr(args, key) is not None:
@@ -174,9 +179,13 @@ async def _run_job(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["fake-llm"]:
+        from emulator import fake_llm
+
         fake_llm.main(argv[1:])
         return
     args = _parser().parse_args(argv)
+    import aiohttp  # past --help: every command from here talks HTTP
+
     try:
         sys.exit(event_loop.run(_dispatch(args)) or 0)
     except CommandError as error:
@@ -193,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
 async def _dispatch(args: argparse.Namespace) -> int | None:
     match args.command:
         case "up":
+            from emulator.up import UpOptions, up
+
             root = args.root or default_root()
             return await up(
                 UpOptions(
@@ -202,6 +213,9 @@ async def _dispatch(args: argparse.Namespace) -> int | None:
                 )
             )
         case "node":
+            from emulator.directory import parse_peer
+            from emulator.node import NodeOptions, serve_forever
+
             peers = dict(parse_peer(text) for text in args.peer)
             await serve_forever(
                 NodeOptions(
@@ -217,18 +231,26 @@ async def _dispatch(args: argparse.Namespace) -> int | None:
         case "run-job":
             return await _run_job(args)
         case "status":
+            from emulator.client import format_router_state, send_admin
+
             state = await send_admin(f"http://127.0.0.1:{args.port}", _admin_token(args), "RouterStatus")
             print(format_router_state(state))
         case "ui":
+            from emulator.client import ui_login
+
             login = await ui_login(f"http://127.0.0.1:{args.port}", _admin_token(args), args.valid_for)
             base = f"http://{args.host}:{args.port}"
             print(f"page:  {base}/ui  (open on this machine as it is)")
             print(f"login: {base}{login.path}  (for a browser elsewhere: it works once, for {args.valid_for:g} s)")
         case "usage":
+            from emulator.client import fetch_usage, format_usage
+
             fields = ("client", "model", "role", "label", "since", "until")
             query = {name: getattr(args, name) for name in fields if getattr(args, name)}
             print(format_usage(await fetch_usage(f"http://127.0.0.1:{args.port}", _admin_token(args), query)))
         case "logs":
+            from emulator import logs
+
             await logs.show(args.root or default_root(), args.node, args.follow)
     return None
 

@@ -7,29 +7,16 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import aiohttp
 
-from handlers.assembly import assemble
-from schemas.messages import CreateUiLogin, UiLoginCreated, to_wire
-from schemas.openai_api import JobKind
+from emulator.arguments import CommandError
+from emulator.arguments import parse_message_arg as parse_message_arg  # where callers found it first
 from schemas.sse import SSEDecoder
 
-
-class CommandError(Exception):
-    """A refusal worth printing as it is, without a traceback."""
-
-
-def parse_message_arg(text: str) -> Any:
-    """`StartRouter` or `'{"SetRouter": {"node": "fake.dev"}}'`, as typed on the command line."""
-    stripped = text.strip()
-    if stripped.startswith(("{", '"')):
-        try:
-            return json.loads(stripped)
-        except json.JSONDecodeError as error:
-            raise CommandError(f"not valid JSON: {error}") from error
-    return stripped
+if TYPE_CHECKING:
+    from schemas.messages import UiLoginCreated
 
 
 def refusal(status: int, body: Any) -> CommandError:
@@ -53,6 +40,8 @@ async def send_admin(url: str, token: str, message: Any, process: str | None = N
 
 
 async def ui_login(url: str, token: str, valid_for: float = 600.0) -> UiLoginCreated:
+    from schemas.messages import CreateUiLogin, UiLoginCreated, to_wire  # pydantic models: only this command needs them
+
     """A one-time login to the node's web page."""
     return UiLoginCreated.model_validate(await send_admin(url, token, to_wire(CreateUiLogin(valid_for=valid_for))))
 
@@ -135,6 +124,9 @@ async def _print_stream(
 
 def tool_call_lines(chunks: list[dict[str, Any]]) -> list[str]:
     """Choice 0's tool calls, one readable line each: `→ get_weather({"city": "Paris"})  [call_1]`."""
+    from handlers.assembly import assemble  # with the OpenAI schemas it reads: only run-job needs them
+    from schemas.openai_api import JobKind
+
     answer = assemble(JobKind.CHAT, chunks, response_id="", created=0, model="")
     message = answer["choices"][0]["message"] if answer["choices"] else {}
     lines = []

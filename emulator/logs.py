@@ -15,21 +15,16 @@ import json
 import logging
 import os
 import sys
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, TextIO
 
 from emulator.client import CommandError
 from emulator.homes import Home
+from emulator.log_format import LogFormat as LogFormat  # where callers found it first
 from handlers import tracing
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FOLLOW_POLL_S = 0.2  # a file that grows sends no event to wait on (without inotify): `logs -f` looks again this often
-
-
-class LogFormat(StrEnum):
-    TEXT = "text"
-    JSON = "json"
 
 
 class _JobOfTheMoment(logging.Filter):

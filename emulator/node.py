@@ -23,7 +23,14 @@ from emulator.signing import NodeKey
 from emulator.transport import HttpTransport
 from handlers import metrics, news, serving, upkeep
 from handlers import node as node_handlers
-from handlers.context import DEFAULT_JOB_TIMEOUT, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_LLM_EVENT_BYTES, NodeContext, Settings
+from handlers.context import NodeContext, Settings
+from handlers.limits import (
+    DEFAULT_DRAIN_GRACE,
+    DEFAULT_JOB_TIMEOUT,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_LLM_EVENT_BYTES,
+    DEFAULT_RETENTION,
+)
 from schemas.messages import Message, Process, Source
 from store.database import Store, sqlite_url
 
@@ -33,8 +40,8 @@ class JobLimits:
     job_timeout: float = DEFAULT_JOB_TIMEOUT
     first_token_timeout: float | None = None
     idle_timeout: float | None = None
-    drain_grace: float = 10.0
-    retention: float = 24 * 3600.0
+    drain_grace: float = DEFAULT_DRAIN_GRACE
+    retention: float = DEFAULT_RETENTION
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_llm_event_bytes: int = DEFAULT_MAX_LLM_EVENT_BYTES
 

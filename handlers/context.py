@@ -10,15 +10,19 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from handlers.gating import Gate, lists_and_limits
+from handlers.limits import (
+    DEFAULT_DRAIN_GRACE,
+    DEFAULT_JOB_TIMEOUT,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_LLM_EVENT_BYTES,
+    DEFAULT_RETENTION,
+)
 from handlers.signals import JobSignals
 from schemas.messages import Message, Process
 from store.database import Store
 
 log = logging.getLogger("llm_provider")
 
-DEFAULT_JOB_TIMEOUT = 60.0
-DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024  # room for images sent inline
-DEFAULT_MAX_LLM_EVENT_BYTES = 8 * 1024 * 1024  # one streamed event of the LLM; a chunk is rarely over a few KiB
 
 
 class Transport(Protocol):
@@ -50,9 +54,9 @@ class Settings:
     max_job_timeout: float = 3600.0
     first_token_timeout: float | None = None
     idle_timeout: float | None = None
-    retention: float = 24 * 3600.0
+    retention: float = DEFAULT_RETENTION
     max_attempts: int = 3
-    drain_grace: float = 10.0
+    drain_grace: float = DEFAULT_DRAIN_GRACE
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_llm_event_bytes: int = DEFAULT_MAX_LLM_EVENT_BYTES
     status_hold: float = 10.0  # a streamed /v1 answer waits this long for the first chunk or a refusal before it commits to 200

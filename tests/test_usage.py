@@ -54,7 +54,16 @@ from tests.processes import EMULATOR
 from tests.sse_client import job_updates
 
 CHAT = "chat/completions"
-TODAY = dt.datetime.now(dt.UTC).date().isoformat()
+DAY_MARGIN_S = 60.0  # the longest a test that counts today's usage takes, on a loaded machine, with room to spare
+
+
+async def a_whole_utc_day_ahead() -> str:
+    """Today (UTC), once at least DAY_MARGIN_S are left of it: a test that reads back today's counts must not
+    straddle midnight (its jobs would be counted on two days).  Near midnight this waits for the next day."""
+    now = time.time()
+    if (left := seconds_to_next_utc_day(now)) < DAY_MARGIN_S:
+        await asyncio.sleep(left + 0.5)
+    return dt.datetime.now(dt.UTC).date().isoformat()
 Row = dict[str, Any]
 
 
@@ -98,6 +107,7 @@ async def test_each_node_counts_the_jobs_it_handled_by_client_and_model(
     scripted_network: Network, http: aiohttp.ClientSession
 ) -> None:
     network = scripted_network
+    today = await a_whole_utc_day_ahead()
     upstream: ScriptedUpstream = network.upstream  # type: ignore[assignment]
     upstream.script(CHAT, answer("wood", "chuck"))
     key = (await network.client.admin({"CreateApiKey": {"label": "alice"}}))["key"]
@@ -118,13 +128,13 @@ async def test_each_node_counts_the_jobs_it_handled_by_client_and_model(
     ]
     driver = await usage_when(http, network.driver, lambda report: sum(row["jobs"] for row in report["usage"]) == 3)
     assert rows(driver, "driver") == [counted(network.router.name, 3, 15, 9)]
-    assert {row["day"] for node in (network.client, network.router) for row in (await usage_of(http, node))["usage"]} == {TODAY}
+    assert {row["day"] for node in (network.client, network.router) for row in (await usage_of(http, node))["usage"]} == {today}
 
     # Narrowed by client, model, role, key label and UTC days.
     alices = await usage_of(http, network.router, label="alice")
     assert rows(alices, "router") == [counted(network.client.name, 2, 10, 6, label="alice")]
     assert (await usage_of(http, network.router, model="other"))["usage"] == []
-    assert (await usage_of(http, network.client, client="key:alice", since=TODAY, until=TODAY))["usage"][0]["jobs"] == 2
+    assert (await usage_of(http, network.client, client="key:alice", since=today, until=today))["usage"][0]["jobs"] == 2
     assert (await usage_of(http, network.client, until="2000-01-01"))["usage"] == []
     assert {row["role"] for row in (await usage_of(http, network.router, role="router"))["usage"]} == {"router"}
 
@@ -150,6 +160,7 @@ async def test_emulator_usage_prints_each_client_and_model_with_jobs_and_tokens(
     scripted_network: Network, http: aiohttp.ClientSession
 ) -> None:
     network = scripted_network
+    today = await a_whole_utc_day_ahead()
     upstream: ScriptedUpstream = network.upstream  # type: ignore[assignment]
     upstream.script(CHAT, answer("wood"))
     await network.router.admin({"SetBudget": {"client": network.client.name, "daily_tokens": 1000}})
@@ -165,7 +176,7 @@ async def test_emulator_usage_prints_each_client_and_model_with_jobs_and_tokens(
     assert process.returncode == 0, err.decode()
     lines = out.decode().splitlines()
     assert lines[0].split() == "DAY ROLE CLIENT KEY MODEL JOBS PROMPT TOKENS COMPLETION TOKENS ESTIMATED".split()
-    assert lines[1].split() == [TODAY, "router", network.client.name, "-", MODEL, "1", "5", "3", "-"]
+    assert lines[1].split() == [today, "router", network.client.name, "-", MODEL, "1", "5", "3", "-"]
     assert lines[3].split() == ["BUDGET", "DAILY", "TOKENS", "USED", "TODAY"]
     assert lines[4].split() == [network.client.name, "1000", "8"]
 
@@ -219,10 +230,12 @@ async def test_a_job_cut_by_its_deadline_counts_what_the_llm_produced_before(
     gated_network: Network, gated: GatedUpstream, http: aiohttp.ClientSession
 ) -> None:
     network = gated_network
-    created = await submit(http, network.client.url, {"model": MODEL, "prompt": PROMPT, "timeout": 0.5})
+    # The deadline leaves the first chunk time to reach this node on a loaded machine (0.5 s once did not, in CI).
+    created = await submit(http, network.client.url, {"model": MODEL, "prompt": PROMPT, "timeout": 3.0})
     async with asyncio.timeout(GUARD_S):
         updates = await job_updates(http, network.client.url, created["job_id"])
     assert updates[-1]["status"] == "timed_out"
+    assert "".join(update["delta"] for update in updates) == "alpha", updates  # what the LLM produced before reached it
     await assert_every_node_counted_the_cut_job(network, http, cut_short("http:127.0.0.1"))
 
 
@@ -270,6 +283,7 @@ async def test_a_client_node_over_its_daily_budget_gets_429_until_the_next_utc_d
     scripted_network: Network, http: aiohttp.ClientSession
 ) -> None:
     network = scripted_network
+    await a_whole_utc_day_ahead()  # a budget is a day's
     upstream: ScriptedUpstream = network.upstream  # type: ignore[assignment]
     upstream.script(CHAT, answer("wood"))
     await network.router.admin({"SetGate": {"deny": ["intruder.dev"]}})
@@ -294,6 +308,7 @@ async def test_a_client_node_over_its_daily_budget_gets_429_until_the_next_utc_d
 
 
 async def test_an_api_keys_budget_refuses_that_key_only(scripted_network: Network, http: aiohttp.ClientSession) -> None:
+    await a_whole_utc_day_ahead()  # a budget is a day's
     network = scripted_network
     upstream: ScriptedUpstream = network.upstream  # type: ignore[assignment]
     upstream.script(CHAT, answer("wood"))
@@ -349,6 +364,7 @@ def test_tokens_of_a_prompt_are_estimated_from_its_text() -> None:
 
 
 async def test_budgets_hold_across_a_router_restart_and_across_its_replicas(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    await a_whole_utc_day_ahead()  # a budget is a day's
     cluster = Cluster(tmp_path, http, replicas={ROUTER: 2})
     try:
         llm = await cluster.llm(tokens=4)
