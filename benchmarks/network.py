@@ -273,26 +273,9 @@ async def throughput(report: Report, args: argparse.Namespace, llm: str, nodes: 
                      heading: bool = True) -> list[str]:
     seconds = seconds or (10.0 if not args.quick else 4.0)
     async with network(llm, args.base_port, nodes=nodes, capacity=64) as net:
-        pids = {index: net.pid(index) for index in range(1, nodes + 1)}
-        cpu_before = {i: cpu_seconds(p) for i, p in pids.items()}
-        done, errors = 0, 0
-        deadline = time.perf_counter() + seconds
-
-        async def client(session: aiohttp.ClientSession) -> None:
-            nonlocal done, errors
-            while time.perf_counter() < deadline:
-                try:
-                    await chat(session, net.url(3), max_tokens=4)
-                    done += 1
-                except Exception:
-                    errors += 1
-
-        started = time.perf_counter()
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=60)) as session:
-            await asyncio.gather(*(client(session) for _ in range(64)))
-        elapsed = time.perf_counter() - started
-        cpu = {i: (cpu_seconds(p) - cpu_before[i]) / max(done, 1) for i, p in pids.items()}
-    row = [f"{done / elapsed:,.0f}", str(errors), ms(cpu[1]), ms(cpu[2]), ms(cpu[3])]
+        target = Target(net.url(3), {"router": net.pid(1), "driver": net.pid(2), "client node": net.pid(3)})
+        rate = await jobs_per_second(target, seconds)
+    row = [f"{rate.jobs_per_s:,.0f}", str(rate.errors), *(f"{rate.cpu_ms[name]:.2f}" for name in ("router", "driver", "client node"))]
     if heading:
         report.say(f"### Throughput: 64 concurrent clients on node 3, answers of 4 tokens, {seconds:.0f} s\n")
         report.table(["jobs/s", "errors", "CPU ms/job router", "CPU ms/job driver", "CPU ms/job client node"], [row])
