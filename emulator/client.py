@@ -40,9 +40,9 @@ async def send_admin(url: str, token: str, message: Any, process: str | None = N
 
 
 async def ui_login(url: str, token: str, valid_for: float = 600.0) -> UiLoginCreated:
+    """A one-time login to the node's web page."""
     from schemas.messages import CreateUiLogin, UiLoginCreated, to_wire  # pydantic models: only this command needs them
 
-    """A one-time login to the node's web page."""
     return UiLoginCreated.model_validate(await send_admin(url, token, to_wire(CreateUiLogin(valid_for=valid_for))))
 
 
