@@ -22,9 +22,9 @@ import aiohttp
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from emulator import event_loop
 from emulator.client import send_admin
-from emulator.node import Node, NodeOptions
+from llm_provider import event_loop
+from llm_provider.node import Node, NodeOptions
 
 STATEMENTS: collections.Counter[str] = collections.Counter()
 

@@ -51,9 +51,9 @@ from network import CLOCK_TICKS, cpu_seconds, fake_llm, ms
 from sqlalchemy.engine import URL, make_url
 
 from emulator.client import send_admin
-from emulator.directory import Peer, write_directory
-from emulator.homes import Home
-from emulator.signing import NodeKey
+from llm_provider.directory import Peer, write_directory
+from llm_provider.homes import Home
+from llm_provider.signing import NodeKey
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUTER, DRIVER, CLIENT = "fake.dev", "fake2.dev", "fake3.dev"
@@ -357,7 +357,7 @@ def node_args(name: str, port: int, home: Path, directory: Path, flags: list[str
 
 def gunicorn_args(port: int, workers: int) -> list[str]:
     return [
-        "gunicorn", "emulator.gunicorn:create_app", "--worker-class", "aiohttp.GunicornWebWorker",
+        "gunicorn", "llm_provider.gunicorn:create_app", "--worker-class", "aiohttp.GunicornWebWorker",
         "--workers", str(workers), "--bind", f"127.0.0.1:{port}", "--graceful-timeout", "5",
     ]
 

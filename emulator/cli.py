@@ -12,10 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from emulator import event_loop
 from emulator.arguments import CommandError, parse_message_arg
-from emulator.homes import Home, default_root, find_home
-from emulator.log_format import LogFormat
 from handlers.limits import (
     DEFAULT_DRAIN_GRACE,
     DEFAULT_JOB_TIMEOUT,
@@ -23,9 +20,12 @@ from handlers.limits import (
     DEFAULT_MAX_LLM_EVENT_BYTES,
     DEFAULT_RETENTION,
 )
+from llm_provider import event_loop
+from llm_provider.homes import Home, default_root, find_home
+from llm_provider.log_format import LogFormat
 
 if TYPE_CHECKING:
-    from emulator.node import JobLimits
+    from llm_provider.node import JobLimits
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,7 +129,7 @@ def _add_job_limits(parser: argparse.ArgumentParser) -> None:
 
 
 def _job_limits(args: argparse.Namespace) -> JobLimits:
-    from emulator.node import JobLimits
+    from llm_provider.node import JobLimits
 
     return JobLimits(
         job_timeout=args.job_timeout, first_token_timeout=args.first_token_timeout, idle_timeout=args.idle_timeout,
@@ -213,8 +213,8 @@ async def _dispatch(args: argparse.Namespace) -> int | None:
                 )
             )
         case "node":
-            from emulator.directory import parse_peer
-            from emulator.node import NodeOptions, serve_forever
+            from llm_provider.directory import parse_peer
+            from llm_provider.node import NodeOptions, serve_forever
 
             peers = dict(parse_peer(text) for text in args.peer)
             await serve_forever(
@@ -249,9 +249,9 @@ async def _dispatch(args: argparse.Namespace) -> int | None:
             query = {name: getattr(args, name) for name in fields if getattr(args, name)}
             print(format_usage(await fetch_usage(f"http://127.0.0.1:{args.port}", _admin_token(args), query)))
         case "logs":
-            from emulator import logs
+            from emulator import log_reader
 
-            await logs.show(args.root or default_root(), args.node, args.follow)
+            await log_reader.show(args.root or default_root(), args.node, args.follow)
     return None
 
 

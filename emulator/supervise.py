@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from emulator.homes import Home
 from handlers.os_processes import pid_alive
+from llm_provider.homes import Home
 
 POLL_S = 0.5  # a process started by hand is not our child: nothing tells us when it ends, so we look
 STOP_GRACE_S = 10.0

@@ -19,12 +19,12 @@ from typing import Any
 import aiohttp
 
 from emulator.client import CommandError, send_admin, ui_login
-from emulator.directory import Peer, write_directory
-from emulator.homes import Home, default_root
-from emulator.logs import LogFormat
-from emulator.node import JobLimits
-from emulator.signing import NodeKey
 from emulator.supervise import Supervisor, Watched
+from llm_provider.directory import Peer, write_directory
+from llm_provider.homes import Home, default_root
+from llm_provider.logs import LogFormat
+from llm_provider.node import JobLimits
+from llm_provider.signing import NodeKey
 
 STARTUP_TIMEOUT_S = 30.0
 

@@ -24,9 +24,9 @@ from typing import Any
 import aiohttp
 
 from emulator.client import send_admin
-from emulator.directory import Peer, write_directory
-from emulator.homes import Home
-from emulator.signing import NodeKey
+from llm_provider.directory import Peer, write_directory
+from llm_provider.homes import Home
+from llm_provider.signing import NodeKey
 from tests.conftest import free_port
 from tests.helpers import MODEL, submit
 from tests.processes import kill_group, wait_healthy
@@ -131,7 +131,7 @@ class Cluster:
     async def gunicorn_node(self, name: str, workers: int, **environ: str) -> Proc:
         """Start node `name` as gunicorn with aiohttp's worker, `workers` processes sharing its home's database."""
         args = [
-            "gunicorn", "emulator.gunicorn:create_app", "--worker-class", "aiohttp.GunicornWebWorker",
+            "gunicorn", "llm_provider.gunicorn:create_app", "--worker-class", "aiohttp.GunicornWebWorker",
             "--workers", str(workers), "--bind", f"127.0.0.1:{self.ports[name]}", "--graceful-timeout", "5",
         ]
         return await self._server_node(name, args, environ)
@@ -139,7 +139,7 @@ class Cluster:
     async def uvicorn_node(self, name: str, workers: int, **environ: str) -> Proc:
         """Start node `name` as the ASGI app under uvicorn, `workers` processes sharing its home's database."""
         args = [
-            "uvicorn", "emulator.asgi:create_app", "--factory", "--workers", str(workers),
+            "uvicorn", "llm_provider.asgi:create_app", "--factory", "--workers", str(workers),
             "--host", "127.0.0.1", "--port", str(self.ports[name]), "--timeout-graceful-shutdown", "5",
         ]
         return await self._server_node(name, args, {"LLMP_SHARED": "1", **environ})

@@ -14,9 +14,9 @@ import pytest
 from aiohttp import web
 
 from emulator.client import send_admin
-from emulator.directory import Peer
 from emulator.fake_llm import STATS, FakeLlmSettings, FakeLlmStats, create_app
-from emulator.node import NodeOptions, NodeRuntime
+from llm_provider.directory import Peer
+from llm_provider.node import NodeOptions, NodeRuntime
 from tests.databases import fresh_database, postgres_server
 from tests.hosts import HOSTS, serve
 

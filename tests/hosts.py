@@ -9,8 +9,8 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from emulator.asgi import NodeAsgi
-from emulator.node import Node, NodeOptions, NodeRuntime
+from llm_provider.asgi import NodeAsgi
+from llm_provider.node import Node, NodeOptions, NodeRuntime
 
 HOSTS = ["aiohttp", "uvicorn", "hypercorn"]
 STOP_S = 60.0  # the graceful timeout, the node's drain (up to its grace) and its stop, with room to spare

@@ -13,10 +13,10 @@ from typing import Any
 import aiohttp
 from sqlalchemy import select
 
-from emulator.signing import SIGNATURE_HEADER, NodeKey
-from emulator.node import JobLimits
 from handlers.config import read_config
 from handlers.context import DEFAULT_MAX_BODY_BYTES
+from llm_provider.node import JobLimits
+from llm_provider.signing import SIGNATURE_HEADER, NodeKey
 from schemas.sse import ServerSentEvent
 from store.models import Job, JobChunk, RoutedJob, ServedJob
 from tests.conftest import Network, RunningNode, StartNode

@@ -20,12 +20,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from emulator.directory import Directory
-from emulator.homes import Home
-from emulator.signing import NodeKey
-from emulator.transport import REPLY_TIMEOUTS_S, HttpTransport
 from handlers import router, serving
 from handlers.driver import ROUTER_ACCEPT_S
+from llm_provider.directory import Directory
+from llm_provider.homes import Home
+from llm_provider.signing import NodeKey
+from llm_provider.transport import REPLY_TIMEOUTS_S, HttpTransport
 from schemas.jobs import JobSpec
 from schemas.messages import ACCEPT_MARGIN_S, RegisterDriver, RunJob
 from tests.cluster import CLIENT, DRIVER, MODEL, ROUTER, STEP_S, Cluster, db_row, final_of, job_body, record, submit

@@ -33,8 +33,8 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 
-from emulator.homes import Home
-from emulator.signing import SIGNATURE_HEADER, NodeKey
+from llm_provider.homes import Home
+from llm_provider.signing import SIGNATURE_HEADER, NodeKey
 from schemas.export import all_schemas
 from tests.conftest import RunningNode, StartNode
 from tests.helpers import MODEL, USAGE, Reply, ScriptedUpstream, chat_chunk, delta, usage_chunk

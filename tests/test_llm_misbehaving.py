@@ -20,8 +20,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from emulator.node import JobLimits
 from handlers.openai import TokenBudget
+from llm_provider.node import JobLimits
 from schemas.openai_api import JobKind
 from tests.conftest import Network, StartNode, wire
 from tests.helpers import GUARD_S, MODEL, RawReply, RawUpstream, chat_chunk, delta, get_json, sse, submit, usage_chunk

@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from emulator.homes import Home
+from llm_provider.homes import Home
 from tests.cluster import CLIENT, DRIVER, ROUTER, STEP_S, Cluster, Proc, final_of, follow, job_body
 from tests.helpers import MODEL, submit
 from tests.processes import EMULATOR

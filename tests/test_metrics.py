@@ -20,9 +20,9 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from emulator import http_api, signing
-from emulator.directory import Directory
-from emulator.http_api import ContentReply, HttpRequest, JsonReply, NodeApi
+from llm_provider import http_api, signing
+from llm_provider.directory import Directory
+from llm_provider.http_api import ContentReply, HttpRequest, JsonReply, NodeApi
 from tests.cluster import DRIVER, Cluster, Proc, follow
 from tests.conftest import Network, RunningNode, StartNode, StartUpstream
 from tests.helpers import (

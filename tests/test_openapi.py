@@ -9,9 +9,9 @@ from typing import Any
 import aiohttp
 from openapi_spec_validator import validate
 
-from emulator import asgi, http_app, signing
-from emulator.directory import Directory
-from emulator.http_api import NodeApi
+from llm_provider import asgi, http_app, signing
+from llm_provider.directory import Directory
+from llm_provider.http_api import NodeApi
 from tests.conftest import StartNode
 from tests.helpers import get_json
 from tests.helpers import migrated_database as migrated_database  # a fixture, used by start_node

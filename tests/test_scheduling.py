@@ -26,9 +26,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 from sqlalchemy import select
 
-from emulator.directory import Peer
 from emulator.fake_llm import ChatRequest, FakeLlmSettings, FakeLlmStats, generate_completion
-from emulator.signing import SIGNATURE_HEADER, NodeKey, ReplayGuard
+from llm_provider.directory import Peer
+from llm_provider.signing import SIGNATURE_HEADER, NodeKey, ReplayGuard
 from store.models import ApiKey, Base, DriverRegistration, Job, RoutedJob, ServedJob
 from tests.cluster import first_update
 from tests.conftest import Network, RunningNode, StartNode, StartUpstream, Upstream, serve_app

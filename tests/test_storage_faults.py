@@ -29,7 +29,7 @@ import aiohttp
 import pytest
 
 from emulator.client import send_admin
-from emulator.homes import Home
+from llm_provider.homes import Home
 from tests.cluster import REPO, READY_S, STEP_S, final_of, first_update, follow, job_body, record, run_to_end, submit, text_of
 from tests.conftest import StartUpstream, free_port
 from tests.conftest import start_upstream as start_upstream  # a fixture

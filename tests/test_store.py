@@ -21,11 +21,11 @@ from sqlalchemy import func, inspect, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from emulator.directory import Peer
-from emulator.homes import Home
-from emulator.node import Node, NodeOptions
 from handlers import updates
 from handlers.config import config_for_update, read_config
+from llm_provider.directory import Peer
+from llm_provider.homes import Home
+from llm_provider.node import Node, NodeOptions
 from schemas.jobs import JobUpdate
 from store.database import Store, sqlite_url
 from store.migrate import alembic_config

@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from sqlalchemy import func, select, update
 
-from emulator.ui_api import is_local
+from llm_provider.ui_api import is_local
 from schemas.sse import ServerSentEvent
 from store.models import Job, UiLogin
 from tests.browser import FOREIGN_HOST, headless_chromium

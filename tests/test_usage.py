@@ -17,9 +17,9 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from emulator.homes import Home
 from handlers.accounting import estimate, output_chunk_count
 from handlers.config import read_config
+from llm_provider.homes import Home
 from schemas.openai_api import JobKind
 from schemas.usage import TokenCount
 from store.models import Budget, Job, RoutedJob

@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from emulator.homes import create_once
 from handlers.errors import HandlerError
+from llm_provider.homes import create_once
 from store.database import Store, insert_or_ignore
 from store.models import SeenNonce
 

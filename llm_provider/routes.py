@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from emulator import http_api, ui_api
-from emulator.http_api import Route
+from llm_provider import http_api, ui_api
+from llm_provider.http_api import Route
 
 ROUTES: list[tuple[str, str, Route]] = [*http_api.ROUTES, *ui_api.ROUTES]

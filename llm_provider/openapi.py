@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import JsonSchemaMode
 
-from emulator.signing import SIGNATURE_HEADER
+from llm_provider.signing import SIGNATURE_HEADER
 from schemas.jobs import ErrorResponse
 
 OPENAPI_VERSION = "3.1.0"

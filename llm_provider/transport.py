@@ -12,10 +12,10 @@ from typing import Any
 import aiohttp
 from pydantic import BaseModel
 
-from emulator.directory import Directory
-from emulator.signing import SIGNATURE_HEADER, NodeKey
 from handlers import metrics, tracing
 from handlers.errors import HandlerError, PeerError
+from llm_provider.directory import Directory
+from llm_provider.signing import SIGNATURE_HEADER, NodeKey
 from schemas.messages import (
     CancelJob,
     JobUpdateMessage,

@@ -2,17 +2,17 @@
 
     LLMP_NAME=fake3.dev LLMP_HOME=~/.llm-provider/fake3.dev LLMP_PORT=8083 \\
     LLMP_DIRECTORY=~/.llm-provider/directory.json \\
-    gunicorn 'emulator.gunicorn:create_app' --worker-class aiohttp.GunicornWebWorker --workers 2 --bind 127.0.0.1:8083
+    gunicorn 'llm_provider.gunicorn:create_app' --worker-class aiohttp.GunicornWebWorker --workers 2 --bind 127.0.0.1:8083
 
-Settings come from the same LLMP_* variables as the ASGI host (`emulator.asgi`).  Each worker is a
+Settings come from the same LLMP_* variables as the ASGI host (`llm_provider.asgi`).  Each worker is a
 node runtime of its own over the node's one database, which is therefore always shared: any worker
 takes any request or message, and a stream's reader on one worker follows what another writes.
-Their metrics are counted together (`emulator.worker_metrics`): a scrape of /metrics shows the node.
+Their metrics are counted together (`llm_provider.worker_metrics`): a scrape of /metrics shows the node.
 """
 
 from __future__ import annotations
 
-from emulator import worker_metrics
+from llm_provider import worker_metrics
 
 worker_metrics.count_together()  # before anything below imports prometheus-client: every worker counts for the node
 
@@ -20,8 +20,8 @@ import dataclasses  # noqa: E402
 
 from aiohttp import web  # noqa: E402
 
-from emulator import http_app  # noqa: E402
-from emulator.node import NodeOptions, NodeRuntime, configure_logging  # noqa: E402
+from llm_provider import http_app  # noqa: E402
+from llm_provider.node import NodeOptions, NodeRuntime, configure_logging  # noqa: E402
 
 
 async def create_app() -> web.Application:

@@ -13,14 +13,6 @@ from pathlib import Path
 from aiohttp import web
 from pydantic import BaseModel
 
-from emulator import logs, signing
-from emulator.directory import Directory, Peer
-from emulator.homes import Home, home_from_environment
-from emulator.http_api import NodeApi
-from emulator.http_app import create_runner
-from emulator.llm_client import AiohttpLlmClient
-from emulator.signing import NodeKey
-from emulator.transport import HttpTransport
 from handlers import metrics, news, serving, upkeep
 from handlers import node as node_handlers
 from handlers.context import NodeContext, Settings
@@ -31,6 +23,14 @@ from handlers.limits import (
     DEFAULT_MAX_LLM_EVENT_BYTES,
     DEFAULT_RETENTION,
 )
+from llm_provider import logs, signing
+from llm_provider.directory import Directory, Peer
+from llm_provider.homes import Home, home_from_environment
+from llm_provider.http_api import NodeApi
+from llm_provider.http_app import create_runner
+from llm_provider.llm_client import AiohttpLlmClient
+from llm_provider.signing import NodeKey
+from llm_provider.transport import HttpTransport
 from schemas.messages import Message, Process, Source
 from store.database import Store, sqlite_url
 

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
 from importlib import resources
 
-from emulator import http_api
-from emulator.http_api import ContentReply, HttpRequest, NodeApi, Reply, Route, StreamReply, json_reply
 from handlers import ui, ui_logins
 from handlers.api_keys import Caller
 from handlers.errors import HandlerError
+from llm_provider import http_api
+from llm_provider.http_api import ContentReply, HttpRequest, NodeApi, Reply, Route, StreamReply, json_reply
 from schemas.sse import encode_comment, encode_event
 from schemas.ui import JobList, UiAccess, UiSession
 
@@ -119,7 +119,7 @@ async def changing_visitor(api: NodeApi, request: HttpRequest) -> Visitor:
 
 
 def _file(name: str) -> bytes:
-    return resources.files("emulator").joinpath("ui", name).read_bytes()
+    return resources.files("llm_provider").joinpath("ui", name).read_bytes()
 
 
 def _html(status: int, body: bytes) -> ContentReply:

@@ -8,8 +8,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from emulator import http_api, routes
-from emulator.http_api import ContentReply, HttpRequest, JsonReply, NodeApi, Reply, Route
+from llm_provider import http_api, routes
+from llm_provider.http_api import ContentReply, HttpRequest, JsonReply, NodeApi, Reply, Route
 
 API = web.AppKey("api", NodeApi)
 

@@ -1,8 +1,8 @@
 """A node's HTTP API, independent of the web framework: a request in, a reply out.
 
-The aiohttp host (`emulator.http_app`) and the ASGI host (`emulator.asgi`) only turn their
+The aiohttp host (`llm_provider.http_app`) and the ASGI host (`llm_provider.asgi`) only turn their
 framework's request into an `HttpRequest` and write the `JsonReply`, `ContentReply` or
-`StreamReply` back.  The web page's routes are in `emulator.ui_api`.
+`StreamReply` back.  The web page's routes are in `llm_provider.ui_api`.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from emulator import openapi, signing
-from emulator.directory import Directory
-from emulator.openapi import Auth, Operation, event_stream, json_body, operation, text
 from handlers import accounting, api_keys, driver, jobs, metrics, node, strict_json, tracing, v1
 from handlers.api_keys import Caller
 from handlers.context import NodeContext, log
 from handlers.errors import HandlerError
+from llm_provider import openapi, signing
+from llm_provider.directory import Directory
+from llm_provider.openapi import Auth, Operation, event_stream, json_body, operation, text
 from schemas.jobs import ErrorBody, ErrorResponse, JobCreated, JobRecord, JobUpdate
 from schemas.messages import MESSAGE_TYPES, AdminMessage, Envelope, MessageReply, Process, untag
 from schemas.node_api import Health
@@ -244,7 +244,7 @@ async def job_events(api: NodeApi, request: HttpRequest) -> Reply:
     return await job_stream(api, request)
 
 
-# The jobs API behind its access check, which is the caller's: API keys here, the page's own in `emulator.ui_api`.
+# The jobs API behind its access check, which is the caller's: API keys here, the page's own in `llm_provider.ui_api`.
 
 
 async def submit_as(api: NodeApi, request: HttpRequest, caller: Caller) -> Reply:
@@ -442,7 +442,7 @@ async def openapi_document(api: NodeApi, request: HttpRequest) -> Reply:
 
 @functools.cache
 def _openapi_bytes() -> bytes:
-    from emulator import routes  # every route the node serves, its web page's too; that module imports this one
+    from llm_provider import routes  # every route the node serves, its web page's too; that module imports this one
 
     return json.dumps(openapi.document(routes.ROUTES), separators=(",", ":")).encode()
 

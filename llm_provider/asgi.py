@@ -1,12 +1,12 @@
 """The ASGI host of a node: the same routes as the aiohttp host, for uvicorn, hypercorn and the like.
 
     LLMP_NAME=fake2.dev LLMP_HOME=~/.llm-provider/fake2.dev LLMP_PORT=8082 \\
-    LLMP_DIRECTORY=~/.llm-provider/directory.json uvicorn 'emulator.asgi:create_app' --factory --port 8082
+    LLMP_DIRECTORY=~/.llm-provider/directory.json uvicorn 'llm_provider.asgi:create_app' --factory --port 8082
 
 Settings come from the environment: LLMP_NAME, LLMP_HOME, LLMP_PORT (where the server listens,
 for the node's note in its home), LLMP_HOST, LLMP_DIRECTORY, LLMP_DATABASE_URL, LLMP_JOB_TIMEOUT, and
 LLMP_SHARED=1 when several server processes (workers) serve the node from one database (their
-metrics are then counted together: `emulator.worker_metrics`), and LLMP_LOG_FORMAT=json to log JSON
+metrics are then counted together: `llm_provider.worker_metrics`), and LLMP_LOG_FORMAT=json to log JSON
 lines into the node's home (otherwise the server's own logging applies).
 The node starts and stops with the server's lifespan.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from emulator import worker_metrics
+from llm_provider import worker_metrics
 
 if os.environ.get("LLMP_SHARED") == "1":
     worker_metrics.count_together()  # before anything below imports prometheus-client: every worker counts for the node
@@ -25,10 +25,10 @@ from collections.abc import Awaitable, Callable, MutableMapping  # noqa: E402
 from typing import Any  # noqa: E402
 from urllib.parse import parse_qsl  # noqa: E402
 
-from emulator import http_api, routes  # noqa: E402
-from emulator.http_api import ContentReply, HttpRequest, JsonReply, NodeApi, StreamReply  # noqa: E402
-from emulator.logs import LogFormat  # noqa: E402
-from emulator.node import NodeOptions, NodeRuntime, configure_logging  # noqa: E402
+from llm_provider import http_api, routes  # noqa: E402
+from llm_provider.http_api import ContentReply, HttpRequest, JsonReply, NodeApi, StreamReply  # noqa: E402
+from llm_provider.logs import LogFormat  # noqa: E402
+from llm_provider.node import NodeOptions, NodeRuntime, configure_logging  # noqa: E402
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -164,5 +164,5 @@ async def _stream(reply: StreamReply, receive: Receive, send: Send) -> None:
 
 
 def create_app(options: NodeOptions | None = None) -> NodeAsgi:
-    """The ASGI application factory (`uvicorn 'emulator.asgi:create_app' --factory`)."""
+    """The ASGI application factory (`uvicorn 'llm_provider.asgi:create_app' --factory`)."""
     return NodeAsgi(options or NodeOptions.from_environment())

@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import MutableMapping
 
-from emulator.homes import Home, home_from_environment
+from llm_provider.homes import Home, home_from_environment
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 

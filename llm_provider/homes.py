@@ -43,7 +43,7 @@ class Home:
 
     @property
     def metrics_directory(self) -> Path:
-        """Where the node's worker processes count their metrics together (`emulator.worker_metrics`)."""
+        """Where the node's worker processes count their metrics together (`llm_provider.worker_metrics`)."""
         return self.path / "metrics"
 
     @property
