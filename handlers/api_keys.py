@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from handlers.config import read_config
 from handlers.context import NodeContext
-from handlers.errors import HandlerError
+from handlers.errors import ErrorCode, HandlerError
 from schemas.messages import ApiKeyCreated
 from schemas.ui import UI_CLIENT
 from store.models import ApiKey, NodeConfig
@@ -44,7 +44,7 @@ async def create(ctx: NodeContext, label: str) -> ApiKeyCreated:
         async with ctx.store.writing() as session:
             session.add(ApiKey(label=label, key_hash=digest(key), created_at=time.time()))
     except IntegrityError as error:
-        raise HandlerError(409, "key_exists", f"an API key labelled {label!r} exists; revoke it first") from error
+        raise HandlerError(409, ErrorCode.KEY_EXISTS, f"an API key labelled {label!r} exists; revoke it first") from error
     return ApiKeyCreated(label=label, key=key)
 
 
@@ -52,7 +52,7 @@ async def revoke(ctx: NodeContext, label: str) -> None:
     async with ctx.store.writing() as session:
         result = await session.execute(delete(ApiKey).where(ApiKey.label == label))
     if not result.rowcount:  # type: ignore[attr-defined]
-        raise HandlerError(404, "key_not_found", f"no API key labelled {label!r}")
+        raise HandlerError(404, ErrorCode.KEY_NOT_FOUND, f"no API key labelled {label!r}")
 
 
 async def identify(session: AsyncSession, config: NodeConfig, caller: Caller) -> str:
@@ -64,7 +64,7 @@ async def identify(session: AsyncSession, config: NodeConfig, caller: Caller) ->
     if label is not None:
         return f"key:{label}"
     if config.require_api_keys:
-        raise HandlerError(401, "invalid_api_key", "this node needs a valid API key: Authorization: Bearer <key>")
+        raise HandlerError(401, ErrorCode.INVALID_API_KEY, "this node needs a valid API key: Authorization: Bearer <key>")
     return f"http:{caller.address}"
 
 

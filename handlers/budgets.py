@@ -15,7 +15,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from handlers.context import NodeContext
-from handlers.errors import HandlerError
+from handlers.errors import ErrorCode, HandlerError
 from schemas.messages import SetBudget
 from schemas.usage import BudgetState, Role, utc_day
 from store.database import insert_or_ignore
@@ -50,7 +50,7 @@ async def check(session: AsyncSession, client: str, label: str | None, now: floa
             name = name_of(client, budget.key_label)
             whose = f"API key {budget.key_label!r} of {client}" if budget.key_label else f"client node {client}"
             raise HandlerError(
-                429, "budget_exhausted",
+                429, ErrorCode.BUDGET_EXHAUSTED,
                 f"the daily token budget {name!r} ({whose}: {budget.daily_tokens} tokens) is used up ({used} tokens today); "
                 f"it renews at {renews.isoformat()}",
                 {"budget": name, "client": client, "label": budget.key_label or None, "daily_tokens": budget.daily_tokens,

@@ -7,6 +7,7 @@ import logging
 import uuid
 from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Protocol
 
 from handlers.gating import Gate, lists_and_limits
@@ -62,6 +63,26 @@ class Settings:
     status_hold: float = 10.0  # a streamed /v1 answer waits this long for the first chunk or a refusal before it commits to 200
 
 
+class StopReason(StrEnum):
+    """Why a job this process serves was told to stop (`ServingTask.stop`), as its origin hears it."""
+
+    CLIENT_CANCELLED = "cancelled by the client"
+    NODE_SHUT_DOWN = "the serving node shut down"
+
+
+@dataclass
+class ServingTask:
+    """A job this process serves with its LLM: the task, and why it was told to stop.  A task cancelled without
+    a reason was cancelled by the process itself stopping."""
+
+    task: asyncio.Task[None]
+    stop_reason: StopReason | None = None
+
+    def stop(self, reason: StopReason) -> None:
+        self.stop_reason = reason
+        self.task.cancel()
+
+
 @dataclass
 class NodeContext:
     name: str
@@ -72,7 +93,7 @@ class NodeContext:
     gate: Gate = lists_and_limits
     signals: JobSignals = field(default_factory=JobSignals)
     worker: str = field(default_factory=lambda: uuid.uuid4().hex[:16])  # this process, among those sharing the store
-    serving: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
+    serving: dict[str, ServingTask] = field(default_factory=dict)  # by job id
     draining: bool = False
     closing: bool = False  # the node is stopping: readers of job streams end
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)

@@ -25,12 +25,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from handlers import api_keys, serving, tracing, ui_logins, updates
+from handlers import api_keys, liveness, serving, tracing, ui_logins, updates
 from handlers.api_keys import Caller
 from handlers.config import config_for_update, read_config
 from handlers.context import NodeContext, log
-from handlers.errors import HandlerError, PeerError, unknown_job, unknown_model
-from schemas.jobs import FINAL_STATUSES, JobCreated, JobSpec, JobUpdate
+from handlers.errors import ErrorCode, HandlerError, PeerError, unknown_job, unknown_model
+from schemas.jobs import FINAL_STATUSES, JobCreated, JobSpec, JobStatus, JobUpdate
 from schemas.messages import (
     Ack,
     ApiKeyCreated,
@@ -64,7 +64,7 @@ ROUTER_ACCEPT_S = 3.0  # a client's submission waits this long (and ACCEPT_MARGI
 async def submit(ctx: NodeContext, caller: Caller, order: JobOrder, idempotency_key: str | None = None) -> JobCreated:
     """A client's job: serve it with our own LLM, or hand it to our router.  One transaction decides and stores it."""
     if ctx.draining:
-        raise HandlerError(503, "shutting_down", f"{ctx.name} is shutting down and takes no new jobs")
+        raise HandlerError(503, ErrorCode.SHUTTING_DOWN, f"{ctx.name} is shutting down and takes no new jobs")
     try:
         async with ctx.store.writing() as session:
             config = await read_config(session)
@@ -77,16 +77,16 @@ async def submit(ctx: NodeContext, caller: Caller, order: JobOrder, idempotency_
             local = spec.model in config.driver_models
             if local:
                 session.add_all([
-                    _job_row(client, spec, "running", None, ctx.name, idempotency_key, traceparent),
+                    _job_row(client, spec, JobStatus.RUNNING, None, ctx.name, idempotency_key, traceparent),
                     serving.served_row(ctx, ctx.name, spec, traceparent),
                 ])
             elif config.router_node is not None:
                 # Stored before the router hears of it, so its first update always finds it.
-                session.add(_job_row(client, spec, "queued", config.router_node, None, idempotency_key, traceparent))
+                session.add(_job_row(client, spec, JobStatus.QUEUED, config.router_node, None, idempotency_key, traceparent))
             elif config.driver_models:
                 raise unknown_model(spec.model, config.driver_models)
             else:
-                raise HandlerError(503, "no_router", "this node serves no model and has no router (SetRouter)")
+                raise HandlerError(503, ErrorCode.NO_ROUTER, "this node serves no model and has no router (SetRouter)")
     except IntegrityError:
         if idempotency_key is None:
             raise
@@ -99,7 +99,7 @@ async def submit(ctx: NodeContext, caller: Caller, order: JobOrder, idempotency_
     log.info("job %s submitted by %s for %s, %s", spec.job_id, client, spec.model, where)
     if local:
         serving.start(ctx, spec, ctx.name, serving.endpoint_of(config))
-        return _created(spec, "running")
+        return _created(spec, JobStatus.RUNNING)
     return await _forward(ctx, spec, config.router_node)  # type: ignore[arg-type]
 
 
@@ -111,8 +111,8 @@ async def cancel(ctx: NodeContext, job_id: str) -> None:
         raise unknown_job(job_id)
     tracing.set_job(job_id, job.traceparent)
     if job.status in FINAL_STATUSES:
-        raise HandlerError(409, "job_finished", f"job {job_id} already ended: {job.status}")
-    await updates.record_update(ctx, JobUpdate(job_id=job_id, seq=job.next_seq, is_final=True, status="cancelled", error="cancelled by the client"))
+        raise HandlerError(409, ErrorCode.JOB_FINISHED, f"job {job_id} already ended: {job.status}")
+    await updates.record_update(ctx, JobUpdate(job_id=job_id, seq=job.next_seq, is_final=True, status=JobStatus.CANCELLED, error="cancelled by the client"))
     if job.router_node is None:
         await serving.end_cancelled(ctx, job_id)
         return
@@ -122,29 +122,9 @@ async def cancel(ctx: NodeContext, job_id: str) -> None:
         log.warning("job %s: router %s not told of the cancellation: %s", job_id, job.router_node, error.message)
 
 
-async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | JobAccepted | ApiKeyCreated | UiLoginCreated:
+async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | JobAccepted:
+    """A message from another node (admin messages come through `handlers.admin`)."""
     match message:
-        case SetRouter(node=node):
-            config = await _update_config(ctx, router_node=node)
-            return Ack(note=await _register(ctx, config))
-        case SetLocalDriver():
-            config = await _update_config(
-                ctx, driver_models=message.model_names(), driver_is_public=message.is_public, driver_capacity=message.capacity
-            )
-            return Ack(note=await _register(ctx, config))
-        case SetJobTimeout(seconds=seconds):
-            await _update_config(ctx, job_timeout=seconds)
-            return Ack()
-        case RequireApiKeys(required=required):
-            await _update_config(ctx, require_api_keys=required)
-            return Ack()
-        case CreateApiKey(label=label):
-            return await api_keys.create(ctx, label)
-        case RevokeApiKey(label=label):
-            await api_keys.revoke(ctx, label)
-            return Ack()
-        case CreateUiLogin(valid_for=valid_for):
-            return await ui_logins.create(ctx, valid_for)
         case RunJob():
             return await serving.accept_from_router(ctx, source, message)
         case CancelJob(job_id=job_id):
@@ -153,21 +133,59 @@ async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack | Jo
         case JobUpdateMessage(update=update):
             await updates.record_from_router(ctx, source, update)
             return Ack()
-    raise HandlerError(400, "unsupported_message", f"the driver does not take {message.type}")  # type: ignore[attr-defined]
+    raise HandlerError(400, ErrorCode.UNSUPPORTED_MESSAGE, f"the driver does not take {message.type}")  # type: ignore[attr-defined]
+
+
+# --- admin messages ------------------------------------------------------------------------
+
+
+async def set_router(ctx: NodeContext, message: SetRouter) -> Ack:
+    config = await _update_config(ctx, router_node=message.node)
+    return Ack(note=await _register(ctx, config))
+
+
+async def set_local_driver(ctx: NodeContext, message: SetLocalDriver) -> Ack:
+    config = await _update_config(
+        ctx, driver_models=message.model_names(), driver_is_public=message.is_public, driver_capacity=message.capacity
+    )
+    return Ack(note=await _register(ctx, config))
+
+
+async def set_job_timeout(ctx: NodeContext, message: SetJobTimeout) -> Ack:
+    await _update_config(ctx, job_timeout=message.seconds)
+    return Ack()
+
+
+async def require_api_keys(ctx: NodeContext, message: RequireApiKeys) -> Ack:
+    await _update_config(ctx, require_api_keys=message.required)
+    return Ack()
+
+
+async def create_api_key(ctx: NodeContext, message: CreateApiKey) -> ApiKeyCreated:
+    return await api_keys.create(ctx, message.label)
+
+
+async def revoke_api_key(ctx: NodeContext, message: RevokeApiKey) -> Ack:
+    await api_keys.revoke(ctx, message.label)
+    return Ack()
+
+
+async def create_ui_login(ctx: NodeContext, message: CreateUiLogin) -> UiLoginCreated:
+    return await ui_logins.create(ctx, message.valid_for)
 
 
 async def boot(ctx: NodeContext) -> None:
     """After a restart: settle the jobs the last process was serving, then tell the router we are back.
     (A process sharing the store said it is alive before it took any request: `upkeep.announce`.)"""
-    await serving.settle_orphans(ctx)
+    await liveness.settle_orphans(ctx)
     await _tell_router_we_live(ctx, restarted=not ctx.store.shared)  # a new worker beside live siblings is no restart
 
 
 async def keep_alive(ctx: NodeContext) -> None:
     """Every few seconds: alive to the processes sharing the store, settling a dead one's jobs."""
     if ctx.store.shared:
-        await serving.report_alive(ctx)
-        await serving.settle_orphans(ctx)
+        await liveness.report_alive(ctx)
+        await liveness.settle_orphans(ctx)
 
 
 async def heartbeat(ctx: NodeContext) -> None:
@@ -223,18 +241,18 @@ def _new_spec(ctx: NodeContext, order: JobOrder, config: NodeConfig, client: str
     )
 
 
-def _created(job: JobSpec | Job, status: str) -> JobCreated:
+def _created(job: JobSpec | Job, status: JobStatus) -> JobCreated:
     job_id = job.job_id if isinstance(job, JobSpec) else job.id
-    return JobCreated(job_id=job_id, events_url=f"/jobs/{job_id}/events", status=status, created_at=job.created_at)  # type: ignore[arg-type]
+    return JobCreated(job_id=job_id, events_url=f"/jobs/{job_id}/events", status=status, created_at=job.created_at)
 
 
 async def _earlier_submission(session: AsyncSession, client: str, key: str) -> JobCreated | None:
     job = await session.scalar(select(Job).where(Job.client == client, Job.idempotency_key == key))
-    return None if job is None else _created(job, job.status)
+    return None if job is None else _created(job, JobStatus(job.status))
 
 
 def _job_row(
-    client: str, spec: JobSpec, status: str, router: str | None, driver: str | None, key: str | None, traceparent: str
+    client: str, spec: JobSpec, status: JobStatus, router: str | None, driver: str | None, key: str | None, traceparent: str
 ) -> Job:
     return Job(
         id=spec.job_id,
@@ -261,7 +279,7 @@ async def _forward(ctx: NodeContext, spec: JobSpec, router: str) -> JobCreated:
         try:
             reply = await ctx.transport.send("driver", router, "router", offer, timeout=offer.reply_timeout())
         except PeerError as error:
-            if error.code != "peer_unreachable" or offer.too_late():
+            if not error.unreachable or offer.too_late():
                 raise
             # It may have been taken before the answer was lost: the router takes a repeat as the same job,
             # and another replica of it may answer this time.
@@ -272,8 +290,8 @@ async def _forward(ctx: NodeContext, spec: JobSpec, router: str) -> JobCreated:
             if job is not None and job.next_seq == 0:
                 await session.delete(job)
         if error.status == 503:
-            raise HandlerError(503, "router_unreachable", f"router {router} is unreachable: {error.message}") from error
-        raise
+            raise HandlerError(503, ErrorCode.ROUTER_UNREACHABLE, f"router {router} is unreachable: {error.message}") from error
+        raise error.passed_on() from error  # the router's refusal (no such model, queue full, ...) is the client's answer
     return _created(spec, JobAccepted.model_validate(reply).status)
 
 
@@ -294,7 +312,7 @@ async def _register(ctx: NodeContext, config: NodeConfig, restarted: bool = Fals
         return None
     message = RegisterDriver(
         models=config.driver_models, is_public=config.driver_is_public, capacity=config.driver_capacity, restarted=restarted,
-        serving=await serving.serving_now(ctx), as_of=time.time(),
+        serving=await liveness.serving_now(ctx), as_of=time.time(),
     )
     try:
         await ctx.transport.send("driver", config.router_node, "router", message)

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from handlers.config import read_config
-from schemas.jobs import JobSpec
+from schemas.jobs import JobSpec, JobStatus
 from store.models import RoutedJob
 
 Gate = Callable[[JobSpec, str, AsyncSession], Awaitable[str | None]]
@@ -25,7 +25,7 @@ async def lists_and_limits(job: JobSpec, requester: str, session: AsyncSession) 
         return f"{requester} is not on this router's allow list"
     if config.max_in_flight_per_client is not None:
         in_flight = await session.scalar(
-            select(func.count()).where(RoutedJob.client_node == requester, RoutedJob.status.in_(("queued", "running")))
+            select(func.count()).where(RoutedJob.client_node == requester, RoutedJob.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))
         )
         if (in_flight or 0) >= config.max_in_flight_per_client:
             return f"{requester} already has {in_flight} jobs in flight (limit {config.max_in_flight_per_client})"

@@ -12,7 +12,7 @@ from handlers import tracing
 from handlers.context import NodeContext
 from handlers.errors import PeerError, unknown_job
 from handlers.assembly import assemble
-from schemas.jobs import FINAL_STATUSES, JobRecord, JobUpdate, LlmError, output_chunks
+from schemas.jobs import FINAL_STATUSES, JobRecord, JobStatus, JobUpdate, LlmError, output_chunks
 from schemas.openai_api import JobKind, Usage
 from schemas.messages import QueuePlace, QueuePosition
 from store.models import Job, JobChunk
@@ -67,7 +67,7 @@ def whole_answer(
 
 
 async def _queue_position(ctx: NodeContext, job: Job) -> int | None:
-    if job.status != "queued" or job.router_node is None:
+    if job.status != JobStatus.QUEUED or job.router_node is None:
         return None
     try:
         with tracing.about(job.id, job.traceparent):

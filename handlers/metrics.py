@@ -27,6 +27,7 @@ from sqlalchemy import func, select
 from handlers.config import read_config
 from handlers.context import NodeContext
 from handlers.os_processes import pid_alive
+from schemas.jobs import JobStatus
 from schemas.usage import Role, TokenCount
 from store.models import DriverRegistration, RoutedJob
 
@@ -82,7 +83,7 @@ STORE_COMMIT = Histogram(
 
 
 def count_job(
-    node: str, role: Role, model: str, status: str, tokens: TokenCount | None,
+    node: str, role: Role, model: str, status: JobStatus, tokens: TokenCount | None,
     duration: float | None = None, first_token: float | None = None,
 ) -> None:
     """A job ended here, in `role`."""
@@ -167,8 +168,8 @@ async def _stored_state(ctx: NodeContext) -> list[Metric]:
         if not (await read_config(session)).is_router:
             return families
         per_model = select(RoutedJob.model, func.count()).group_by(RoutedJob.model)
-        queued = await session.execute(per_model.where(RoutedJob.status == "queued"))
-        running = await session.execute(per_model.where(RoutedJob.status == "running"))
+        queued = await session.execute(per_model.where(RoutedJob.status == JobStatus.QUEUED))
+        running = await session.execute(per_model.where(RoutedJob.status == JobStatus.RUNNING))
         drivers = await session.execute(
             select(
                 DriverRegistration.model, func.count(), func.sum(DriverRegistration.capacity),

@@ -1,18 +1,16 @@
-"""A node's entry points for messages: from other nodes, and admin commands from itself."""
+"""A node's entry point for messages from other nodes (admin commands from its owner: `handlers.admin`)."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from pydantic import BaseModel
 
-from handlers import driver, openai, router, tracing
+from handlers import admin, driver, router, tracing
 from handlers.context import NodeContext
-from handlers.errors import HandlerError
+from handlers.errors import ErrorCode, HandlerError
 from schemas.messages import (
-    ADMIN_MESSAGES,
-    ADMIN_TARGET,
+    TAKES_NODE_MESSAGES,
     CancelJob,
     Envelope,
     JobUpdateMessage,
@@ -28,20 +26,27 @@ from schemas.messages import (
 
 Handler = Callable[[NodeContext, Source, Message], Awaitable[BaseModel]]
 
-PROCESSES: dict[Process, Handler] = {"driver": driver.handle, "router": router.handle, "openai": openai.handle}
+PROCESSES: dict[Process, Handler] = {"driver": driver.handle, "router": router.handle}  # the openai process takes no messages from nodes
 
 
 async def deliver(ctx: NodeContext, source: Source, target: Process, message: Message) -> BaseModel:
-    return await PROCESSES[target](ctx, source, message)
+    """A message between two processes of this node, or checked and parsed from another node (`receive`)."""
+    handler = PROCESSES.get(target)
+    if handler is None:
+        raise HandlerError(400, ErrorCode.UNSUPPORTED_MESSAGE, f"the {target} process takes no messages from other processes")
+    return await handler(ctx, source, message)
 
 
 async def receive(ctx: NodeContext, envelope: Envelope, traceparent: str | None = None) -> BaseModel:
     """A message from another node, with the trace context its HTTP request carried.  Admin messages never come this way."""
+    if admin.is_admin(envelope.body):
+        name = untag(envelope.body)["type"]
+        raise HandlerError(403, ErrorCode.ADMIN_ONLY, f"{name} is an admin message; only {ctx.name} itself may send it")
+    if envelope.target not in TAKES_NODE_MESSAGES:
+        raise HandlerError(400, ErrorCode.UNSUPPORTED_MESSAGE, f"the {envelope.target} process takes no messages from other nodes")
     message = parse_message(envelope.target, envelope.body)
     if (job_id := job_of(message)) is not None:
         tracing.set_job(job_id, traceparent)
-    if isinstance(message, ADMIN_MESSAGES):
-        raise HandlerError(403, "admin_only", f"{message.type} is an admin message; only {ctx.name} itself may send it")  # type: ignore[attr-defined]
     return await deliver(ctx, envelope.source, envelope.target, message)
 
 
@@ -55,18 +60,3 @@ def job_of(message: Message) -> str | None:
         case CancelJob(job_id=job_id) | ReleaseJob(job_id=job_id) | QueuePosition(job_id=job_id):
             return job_id
     return None
-
-
-async def admin(ctx: NodeContext, target: Process | None, raw: Any) -> BaseModel:
-    """An admin command, already authenticated as coming from the node's owner."""
-    if target is None:
-        name = untag(raw).get("type") if isinstance(untag(raw), dict) else None
-        if name not in ADMIN_TARGET:
-            raise HandlerError(422, "not_an_admin_message", f"not an admin message; expected one of {', '.join(ADMIN_TARGET)}")
-        target = ADMIN_TARGET[name]
-    message = parse_message(target, raw)
-    if not isinstance(message, ADMIN_MESSAGES):
-        raise HandlerError(422, "not_an_admin_message", f"{message.type} is not an admin message")  # type: ignore[attr-defined]
-    return await deliver(ctx, Source(node=ctx.name, process=target), target, message)
-
-

@@ -26,9 +26,9 @@ from handlers import strict_json
 from handlers.assembly import adds_output, carries_output, choice_text, finish_chunk, finish_reason_of, has_finish_reason
 from handlers.config import config_for_update
 from handlers.context import NodeContext
-from handlers.errors import HandlerError, LlmHttpError, LlmLineTooLong, LlmUnreachable, UpstreamError, UpstreamErrorKind
+from handlers.errors import LlmHttpError, LlmLineTooLong, LlmUnreachable, UpstreamError, UpstreamErrorKind
 from schemas.jobs import JobSpec, LlmError
-from schemas.messages import Ack, Message, RegisterOaiProviderEndpoint, Source
+from schemas.messages import Ack, RegisterOaiProviderEndpoint
 from schemas.openai_api import JobKind, OpenAiErrorBody, UpstreamChunk, Usage, upstream_body
 from schemas.sse import SSEDecoder
 
@@ -60,15 +60,13 @@ class Piece:
     usage: Usage | None = None
 
 
-async def handle(ctx: NodeContext, source: Source, message: Message) -> Ack:
-    match message:
-        case RegisterOaiProviderEndpoint(endpoint=endpoint, api_key=api_key):
-            async with ctx.store.writing() as session:
-                config = await config_for_update(session)
-                config.llm_endpoint = endpoint.rstrip("/")
-                config.llm_api_key = api_key
-            return Ack()
-    raise HandlerError(400, "unsupported_message", f"the openai process does not take {message.type}")  # type: ignore[attr-defined]
+async def register_endpoint(ctx: NodeContext, message: RegisterOaiProviderEndpoint) -> Ack:
+    """Admin: the OpenAI-compatible endpoint this node's LLM answers at."""
+    async with ctx.store.writing() as session:
+        config = await config_for_update(session)
+        config.llm_endpoint = message.endpoint.rstrip("/")
+        config.llm_api_key = message.api_key
+    return Ack()
 
 
 def _url(endpoint: Endpoint | None, kind: JobKind) -> tuple[Endpoint, str]:

@@ -1,41 +1,34 @@
 """Serving a job with the node's own LLM: streamed chunk by chunk to where it came from.
 
 The job came from this node's own client (local path) or from its router (remote path); either
-way its chunks go back as JobUpdates, the last with how it ended.  Crash rules: a job is marked
-`streamed` before its first chunk leaves; at boot (and, where processes share the store, when
-one falls silent), jobs a dead process was serving end `failed`, or go back to the router if
-nothing of them had left.
+way its chunks go back as JobUpdates (`handlers.delivery`), the last with how it ended.  Crash rule:
+a job is marked `streamed` before its first chunk leaves, so that after a crash (`handlers.liveness`)
+a job that may have reached its client is never handed to another driver.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy import update as sa_update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from handlers import accounting, metrics, openai, router, tracing, updates
+from handlers import accounting, metrics, openai, tracing
 from handlers.coalesce import batches
 from handlers.config import read_config
-from handlers.context import NodeContext, log
-from handlers.errors import HandlerError, PeerError, UpstreamError, UpstreamErrorKind, too_late, unknown_job, unknown_model
-from schemas.jobs import JobSpec, JobUpdate, LlmError
-from schemas.messages import ACCEPT_MARGIN_S, JobAccepted, JobUpdateMessage, ReleaseJob, RunJob, Source
+from handlers.context import NodeContext, ServingTask, StopReason, log
+from handlers.delivery import FINAL_DELIVERY_GRACE_S, Undeliverable, again_while_unavailable, deliver
+from handlers.errors import ErrorCode, HandlerError, PeerError, UpstreamError, UpstreamErrorKind, too_late, unknown_job, unknown_model
+from schemas.jobs import JobSpec, JobStatus, JobUpdate, LlmError
+from schemas.messages import JobAccepted, JobUpdateMessage, ReleaseJob, RunJob, Source
 from schemas.openai_api import Usage
 from schemas.usage import Role, TokenCount, utc_day
 from store.errors import StorageUnavailable
-from store.models import NodeConfig, ServedJob, Worker
+from store.models import NodeConfig, ServedJob
 
-DELIVERY_BACKOFF_S = 0.1
-DELIVERY_BACKOFF_MAX_S = 2.0
-DELIVERY_TIMEOUT_S = 10.0  # the longest one attempt to deliver an update waits for the router
-FINAL_DELIVERY_GRACE_S = 5.0  # a timed_out update is sent at the deadline, and still needs a moment to arrive
-WORKER_TTL_S = 15.0  # a process sharing the store reports every few seconds; silent this long, it is dead
-CANCELLED_BY_CLIENT = "cancelled by the client"  # the reason a serving task is cancelled with when its client gave up
 STORE_PATIENCE_S = 30.0  # the serving driver's own bookkeeping waits this long for a store that refuses writes
 
 
@@ -45,7 +38,7 @@ def served_row(ctx: NodeContext, origin: str, spec: JobSpec, traceparent: str | 
         origin_node=origin,
         worker=ctx.worker,
         spec=spec.model_dump(mode="json"),
-        status="running",
+        status=JobStatus.RUNNING,
         streamed=False,
         created_at=time.time(),
         deadline=spec.deadline,
@@ -58,16 +51,16 @@ async def accept_from_router(ctx: NodeContext, source: Source, offer: RunJob) ->
     our answer (it has queued the job again, for another driver perhaps)."""
     spec = offer.job
     if ctx.draining:
-        raise HandlerError(503, "shutting_down", f"{ctx.name} is shutting down and takes no new jobs")
+        raise HandlerError(503, ErrorCode.SHUTTING_DOWN, f"{ctx.name} is shutting down and takes no new jobs")
     async with ctx.store.writing() as session:
         config = await read_config(session)
         if source.node != config.router_node:
-            raise HandlerError(403, "not_our_router", f"{source.node} is not this driver's router")
+            raise HandlerError(403, ErrorCode.NOT_OUR_ROUTER, f"{source.node} is not this driver's router")
         if spec.model not in config.driver_models:
             raise unknown_model(spec.model, config.driver_models)
         earlier = await session.get(ServedJob, spec.job_id)
-        if earlier is not None and earlier.status == "running":
-            return JobAccepted(job_id=spec.job_id, status="running")  # a repeated RunJob: already serving it
+        if earlier is not None and earlier.status == JobStatus.RUNNING:
+            return JobAccepted(job_id=spec.job_id, status=JobStatus.RUNNING)  # a repeated RunJob: already serving it
         if earlier is not None:  # a new attempt at a job this driver had before
             await session.delete(earlier)
             await session.flush()
@@ -76,7 +69,7 @@ async def accept_from_router(ctx: NodeContext, source: Source, offer: RunJob) ->
             raise too_late(spec.job_id)
     log.info("job %s serving %s for %s", spec.job_id, spec.model, source.node)
     start(ctx, spec, source.node, endpoint_of(config))
-    return JobAccepted(job_id=spec.job_id, status="running")
+    return JobAccepted(job_id=spec.job_id, status=JobStatus.RUNNING)
 
 
 def endpoint_of(config: NodeConfig) -> openai.Endpoint | None:
@@ -85,25 +78,30 @@ def endpoint_of(config: NodeConfig) -> openai.Endpoint | None:
 
 def start(ctx: NodeContext, spec: JobSpec, origin: str, endpoint: openai.Endpoint | None) -> None:
     job_id = spec.job_id
-    task = ctx.spawn(serve(ctx, spec, origin, endpoint), name=f"serve-{job_id}")
-    ctx.serving[job_id] = task
-    task.add_done_callback(lambda _: ctx.serving.pop(job_id, None))
+    entry = ServingTask(ctx.spawn(serve(ctx, spec, origin, endpoint), name=f"serve-{job_id}"))
+    ctx.serving[job_id] = entry
+
+    def forget(_: asyncio.Task[None]) -> None:
+        if ctx.serving.get(job_id) is entry:
+            del ctx.serving[job_id]
+
+    entry.task.add_done_callback(forget)
 
 
-def stop(ctx: NodeContext, job_id: str, reason: str | None = None) -> None:
-    """Cancel the upstream request; with a reason, the job's origin hears it failed."""
-    task = ctx.serving.get(job_id)
-    if task is not None:
-        task.cancel(reason)
+def _stop_reason(ctx: NodeContext, job_id: str) -> StopReason | None:
+    """Why the current task, serving `job_id`, was told to stop; None if it was not (the process is stopping)."""
+    entry = ctx.serving.get(job_id)
+    return entry.stop_reason if entry is not None and entry.task is asyncio.current_task() else None
 
 
 async def end_cancelled(ctx: NodeContext, job_id: str) -> None:
     """End the job `cancelled` and stop its upstream request (which counts what the LLM produced).  Another
     process of the node may be serving it: that one stops at its next chunk, which finds the job ended."""
     try:
-        await _set_served(ctx, job_id, status="cancelled")
+        await _set_served(ctx, job_id, status=JobStatus.CANCELLED)
     finally:
-        stop(ctx, job_id, CANCELLED_BY_CLIENT)
+        if (entry := ctx.serving.get(job_id)) is not None:
+            entry.stop(StopReason.CLIENT_CANCELLED)
 
 
 async def cancel(ctx: NodeContext, source: Source, job_id: str) -> None:
@@ -113,11 +111,11 @@ async def cancel(ctx: NodeContext, source: Source, job_id: str) -> None:
     if origin is None:
         raise unknown_job(job_id)
     if origin != source.node:
-        raise HandlerError(403, "not_the_jobs_origin", f"job {job_id} did not come from {source.node}")
+        raise HandlerError(403, ErrorCode.NOT_THE_JOBS_ORIGIN, f"job {job_id} did not come from {source.node}")
     await end_cancelled(ctx, job_id)
 
 
-class _Serving:
+class Serving:
     """One job being streamed from the LLM to its origin; counts what was delivered."""
 
     def __init__(self, ctx: NodeContext, spec: JobSpec, origin: str, endpoint: openai.Endpoint | None = None) -> None:
@@ -173,7 +171,7 @@ class _Serving:
         if self.seq == 0 and self.origin != self.ctx.name:
             # Written before the chunk leaves: after a crash, a job that may have reached its client is never handed over.
             await _set_served(self.ctx, self.job_id, streamed=True, until=self.spec.deadline)
-        await _deliver(self.ctx, self.origin, update, self.spec.deadline)
+        await deliver(self.ctx, self.origin, update, self.spec.deadline)
         self.seq += 1
 
     def tokens(self, refused: bool = False) -> TokenCount:
@@ -184,14 +182,14 @@ class _Serving:
             return TokenCount()
         return accounting.estimate(self.spec.kind, self.spec.body, self.output_chunks)
 
-    def final(self, status: str, error: str | None = None, llm_error: LlmError | None = None, refused: bool = False) -> JobUpdate:
+    def final(self, status: JobStatus, error: str | None = None, llm_error: LlmError | None = None, refused: bool = False) -> JobUpdate:
         return _update(
             self.job_id, self.seq, self.tail, driver=self.ctx.name, is_final=True, status=status,
-            finish_reason=self.finish_reason if status == "succeeded" else None, usage=self.usage, error=error, llm_error=llm_error,
+            finish_reason=self.finish_reason if status == JobStatus.SUCCEEDED else None, usage=self.usage, error=error, llm_error=llm_error,
             tokens=self.tokens(refused),
         )
 
-    async def end(self, status: str, tokens: TokenCount) -> None:
+    async def end(self, status: JobStatus, tokens: TokenCount) -> None:
         """Record how the serving ended, and what it counts: once per serving, whoever ended the job."""
         first_token = None if self.first_output_at is None else self.first_output_at - self.started
         await _set_served(self.ctx, self.job_id, status=status, tokens=tokens, origin=self.origin, model=self.spec.model)
@@ -209,71 +207,73 @@ def _update(job_id: str, seq: int, pieces: list[openai.Piece], **fields: Any) ->
 async def serve(ctx: NodeContext, spec: JobSpec, origin: str, endpoint: openai.Endpoint | None) -> None:
     """Stream the job from our LLM to `origin` (this node, or the router), then record how it ended."""
     job_id = spec.job_id
-    job = _Serving(ctx, spec, origin, endpoint)
+    job = Serving(ctx, spec, origin, endpoint)
     try:
         await job.stream()
-        final = job.final("succeeded")
+        final = job.final(JobStatus.SUCCEEDED)
     except TimeoutError:
         metrics.UPSTREAM_ERRORS.labels(ctx.name, spec.model, UpstreamErrorKind.TIMEOUT).inc()
-        final = job.final("timed_out", job.timeout_reason())
+        final = job.final(JobStatus.TIMED_OUT, job.timeout_reason())
     except UpstreamError as error:
         metrics.UPSTREAM_ERRORS.labels(ctx.name, spec.model, error.kind).inc()
         if error.retryable and job.seq == 0 and job.origin != ctx.name:
-            await _release(ctx, job, str(error))
+            await release(ctx, job, str(error))
             return
-        final = job.final("failed", str(error), error.llm_error, refused=True)
-    except PeerError as error:
-        log.warning("job %s: %s stopped taking its updates (%s); serving stopped", job_id, job.origin, error.message)
-        await job.end("failed", job.tokens())
+        final = job.final(JobStatus.FAILED, str(error), error.llm_error, refused=True)
+    except Undeliverable as error:
+        log.warning("job %s: its updates are not taken (%s); serving stopped", job_id, error)
+        await job.end(JobStatus.FAILED, job.tokens())
         return
-    except asyncio.CancelledError as cancelled:
-        reason = cancelled.args[0] if cancelled.args else None
-        if reason is None:  # this process is stopping
-            await job.end("cancelled", job.tokens())
-            raise
-        if reason == CANCELLED_BY_CLIENT:
-            await _cancelled(ctx, job)
-            return
-        final = job.final("failed", reason)
+    except asyncio.CancelledError:
+        match _stop_reason(ctx, job_id):
+            case None:  # this process is stopping
+                await job.end(JobStatus.CANCELLED, job.tokens())
+                raise
+            case StopReason.CLIENT_CANCELLED:
+                await _cancelled(ctx, job)
+                return
+            case reason:
+                final = job.final(JobStatus.FAILED, reason)
     except Exception as error:  # a fault of the driver's own: the job still ends, saying so, and the slot frees
         log.exception("job %s: serving failed", job_id)
-        final = job.final("failed", f"the driver failed while serving the job: {error!r}")
-    await _finish(ctx, job, final)
+        final = job.final(JobStatus.FAILED, f"the driver failed while serving the job: {error!r}")
+    await finish(ctx, job, final)
 
 
-async def _finish(ctx: NodeContext, job: _Serving, final: JobUpdate) -> None:
+async def finish(ctx: NodeContext, job: Serving, final: JobUpdate) -> None:
+    """Deliver the job's final update, then record how its serving ended."""
     try:
-        await _deliver(ctx, job.origin, final, job.spec.deadline + FINAL_DELIVERY_GRACE_S)
-    except (PeerError, StorageUnavailable) as error:
+        await deliver(ctx, job.origin, final, job.spec.deadline + FINAL_DELIVERY_GRACE_S)
+    except (Undeliverable, StorageUnavailable) as error:
         log.warning("job %s: final update not delivered to %s: %s", final.job_id, job.origin, error)
-    await job.end(final.status or "failed", final.tokens or job.tokens())
+    await job.end(final.status or JobStatus.FAILED, final.tokens or job.tokens())
 
 
-async def _cancelled(ctx: NodeContext, job: _Serving) -> None:
+async def _cancelled(ctx: NodeContext, job: Serving) -> None:
     """The client gave up: the job is counted with what the LLM produced until now, and the router, which
     ended it already, hears what that was (once, as a final update it keeps for its accounting)."""
     tokens = job.tokens()
-    await job.end("cancelled", tokens)
+    await job.end(JobStatus.CANCELLED, tokens)
     if job.origin == ctx.name:
         return
-    final = JobUpdate(job_id=job.job_id, seq=job.seq, is_final=True, status="cancelled", driver=ctx.name, tokens=tokens)
+    final = JobUpdate(job_id=job.job_id, seq=job.seq, is_final=True, status=JobStatus.CANCELLED, driver=ctx.name, tokens=tokens)
     try:
         await ctx.transport.send("driver", job.origin, "router", JobUpdateMessage(update=final))
     except PeerError as error:
         log.info("job %s: router %s did not take the count of the cancelled job: %s", job.job_id, job.origin, error.message)
 
 
-async def _release(ctx: NodeContext, job: _Serving, reason: str) -> None:
+async def release(ctx: NodeContext, job: Serving, reason: str) -> None:
     """Nothing reached the client yet: the router may give the job to another driver."""
     try:
         await ctx.transport.send("driver", job.origin, "router", ReleaseJob(job_id=job.job_id, reason=reason))
     except PeerError as error:
         log.warning("job %s: router %s did not take it back: %s", job.job_id, job.origin, error.message)
-    await job.end("failed", job.tokens(refused=True))
+    await job.end(JobStatus.FAILED, job.tokens(refused=True))
 
 
 async def _set_served(
-    ctx: NodeContext, job_id: str, status: str | None = None, streamed: bool | None = None,
+    ctx: NodeContext, job_id: str, status: JobStatus | None = None, streamed: bool | None = None,
     tokens: TokenCount | None = None, origin: str | None = None, model: str | None = None, until: float | None = None,
 ) -> None:
     """Record how the job stands on this driver; with `tokens`, count it (for `origin` and `model`) in the same
@@ -284,7 +284,7 @@ async def _set_served(
         values["streamed"] = streamed
     if status is not None:
         values |= {"status": status, "finished_at": time.time()}
-    statement = sa_update(ServedJob).where(ServedJob.id == job_id, ServedJob.status == "running").values(values)
+    statement = sa_update(ServedJob).where(ServedJob.id == job_id, ServedJob.status == JobStatus.RUNNING).values(values)
 
     async def write(session: AsyncSession) -> None:
         await (await session.connection()).execute(statement)
@@ -295,101 +295,4 @@ async def _set_served(
     async def attempt() -> None:
         await ctx.store.write_soon(write)
 
-    await _again_while_unavailable(f"job {job_id}: its record on the driver", attempt, until or time.time() + STORE_PATIENCE_S)
-
-
-async def _settle_orphan(ctx: NodeContext, served: ServedJob) -> None:
-    """A job whose serving process died (the previous one on this store, or a silent sibling); what it
-    produced died with it, so it counts no tokens."""
-    with tracing.about(served.id, served.traceparent):
-        job = _Serving(ctx, JobSpec.model_validate(served.spec), served.origin_node)
-        if not served.streamed and served.origin_node != ctx.name:
-            await _release(ctx, job, "the driver restarted before it sent anything")
-            return
-        final = JobUpdate(
-            job_id=served.id, seq=0, is_final=True, status="failed", driver=ctx.name, error="the driver restarted mid-job",
-            tokens=TokenCount(estimated=True),
-        )
-        await _finish(ctx, job, final)
-
-
-async def _deliver(ctx: NodeContext, origin: str, update: JobUpdate, deadline: float) -> None:
-    """To this node's own client, or to the router; a store that refuses writes, or a router that is down
-    (restarting), is tried again with backoff until the job's deadline.  Repeats are safe: receivers ignore known seqs."""
-
-    async def attempt() -> None:
-        if origin != ctx.name:
-            # Each attempt ends by the deadline, yet waits long enough for the router to say that the client
-            # node does not answer (it waits RELAY_TIMEOUT_S for it) before we give up on the router.
-            wait = min(DELIVERY_TIMEOUT_S, max(deadline - time.time(), router.RELAY_TIMEOUT_S + ACCEPT_MARGIN_S))
-            await ctx.transport.send("driver", origin, "router", JobUpdateMessage(update=update), timeout=wait)
-        elif not await updates.record_update(ctx, update) and not update.is_final:
-            # The job ended meanwhile (cancelled, perhaps through another process of this node).
-            raise PeerError(409, "job_finished", f"job {update.job_id} already ended")
-
-    await _again_while_unavailable(f"job {update.job_id}: update {update.seq} to {origin}", attempt, deadline)
-
-
-async def _again_while_unavailable(what: str, attempt: Callable[[], Awaitable[None]], deadline: float) -> None:
-    """`attempt()`, and again with backoff while the store refuses writes or the peer answers 503, until `deadline`."""
-    backoff = DELIVERY_BACKOFF_S
-    while True:
-        try:
-            await attempt()
-            return
-        except PeerError as error:
-            if error.status != 503 or time.time() + backoff > deadline:
-                raise
-            reason = error.message
-        except StorageUnavailable as error:
-            if time.time() + backoff > deadline:
-                raise
-            reason = f"the store is unavailable: {error}"
-        log.warning("%s: %s; retried in %.1f s", what, reason, backoff)
-        await asyncio.sleep(backoff)
-        backoff = min(backoff * 2, DELIVERY_BACKOFF_MAX_S)
-
-
-async def drain(ctx: NodeContext, grace: float) -> None:
-    """Stop taking jobs, let those being served finish for `grace` seconds, then end the rest `failed`."""
-    ctx.draining = True
-    running = list(ctx.serving.values())
-    if running:
-        log.info("draining: waiting up to %.0f s for %d job(s)", grace, len(running))
-        await asyncio.wait(running, timeout=grace)
-    for job_id in list(ctx.serving):
-        stop(ctx, job_id, reason="the serving node shut down")
-    await asyncio.gather(*ctx.serving.values(), return_exceptions=True)
-
-
-async def settle_orphans(ctx: NodeContext) -> None:
-    """Jobs whose serving process died end, or go back to the router.  Alone on its store, a process
-    takes every job it is not serving as the last process's; sharing it, only those of processes
-    not seen for WORKER_TTL_S.  Each orphan is claimed in one UPDATE, so one process settles it."""
-    if ctx.store.shared:
-        live = select(Worker.id).where(Worker.last_seen >= time.time() - WORKER_TTL_S)
-        dead = ServedJob.worker.is_(None) | ServedJob.worker.not_in(live)
-    else:
-        dead = ServedJob.worker.is_(None) | (ServedJob.worker != ctx.worker)
-    claim = sa_update(ServedJob).where(ServedJob.status == "running", dead).values(worker=ctx.worker).returning(ServedJob)
-    async with ctx.store.writing() as session:
-        orphans = (await session.scalars(claim.execution_options(synchronize_session=False))).all()
-    for served in orphans:
-        ctx.spawn(_settle_orphan(ctx, served), name=f"settle-{served.id}")
-
-
-async def report_alive(ctx: NodeContext) -> None:
-    """This process's heartbeat, for the others sharing the store."""
-    now = time.time()
-    async with ctx.store.writing() as session:
-        worker = await session.get(Worker, ctx.worker)
-        if worker is None:
-            session.add(Worker(id=ctx.worker, started_at=now, last_seen=now))
-        else:
-            worker.last_seen = now
-
-
-async def serving_now(ctx: NodeContext) -> list[str]:
-    """Every job this node serves, whichever of its processes serves it."""
-    async with ctx.store.reading() as session:
-        return list(await session.scalars(select(ServedJob.id).where(ServedJob.status == "running").order_by(ServedJob.id)))
+    await again_while_unavailable(f"job {job_id}: its record on the driver", attempt, until or time.time() + STORE_PATIENCE_S)

@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 
 from handlers.api_keys import digest
 from handlers.context import NodeContext
-from handlers.errors import HandlerError
+from handlers.errors import ErrorCode, HandlerError
 from schemas.messages import UiLoginCreated
 from store.models import UiLogin
 
@@ -43,7 +43,7 @@ async def log_in(ctx: NodeContext, token: str) -> str:
     async with ctx.store.writing() as session:
         spent = (await session.execute(spend)).rowcount  # type: ignore[attr-defined]
     if not spent:
-        raise HandlerError(403, "login_refused", "this login URL is unknown, used already or expired; get a new one with `emulator ui -p PORT`")
+        raise HandlerError(403, ErrorCode.LOGIN_REFUSED, "this login URL is unknown, used already or expired; get a new one with `emulator ui -p PORT`")
     return cookie
 
 

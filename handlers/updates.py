@@ -11,8 +11,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from handlers import accounting, metrics
 from handlers.context import NodeContext, log
-from handlers.errors import HandlerError, unknown_job
-from schemas.jobs import FINAL_STATUSES, JobSpec
+from handlers.errors import ErrorCode, HandlerError, unknown_job
+from schemas.jobs import FINAL_STATUSES, JobSpec, JobStatus
 from schemas.jobs import JobUpdate as Update
 from schemas.messages import Source
 from schemas.usage import Role, TokenCount, utc_day
@@ -28,7 +28,7 @@ async def record_from_router(ctx: NodeContext, source: Source, update: Update) -
     if not exists:
         raise unknown_job(update.job_id)
     if router != source.node:
-        raise HandlerError(403, "not_the_jobs_router", f"{source.node} is not the router of job {update.job_id}")
+        raise HandlerError(403, ErrorCode.NOT_THE_JOBS_ROUTER, f"{source.node} is not the router of job {update.job_id}")
     # otherwise a repeat, or news of a job that already ended: nothing to do
 
 
@@ -45,14 +45,14 @@ async def record_update(ctx: NodeContext, update: Update, router: str | None = N
         conditions.append(Job.next_seq <= update.seq)
     if router is not None:
         conditions.append(Job.router_node == router)
-    values: dict[str, Any] = {"next_seq": Job.next_seq + 1 if update.is_final else update.seq + 1, "status": "running"}
+    values: dict[str, Any] = {"next_seq": Job.next_seq + 1 if update.is_final else update.seq + 1, "status": JobStatus.RUNNING}
     if update.driver:
         values["driver_node"] = update.driver
     if update.delta or update.chunks:
         values["first_token_at"] = func.coalesce(Job.first_token_at, now)
     if update.is_final:
         values |= {
-            "status": update.status or "failed",
+            "status": update.status or JobStatus.FAILED,
             "finished_at": now,
             "finish_reason": update.finish_reason,
             "usage": update.usage.model_dump() if update.usage else None,
@@ -82,7 +82,7 @@ async def record_update(ctx: NodeContext, update: Update, router: str | None = N
     ctx.signals.notify(update.job_id)
     job, tokens = written
     if update.is_final:
-        status = update.status or "failed"
+        status = update.status or JobStatus.FAILED
         first_token = None if job.first_token_at is None else job.first_token_at - job.created_at
         metrics.count_job(ctx.name, Role.CLIENT, job.model, status, tokens, now - job.created_at, first_token)
         log.info("job %s ended %s", update.job_id, status)

@@ -8,9 +8,9 @@ from collections.abc import Awaitable, Callable
 
 from sqlalchemy import delete, select
 
-from handlers import driver, router, serving, tracing, updates
+from handlers import driver, liveness, router, tracing, updates
 from handlers.context import NodeContext, log
-from schemas.jobs import FINAL_STATUSES, JobUpdate
+from schemas.jobs import ACTIVE_STATUSES, FINAL_STATUSES, JobStatus, JobUpdate
 from store.errors import StorageUnavailable
 from store.models import Job, RoutedJob, SeenNonce, ServedJob, UiLogin, Worker
 
@@ -18,7 +18,7 @@ SWEEP_INTERVAL_S = 0.5
 PRUNE_INTERVAL_S = 60.0
 SEEN_NONCE_RETENTION_S = 600.0  # well past any replay window: older messages are refused for their age
 CLIENT_GRACE_S = 1.0  # the serving driver's own timed_out update, richer, normally arrives first
-ACTIVE = ("queued", "running")
+
 
 
 async def announce(ctx: NodeContext) -> None:
@@ -26,7 +26,7 @@ async def announce(ctx: NodeContext) -> None:
     orphans takes the jobs of every process it does not see alive there: this one must be seen before it
     serves a job, or a job it takes while its boot chores still run is settled as a dead process's."""
     if ctx.store.shared:
-        await serving.report_alive(ctx)
+        await liveness.report_alive(ctx)
 
 
 async def boot(ctx: NodeContext) -> None:
@@ -69,10 +69,10 @@ async def sweep(ctx: NodeContext) -> None:
 
 async def _expire_client_jobs(ctx: NodeContext, now: float) -> None:
     async with ctx.store.reading() as session:
-        overdue = select(Job.id, Job.traceparent).where(Job.status.in_(ACTIVE), Job.deadline < now - CLIENT_GRACE_S)
+        overdue = select(Job.id, Job.traceparent).where(Job.status.in_(ACTIVE_STATUSES), Job.deadline < now - CLIENT_GRACE_S)
         late = (await session.execute(overdue)).all()
     for job_id, traceparent in late:
-        final = JobUpdate(job_id=job_id, seq=0, is_final=True, status="timed_out", error="no answer before the job's deadline")
+        final = JobUpdate(job_id=job_id, seq=0, is_final=True, status=JobStatus.TIMED_OUT, error="no answer before the job's deadline")
         with tracing.about(job_id, traceparent):
             await updates.record_update(ctx, final)
 
@@ -84,7 +84,7 @@ async def prune(ctx: NodeContext) -> None:
     async with ctx.store.writing() as session:
         await session.execute(delete(Job).where(Job.status.in_(final), Job.finished_at < before))
         await session.execute(delete(RoutedJob).where(RoutedJob.status.in_(final), RoutedJob.finished_at < before))
-        await session.execute(delete(ServedJob).where(ServedJob.status.in_(final + ("failed",)), ServedJob.finished_at < before))
+        await session.execute(delete(ServedJob).where(ServedJob.status.in_(final), ServedJob.finished_at < before))
         await session.execute(delete(SeenNonce).where(SeenNonce.sent_at < time.time() - SEEN_NONCE_RETENTION_S))
         await session.execute(delete(Worker).where(Worker.last_seen < before))
         await session.execute(delete(UiLogin).where(UiLogin.expires_at < time.time()))

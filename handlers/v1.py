@@ -18,11 +18,12 @@ from handlers import driver, jobs
 from handlers.api_keys import Caller
 from handlers.assembly import finish_chunk
 from handlers.context import NodeContext
-from handlers.errors import HandlerError
-from schemas.jobs import ErrorBody, JobUpdate, output_chunks
+from handlers.errors import ErrorCode, HandlerError
+from schemas.jobs import ErrorBody, JobStatus, JobUpdate, output_chunks
 from schemas.openai_api import JobKind, JobOrder, OpenAiModel, OpenAiModelList
 
-FAILURE_STATUS = {"timed_out": 504, "cancelled": 499, "failed": 502}
+FAILURE_STATUS = {JobStatus.TIMED_OUT: 504, JobStatus.CANCELLED: 499, JobStatus.FAILED: 502}
+ENDED_AS = {JobStatus.TIMED_OUT: ErrorCode.JOB_TIMED_OUT, JobStatus.CANCELLED: ErrorCode.JOB_CANCELLED, JobStatus.FAILED: ErrorCode.JOB_FAILED}
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ async def stream(ctx: NodeContext, answer: Answer) -> AsyncIterator[dict[str, An
                     yield payload
             if not update.is_final:
                 continue
-            if update.status != "succeeded":
+            if update.status != JobStatus.SUCCEEDED:
                 yield {"error": error_object(update)}
                 return
             # A job stored before chunks were kept: its end and usage were kept beside the text.
@@ -102,22 +103,22 @@ async def complete(ctx: NodeContext, answer: Answer) -> dict[str, Any]:
                 continue
             chunks.extend(output_chunks(update.seq, update.delta, update.chunks))
             if update.is_final:
-                if update.status != "succeeded":
+                if update.status != JobStatus.SUCCEEDED:
                     raise refusal(update)
                 return jobs.whole_answer(
                     answer.kind, chunks, response_id=answer.id, created=answer.created, model=answer.model,
                     finish_reason=update.finish_reason, usage=update.usage,
                 )
-    raise HandlerError(502, "job_lost", f"job {answer.job_id} ended without a final update")
+    raise HandlerError(502, ErrorCode.JOB_LOST, f"job {answer.job_id} ended without a final update")
 
 
 def refusal(update: JobUpdate) -> HandlerError:
     """A job that ended without an answer, as the HTTP error the client gets."""
     if update.llm_error is not None:
         error = update.llm_error.body.get("error") or {}
-        return HandlerError(update.llm_error.status, str(error.get("code") or "llm_refused"), str(error.get("message")), body=update.llm_error.body)
-    body = failure(update)
-    return HandlerError(FAILURE_STATUS.get(update.status or "failed", 502), body.code or "job_failed", body.message)
+        return HandlerError(update.llm_error.status, ErrorCode.LLM_REFUSED, str(error.get("message")), body=update.llm_error.body)
+    status = update.status or JobStatus.FAILED
+    return HandlerError(FAILURE_STATUS.get(status, 502), ENDED_AS.get(status, ErrorCode.JOB_FAILED), failure(update).message)
 
 
 def error_object(update: JobUpdate) -> dict[str, Any]:
@@ -128,8 +129,8 @@ def error_object(update: JobUpdate) -> dict[str, Any]:
 
 
 def failure(update: JobUpdate) -> ErrorBody:
-    status = update.status or "failed"
-    return ErrorBody(message=update.error or f"job {status}", type="server_error", code=f"job_{status}")
+    status = update.status or JobStatus.FAILED
+    return ErrorBody(message=update.error or f"job {status}", type="server_error", code=ENDED_AS.get(status, ErrorCode.JOB_FAILED))
 
 
 async def models(ctx: NodeContext) -> OpenAiModelList:

@@ -19,15 +19,15 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from handlers import accounting, api_keys, driver, jobs, metrics, node, strict_json, tracing, v1
+from handlers import accounting, admin, api_keys, driver, jobs, metrics, node, strict_json, tracing, v1
 from handlers.api_keys import Caller
 from handlers.context import NodeContext, log
-from handlers.errors import HandlerError
+from handlers.errors import ErrorCode, HandlerError
 from llm_provider import openapi, signing
 from llm_provider.directory import Directory
 from llm_provider.openapi import Auth, Operation, event_stream, json_body, operation, text
 from schemas.jobs import ErrorBody, ErrorResponse, JobCreated, JobRecord, JobUpdate
-from schemas.messages import MESSAGE_TYPES, AdminMessage, Envelope, MessageReply, Process, untag
+from schemas.messages import ALL_PROCESSES, MESSAGE_TYPES, Envelope, MessageReply, Process, untag
 from schemas.node_api import Health
 from schemas.openai_api import (
     ChatCompletion,
@@ -165,11 +165,11 @@ def not_found(method: str, path: str, allowed: list[str]) -> JsonReply:
 
 def read_json(request: HttpRequest, limit: int) -> Any:
     if len(request.body) > limit:
-        raise HandlerError(413, "body_too_large", f"request body over {limit} bytes")
+        raise HandlerError(413, ErrorCode.BODY_TOO_LARGE, f"request body over {limit} bytes")
     try:
         return strict_json.loads(request.body)
     except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, not JSON by the RFC
-        raise HandlerError(400, "malformed_json", f"the body is not valid JSON: {error}") from error
+        raise HandlerError(400, ErrorCode.MALFORMED_JSON, f"the body is not valid JSON: {error}") from error
 
 
 def bearer_of(request: HttpRequest) -> str | None:
@@ -186,7 +186,7 @@ def caller_of(request: HttpRequest) -> Caller:
 def _require_admin(api: NodeApi, request: HttpRequest) -> None:
     presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
     if not hmac.compare_digest(presented.encode(), api.admin_token.encode()):
-        raise HandlerError(401, "admin_token_required", "admin commands need this node's admin token (Authorization: Bearer ...)")
+        raise HandlerError(401, ErrorCode.ADMIN_TOKEN_REQUIRED, "admin commands need this node's admin token (Authorization: Bearer ...)")
 
 
 def is_loopback(address: str) -> bool:
@@ -203,7 +203,7 @@ def _last_event_id(request: HttpRequest) -> int:
     try:
         return int(raw)
     except ValueError as error:
-        raise HandlerError(400, "bad_last_event_id", f"Last-Event-ID must be a sequence number, got {raw!r}") from error
+        raise HandlerError(400, ErrorCode.BAD_LAST_EVENT_ID, f"Last-Event-ID must be a sequence number, got {raw!r}") from error
 
 
 # --- client routes --------------------------------------------------------------------------------
@@ -362,7 +362,7 @@ async def node_message(api: NodeApi, request: HttpRequest) -> Reply:
     try:
         envelope = Envelope.model_validate(raw)
         if envelope.destination != api.ctx.name:
-            raise HandlerError(401, "wrong_destination", f"the envelope is for {envelope.destination}, not {api.ctx.name}")
+            raise HandlerError(401, ErrorCode.WRONG_DESTINATION, f"the envelope is for {envelope.destination}, not {api.ctx.name}")
         peer = api.directory.peer(envelope.source.node)
         await signing.authenticate(
             peer.public_key if peer else None, envelope.source.node, request.body,
@@ -390,17 +390,17 @@ def _message_type(raw: Any) -> str:
 @operation(Operation(
     "An admin command from the node's owner", {200: json_body(MessageReply)},
     request=json_body(
-        AdminMessage, 'a message as {"type": NAME, ...fields}, or in the seed\'s form: "StartRouter", {"SetRouter": {...}}'
+        admin.AdminMessage, 'a message as {"type": NAME, ...fields}, or in the seed\'s form: "StartRouter", {"SetRouter": {...}}'
     ),
     auth=(Auth.ADMIN,),
 ))
 async def admin_message(api: NodeApi, request: HttpRequest) -> Reply:
     _require_admin(api, request)
     target = request.params.get("process")
-    if target is not None and target not in node.PROCESSES:
-        raise HandlerError(404, "unknown_process", f"no process {target!r}; processes: {', '.join(node.PROCESSES)}")
+    if target is not None and target not in ALL_PROCESSES:
+        raise HandlerError(404, ErrorCode.UNKNOWN_PROCESS, f"no process {target!r}; processes: {', '.join(ALL_PROCESSES)}")
     process: Process | None = target  # type: ignore[assignment]
-    return json_reply(await node.admin(api.ctx, process, read_json(request, api.max_body_bytes)))
+    return json_reply(await admin.run(api.ctx, process, read_json(request, api.max_body_bytes)))
 
 
 @operation(Operation(
@@ -421,7 +421,7 @@ def require_reader(api: NodeApi, request: HttpRequest) -> None:
     presented = bearer_of(request) or ""
     if not hmac.compare_digest(presented.encode(), api.metrics_token.encode()):
         raise HandlerError(
-            401, "metrics_token_required",
+            401, ErrorCode.METRICS_TOKEN_REQUIRED,
             "open on loopback only; from elsewhere this needs the node's metrics token (Authorization: Bearer ...)",
         )
 

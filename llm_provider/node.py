@@ -13,7 +13,7 @@ from pathlib import Path
 from aiohttp import web
 from pydantic import BaseModel
 
-from handlers import metrics, news, serving, upkeep
+from handlers import liveness, metrics, news, upkeep
 from handlers import node as node_handlers
 from handlers.context import NodeContext, Settings
 from handlers.limits import (
@@ -160,7 +160,7 @@ class NodeRuntime:
     async def drain(self) -> None:
         """SIGTERM: finish what is being served, within the grace period, before stopping."""
         if self.ctx is not None:
-            await serving.drain(self.ctx, self.ctx.settings.drain_grace)
+            await liveness.drain(self.ctx, self.ctx.settings.drain_grace)
 
     def close_streams(self) -> None:
         """Open event streams end now; their readers reconnect with Last-Event-ID."""

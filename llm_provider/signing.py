@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from handlers.errors import HandlerError
+from handlers.errors import ErrorCode, HandlerError
 from llm_provider.homes import create_once
 from store.database import Store, insert_or_ignore
 from store.models import SeenNonce
@@ -99,8 +99,8 @@ async def authenticate(public_key: str | None, sender: str, data: bytes, signatu
                  sent_at: float, nonce: str) -> None:
     """Raise 401 unless `data` was signed by `sender`, recently, and not seen before."""
     if public_key is None:
-        raise HandlerError(401, "unknown_node", f"no public key for node {sender!r} in the directory")
+        raise HandlerError(401, ErrorCode.UNKNOWN_NODE, f"no public key for node {sender!r} in the directory")
     if signature is None or not signature_is_valid(public_key, data, signature):
-        raise HandlerError(401, "bad_signature", f"the message is not signed by {sender}")
+        raise HandlerError(401, ErrorCode.BAD_SIGNATURE, f"the message is not signed by {sender}")
     if (problem := await guard.check(sent_at, nonce)) is not None:
-        raise HandlerError(401, "replayed_message", problem)
+        raise HandlerError(401, ErrorCode.REPLAYED_MESSAGE, problem)

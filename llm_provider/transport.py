@@ -13,7 +13,7 @@ import aiohttp
 from pydantic import BaseModel
 
 from handlers import metrics, tracing
-from handlers.errors import HandlerError, PeerError
+from handlers.errors import ErrorCode, HandlerError, PeerError
 from llm_provider.directory import Directory
 from llm_provider.signing import SIGNATURE_HEADER, NodeKey
 from schemas.messages import (
@@ -75,7 +75,7 @@ class HttpTransport:
     ) -> dict[str, Any]:
         peer = self.directory.peer(node)
         if peer is None:
-            raise PeerError(503, "unknown_node", f"no URL for node {node!r} in the directory")
+            raise PeerError(503, ErrorCode.UNKNOWN_NODE, f"no URL for node {node!r} in the directory")
         urls = self._in_turn(node, peer.urls)
         wait = timeout if timeout is not None else REPLY_TIMEOUTS_S.get(type(message), DEFAULT_REPLY_TIMEOUT_S)
         until = time.monotonic() + wait
@@ -92,16 +92,16 @@ class HttpTransport:
                 failure = error
                 continue
             except TimeoutError as error:  # connected, then no answer in time (a frozen or overloaded peer)
-                raise PeerError(503, "peer_unreachable", f"{node} at {url} did not answer within {wait:g} s") from error
+                raise PeerError(503, ErrorCode.PEER_UNREACHABLE, f"{node} at {url} did not answer within {wait:g} s") from error
             except (aiohttp.ClientError, json.JSONDecodeError) as error:
                 # A broken connection may have carried the message first: the sender decides whether to repeat it.
                 # With one URL there is nothing to try instead, nor in-flight messages to cut short.
                 if isinstance(error, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)) and len(urls) > 1:
                     self._went_down(url)
-                raise PeerError(503, "peer_unreachable", f"{node} at {url} did not answer: {error!r}") from error
+                raise PeerError(503, ErrorCode.PEER_UNREACHABLE, f"{node} at {url} did not answer: {error!r}") from error
             return body
         why = f": {failure!r}" if failure is not None else f" within {wait:g} s"
-        raise PeerError(503, "peer_unreachable", f"{node} at {', '.join(urls)} did not answer{why}") from failure
+        raise PeerError(503, ErrorCode.PEER_UNREACHABLE, f"{node} at {', '.join(urls)} did not answer{why}") from failure
 
     def _went_down(self, url: str) -> None:
         """Try `url` last for a while, and drop its connections: after a crash each pooled one would fail
@@ -141,7 +141,7 @@ class HttpTransport:
                 error = body.get("error", {}) if isinstance(body, dict) else {}
                 retry_after = response.headers.get("Retry-After")
                 raise PeerError(
-                    response.status, error.get("code") or "peer_error", f"{node}: {error.get('message', body)}",
+                    response.status, error.get("code") or ErrorCode.PEER_ERROR, f"{node}: {error.get('message', body)}",
                     error.get("details"), float(retry_after) if retry_after and retry_after.isdigit() else None,
                 )
             return body  # type: ignore[no-any-return]

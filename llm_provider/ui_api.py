@@ -26,7 +26,7 @@ from importlib import resources
 
 from handlers import ui, ui_logins
 from handlers.api_keys import Caller
-from handlers.errors import HandlerError
+from handlers.errors import ErrorCode, HandlerError
 from llm_provider import http_api
 from llm_provider.http_api import ContentReply, HttpRequest, NodeApi, Reply, Route, StreamReply, json_reply
 from schemas.sse import encode_comment, encode_event
@@ -96,7 +96,7 @@ async def visitor(api: NodeApi, request: HttpRequest) -> Visitor:
     if cookie and (key := await ui_logins.session_key(api.ctx, cookie)) is not None:
         return Visitor(UiAccess.SESSION, key)
     raise HandlerError(
-        401, "ui_login_required",
+        401, ErrorCode.UI_LOGIN_REQUIRED,
         f"this page is open on {api.ctx.name}'s own machine; from elsewhere, open a login URL from `emulator ui -p PORT` first",
     )
 
@@ -111,7 +111,7 @@ async def changing_visitor(api: NodeApi, request: HttpRequest) -> Visitor:
     found = await visitor(api, request)
     presented = request.headers.get(CSRF_HEADER, "")
     if not hmac.compare_digest(presented.encode(), csrf_token(api, found).encode()):
-        raise HandlerError(403, "csrf_token_required", "a call from the page that changes something carries X-CSRF-Token (GET /ui/api/session)")
+        raise HandlerError(403, ErrorCode.CSRF_TOKEN_REQUIRED, "a call from the page that changes something carries X-CSRF-Token (GET /ui/api/session)")
     return found
 
 
@@ -142,7 +142,7 @@ async def asset(api: NodeApi, request: HttpRequest) -> Reply:
     """The page's script and style sheet (not secret: they come with the package)."""
     name = request.params["name"]
     if name not in ASSETS:
-        raise HandlerError(404, "file_not_found", f"no file {name!r}")
+        raise HandlerError(404, ErrorCode.FILE_NOT_FOUND, f"no file {name!r}")
     return ContentReply(200, _file(name), ASSETS[name], {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
 
 
@@ -151,7 +151,7 @@ async def log_in(api: NodeApi, request: HttpRequest) -> Reply:
     token = request.query.get("token", "")
     try:
         if not token:
-            raise HandlerError(400, "token_required", "the login URL lacks its token: /ui/login?token=...")
+            raise HandlerError(400, ErrorCode.TOKEN_REQUIRED, "the login URL lacks its token: /ui/login?token=...")
         cookie = await ui_logins.log_in(api.ctx, token)
     except HandlerError as error:
         return _refusal_page(error)
@@ -176,7 +176,7 @@ async def jobs(api: NodeApi, request: HttpRequest) -> Reply:
     await visitor(api, request)
     raw = request.query.get("limit", str(ui.RECENT_JOBS))
     if not raw.isdigit() or not 1 <= int(raw) <= MAX_JOBS:
-        raise HandlerError(400, "bad_limit", f"limit must be a whole number from 1 to {MAX_JOBS}, got {raw!r}")
+        raise HandlerError(400, ErrorCode.BAD_LIMIT, f"limit must be a whole number from 1 to {MAX_JOBS}, got {raw!r}")
     listing: JobList = await ui.recent_jobs(api.ctx, int(raw))
     return json_reply(listing)
 

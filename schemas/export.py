@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from schemas import jobs, messages, node_api, openai_api, usage
 
@@ -30,8 +30,11 @@ API_MODELS: list[type[BaseModel]] = [
 
 
 def all_schemas() -> dict[str, object]:
+    from handlers.admin import AdminMessage  # the table of admin messages is the handlers' (it names their handlers)
+
     schemas: dict[str, object] = {model.__name__: model.model_json_schema() for model in API_MODELS}
     schemas.update(messages.json_schemas())
+    schemas["admin_message"] = TypeAdapter(AdminMessage).json_schema()
     return schemas
 
 

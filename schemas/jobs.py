@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
 
 from schemas.openai_api import JobKind, Usage
 from schemas.usage import TokenCount
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "timed_out", "cancelled"]
-FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "timed_out", "cancelled"})
+class JobStatus(StrEnum):
+    """How a job stands, wherever it is kept: on the client's node (`jobs`), on the router (`routed_jobs`) and on
+    the serving driver (`served_jobs`, never `queued`).  One vocabulary, since a status travels from one to the next
+    (a driver's final update ends the routed job and then the client's); stored and sent as these strings."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+
+
+FINAL_STATUSES: frozenset[JobStatus] = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.TIMED_OUT, JobStatus.CANCELLED})
+ACTIVE_STATUSES: tuple[JobStatus, ...] = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 class JobSpec(BaseModel):

@@ -9,13 +9,14 @@ entry point that turns wire JSON into a model, `to_wire` the way back.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from schemas.jobs import JobSpec, JobUpdate
+from schemas.jobs import JobSpec, JobStatus, JobUpdate
 
 Process = Literal["driver", "router", "openai"]
+ALL_PROCESSES: tuple[Process, ...] = get_args(Process)
 
 
 class Message(BaseModel):
@@ -199,45 +200,27 @@ class RouterView(Message):
     type: Literal["RouterView"] = "RouterView"
 
 
-def _union(*models: type[Message]) -> Any:
+def message_union(*models: type[Message]) -> Any:
+    """One type for several messages, told apart by their `type`."""
     return Annotated[Union[models], Field(discriminator="type")]  # type: ignore[valid-type]
 
 
-RouterMessage = _union(
-    StartRouter, SetGate, SetBudget, RouterStatus, RunJob, JobUpdateMessage, RegisterDriver, ListModels, CancelJob, ReleaseJob,
-    QueuePosition, RouterView,
-)
-DriverMessage = _union(
-    SetRouter, SetLocalDriver, SetJobTimeout, CreateApiKey, RevokeApiKey, RequireApiKeys, CreateUiLogin, RunJob, JobUpdateMessage,
-    CancelJob,
-)
-OpenAiMessage = _union(RegisterOaiProviderEndpoint)
+def message_name(model: type[Message]) -> str:
+    """A message's name on the wire."""
+    name: str = model.model_fields["type"].default
+    return name
 
-ADMIN_TARGET: dict[str, Process] = {
-    "StartRouter": "router",
-    "SetGate": "router",
-    "SetBudget": "router",
-    "RouterStatus": "router",
-    "CreateApiKey": "driver",
-    "RevokeApiKey": "driver",
-    "RequireApiKeys": "driver",
-    "CreateUiLogin": "driver",
-    "SetRouter": "driver",
-    "SetLocalDriver": "driver",
-    "SetJobTimeout": "driver",
-    "RegisterOaiProviderEndpoint": "openai",
-}
 
-ADMIN_MESSAGES: tuple[type[Message], ...] = (
-    StartRouter, SetGate, SetBudget, RouterStatus, SetRouter, SetLocalDriver, SetJobTimeout,
-    CreateApiKey, RevokeApiKey, RequireApiKeys, CreateUiLogin, RegisterOaiProviderEndpoint,
-)
+# What each process takes from other nodes.  Admin messages are not among them: a node takes those only
+# from its owner (`handlers.admin` declares them).  The openai process takes none.
+RouterMessage = message_union(RunJob, JobUpdateMessage, RegisterDriver, ListModels, CancelJob, ReleaseJob, QueuePosition, RouterView)
+DriverMessage = message_union(RunJob, JobUpdateMessage, CancelJob)
 
 _ADAPTERS: dict[str, TypeAdapter[Any]] = {
     "router": TypeAdapter(RouterMessage),
     "driver": TypeAdapter(DriverMessage),
-    "openai": TypeAdapter(OpenAiMessage),
 }
+TAKES_NODE_MESSAGES: frozenset[str] = frozenset(_ADAPTERS)
 
 
 def untag(raw: Any) -> Any:
@@ -254,7 +237,8 @@ def untag(raw: Any) -> Any:
 
 
 def parse_message(process: Process, raw: Any) -> Message:
-    """The one parse entry point: wire JSON (already decoded) for `process` → message model."""
+    """The one parse entry point for messages between nodes: wire JSON (already decoded) for `process`, one of
+    TAKES_NODE_MESSAGES → message model."""
     result: Message = _ADAPTERS[process].validate_python(untag(raw))
     return result
 
@@ -293,7 +277,7 @@ class Ack(BaseModel):
 
 class JobAccepted(BaseModel):
     job_id: str
-    status: Literal["queued", "running"]
+    status: Literal[JobStatus.QUEUED, JobStatus.RUNNING]
 
 
 class ModelInfo(BaseModel):
@@ -336,7 +320,6 @@ class UiLoginCreated(BaseModel):
 
 
 MESSAGE_TYPES: frozenset[str] = frozenset(model.model_fields["type"].default for model in Message.__subclasses__())
-AdminMessage = _union(*ADMIN_MESSAGES)
 MessageReply = Ack | JobAccepted | ModelList | QueuePlace | RouterState | ApiKeyCreated | UiLoginCreated  # what a process answers with
 
 

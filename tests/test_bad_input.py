@@ -38,7 +38,7 @@ from tests.helpers import gated as gated  # a fixture
 from tests.helpers import gated_network as gated_network  # a fixture
 from tests.helpers import migrated_database as migrated_database  # a fixture, used by start_node
 from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
-from tests.sse_client import events, job_updates
+from tests.sse_client import job_updates
 
 ONE_MIB = 1024 * 1024
 

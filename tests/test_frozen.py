@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from handlers import router, serving
+from handlers import delivery, router
 from handlers.driver import ROUTER_ACCEPT_S
 from llm_provider.directory import Directory
 from llm_provider.homes import Home
@@ -143,7 +143,7 @@ async def test_a_frozen_client_node_its_driver_ends_the_job_by_its_deadline_with
     cluster.freeze(CLIENT)
     # The driver ends the job at its deadline and offers the final for a few seconds more; each attempt waits
     # a few seconds for the router, which waits for the client node, then backs off: then it gives up.
-    bound = DEADLINE_S + serving.FINAL_DELIVERY_GRACE_S + router.RELAY_TIMEOUT_S + ACCEPT_MARGIN_S + STEP_S / 3
+    bound = DEADLINE_S + delivery.FINAL_DELIVERY_GRACE_S + router.RELAY_TIMEOUT_S + ACCEPT_MARGIN_S + STEP_S / 3
     assert await until_served_job_ends(cluster, job_id, bound) == "timed_out"
     log = Home(cluster.root / DRIVER).log_file.read_text()
     retries = sum(1 for line in log.splitlines() if job_id in line and "retried in" in line)
@@ -228,7 +228,7 @@ async def test_a_peer_that_never_answers_costs_each_message_its_own_timeout_and_
         stack.push_async_callback(as_router.close)
         offer = RunJob.offer(job, 5.0)
         assert (await as_router.send("router", DRIVER, "driver", offer, timeout=offer.reply_timeout()))["status"] == "running"
-        bound = DEADLINE_S + serving.FINAL_DELIVERY_GRACE_S + router.RELAY_TIMEOUT_S + ACCEPT_MARGIN_S + STEP_S / 3
+        bound = DEADLINE_S + delivery.FINAL_DELIVERY_GRACE_S + router.RELAY_TIMEOUT_S + ACCEPT_MARGIN_S + STEP_S / 3
         assert await until_served_job_ends(cluster, job.job_id, bound) == "timed_out"
         # Every attempt waited its turn: one connection at a time from the driver (and its heartbeats).
         assert silent.most_open <= 3, silent.most_open

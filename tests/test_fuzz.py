@@ -182,7 +182,7 @@ async def quiet(node: RunningNode) -> None:
     ctx = node.node.ctx
     assert ctx is not None
     while ctx.serving:
-        await asyncio.wait(list(ctx.serving.values()), timeout=GUARD_S)
+        await asyncio.wait([entry.task for entry in ctx.serving.values()], timeout=GUARD_S)
 
 
 # --- the node -----------------------------------------------------------------------------------------------------

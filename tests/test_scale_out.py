@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 from sqlalchemy import update
 
-from handlers import router, serving, upkeep
+from handlers import liveness, router, upkeep
 from store import notifications
 from store.models import ServedJob, Worker
 from tests.cluster import (
@@ -157,7 +157,7 @@ async def test_a_job_whose_gunicorn_workers_were_killed_is_ended_by_the_workers_
         for pid in workers:
             os.kill(pid, signal.SIGKILL)  # gunicorn starts new workers; the job's process is gone
         # The new workers take the old ones for dead once they have been silent for WORKER_TTL_S, and settle the job.
-        async with asyncio.timeout(serving.WORKER_TTL_S + 2 * router.HEARTBEAT_S + STEP_S):
+        async with asyncio.timeout(liveness.WORKER_TTL_S + 2 * router.HEARTBEAT_S + STEP_S):
             while True:
                 try:
                     updates = await job_updates(http, node.url, created["job_id"])
@@ -293,16 +293,16 @@ async def test_a_process_booting_beside_a_live_sibling_leaves_its_jobs_and_settl
         second = await start_node("solo.dev", shared=True, database_url=first.node.options.database_url)
         second_ctx = second.node.ctx
         assert second_ctx is not None
-        await serving.report_alive(first_ctx)
-        await serving.settle_orphans(second_ctx)
+        await liveness.report_alive(first_ctx)
+        await liveness.settle_orphans(second_ctx)
         assert await served_by(first, job_id) == ("running", first_ctx.worker)
 
         # The sibling falls silent past the limit, as a killed process does: now its job is settled, once.
         async with store_of(first).writing() as session:
             await session.execute(
-                update(Worker).where(Worker.id == first_ctx.worker).values(last_seen=time.time() - serving.WORKER_TTL_S - 1)
+                update(Worker).where(Worker.id == first_ctx.worker).values(last_seen=time.time() - liveness.WORKER_TTL_S - 1)
             )
-        await serving.settle_orphans(second_ctx)
+        await liveness.settle_orphans(second_ctx)
         async with asyncio.timeout(STEP_S):
             updates = await job_updates(http, second.url, job_id)
         assert final_of(updates)["status"] == "failed" and "restarted" in updates[-1]["error"]
@@ -336,7 +336,7 @@ async def test_a_job_taken_before_the_boot_chores_ran_is_no_orphan_to_a_sibling(
                 async for _ in events(response):
                     break  # the first process is streaming it
 
-        await serving.settle_orphans(second_ctx)  # what the sibling's boot and heartbeats do
+        await liveness.settle_orphans(second_ctx)  # what the sibling's boot and heartbeats do
         assert await served_by(first, job_id) == ("running", first_ctx.worker)
         upstream.gate.set()
         async with asyncio.timeout(STEP_S):

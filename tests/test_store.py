@@ -26,7 +26,7 @@ from handlers.config import config_for_update, read_config
 from llm_provider.directory import Peer
 from llm_provider.homes import Home
 from llm_provider.node import Node, NodeOptions
-from schemas.jobs import JobUpdate
+from schemas.jobs import JobStatus, JobUpdate
 from store.database import Store, sqlite_url
 from store.migrate import alembic_config
 from store.models import DriverRegistration, Job, JobChunk, NodeConfig, RoutedJob, ServedJob
@@ -506,7 +506,7 @@ async def test_stopping_a_node_ends_the_event_streams_of_its_running_jobs(cluste
             finally:
                 if not ended and not stopping.done():
                     # Let a stuck shutdown finish now: end the job on the client, which wakes its reader.
-                    final = JobUpdate(job_id=created["job_id"], seq=1, is_final=True, status="failed", error="test cleanup")
+                    final = JobUpdate(job_id=created["job_id"], seq=1, is_final=True, status=JobStatus.FAILED, error="test cleanup")
                     await updates.record_update(ctx, final)
                 await stopping
     assert ended

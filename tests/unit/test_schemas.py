@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from handlers import admin
+from handlers.errors import HandlerError
 from schemas.messages import parse_message, to_wire
 
 SEED_FORMS = [
@@ -26,18 +28,29 @@ SEED_FORMS = [
 
 @pytest.mark.parametrize(("process", "wire"), SEED_FORMS)
 def test_seed_forms_parse_and_round_trip(process: str, wire: object) -> None:
-    message = parse_message(process, wire)  # type: ignore[arg-type]
-    assert parse_message(process, to_wire(message)) == message  # type: ignore[arg-type]
+    command, message = admin.parse(wire, process)  # type: ignore[arg-type]
+    assert command.process == process
+    assert admin.parse(to_wire(message))[1] == message
+
+
+def test_an_admin_message_is_refused_for_another_process() -> None:
+    with pytest.raises(HandlerError) as refused:
+        admin.parse("StartRouter", "driver")
+    assert (refused.value.status, refused.value.code) == (422, "not_an_admin_message")
+
+
+def test_admin_messages_are_not_messages_between_nodes() -> None:
+    with pytest.raises(ValidationError):
+        parse_message("router", "StartRouter")
 
 
 @pytest.mark.parametrize(
     ("process", "wire"),
     [
         ("router", "Bogus"),
-        ("driver", {"SetRouter": {}}),
-        ("driver", {"SetRouter": {"node": "x", "extra": 1}}),
-        ("openai", {"RegisterOaiProviderEndpoint": {"endpoint": "ftp://x"}}),
-        ("driver", "StartRouter"),  # a router message sent to the driver
+        ("driver", {"RunJob": {}}),
+        ("driver", {"CancelJob": {"job_id": "x", "extra": 1}}),
+        ("driver", "RegisterDriver"),  # a router message sent to the driver
     ],
 )
 def test_wrong_forms_are_refused(process: str, wire: object) -> None:
@@ -50,5 +63,8 @@ def test_json_schemas_are_exported(tmp_path: Path) -> None:
     assert "wrote" in result.stdout
     router = json.loads((tmp_path / "router_message.json").read_text())
     tags = {variant["properties"]["type"]["const"] for variant in router["$defs"].values() if "type" in variant.get("properties", {})}
-    assert {"StartRouter", "RunJob", "JobUpdate", "RegisterDriver"} <= tags
+    assert {"RunJob", "JobUpdate", "RegisterDriver"} <= tags
+    admin_messages = json.loads((tmp_path / "admin_message.json").read_text())
+    tags = {variant["properties"]["type"]["const"] for variant in admin_messages["$defs"].values() if "type" in variant.get("properties", {})}
+    assert {"StartRouter", "SetRouter", "RegisterOaiProviderEndpoint"} <= tags
     assert (tmp_path / "JobUpdate.json").exists() and (tmp_path / "ChatCompletionChunk.json").exists()
