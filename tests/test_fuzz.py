@@ -299,7 +299,7 @@ async def admin_node(start_node: StartNode, scripted: ScriptedUpstream, http: ai
     assert (await send(http, "GET", f"{node.url}/healthz")).status == 200  # whatever it was told, it answers
 
 
-ADMIN_BODIES = st.deferred(lambda: st.one_of(messages("driver", "router", "openai"), NOT_JSON))
+ADMIN_BODIES = st.deferred(lambda: st.one_of(messages("admin", "driver", "router"), NOT_JSON))
 
 
 @fuzzing(examples=400)
@@ -369,7 +369,7 @@ async def test_signed_node_messages(
 ) -> None:
     node, peer = router_node
     logged = len(caplog.records)
-    body = data.draw(messages("driver", "router", "openai"), label="body")
+    body = data.draw(messages("driver", "router", "admin"), label="body")
     raw = json.dumps(envelope_for(node, peer, target, body, process)).encode()
     before = footprint(node)
 
