@@ -24,7 +24,7 @@ from handlers.settings import Settings
 from llm_provider import settings as node_settings
 from llm_provider.directory import Peer, write_directory
 from llm_provider.homes import Home, default_root
-from llm_provider.logs import LogFormat
+from llm_provider.log_format import LogFormat
 from llm_provider.signing import NodeKey
 
 STARTUP_TIMEOUT_S = 30.0

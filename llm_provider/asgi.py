@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl  # noqa: E402
 
 from llm_provider import http_api, routes  # noqa: E402
 from llm_provider.http_api import ContentReply, HttpRequest, JsonReply, NodeApi, StreamReply  # noqa: E402
-from llm_provider.logs import LogFormat  # noqa: E402
+from llm_provider.log_format import LogFormat  # noqa: E402
 from llm_provider.node import NodeOptions, NodeRuntime, configure_logging  # noqa: E402
 
 Scope = MutableMapping[str, Any]

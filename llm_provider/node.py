@@ -23,6 +23,7 @@ from llm_provider.homes import Home, home_from_environment
 from llm_provider.http_api import NodeApi
 from llm_provider.http_app import create_runner
 from llm_provider.llm_client import AiohttpLlmClient
+from llm_provider.log_format import LogFormat
 from llm_provider.signing import NodeKey
 from llm_provider.transport import HttpTransport
 from schemas.messages import Message, Process, Source
@@ -41,7 +42,7 @@ class NodeOptions:
     shared: bool = False  # other processes serve this node from the same database (workers, replicas)
     settings: Settings = field(default_factory=Settings)
     verbose: bool = False
-    log_format: logs.LogFormat = logs.LogFormat.TEXT
+    log_format: LogFormat = LogFormat.TEXT
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> NodeOptions:
@@ -58,7 +59,7 @@ class NodeOptions:
             database_url=environ.get("LLMP_DATABASE_URL"),
             shared=environ.get("LLMP_SHARED", "0") == "1",
             settings=settings.load(environ=environ),
-            log_format=logs.LogFormat(environ.get("LLMP_LOG_FORMAT", logs.LogFormat.TEXT)),
+            log_format=LogFormat(environ.get("LLMP_LOG_FORMAT", LogFormat.TEXT)),
         )
 
 
