@@ -11,6 +11,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from handlers.gating import Gate, lists_and_limits
+from handlers.relay_routes import RelayRoutes
 from handlers.settings import Settings
 from handlers.signals import JobSignals
 from schemas.messages import Message, Process
@@ -74,6 +75,7 @@ class NodeContext:
     signals: JobSignals = field(default_factory=JobSignals)
     worker: str = field(default_factory=lambda: uuid.uuid4().hex[:16])  # this process, among those sharing the store
     serving: dict[str, ServingTask] = field(default_factory=dict)  # by job id
+    relay_routes: RelayRoutes = field(default_factory=RelayRoutes)  # the router's, of jobs streaming through it
     draining: bool = False
     closing: bool = False  # the node is stopping: readers of job streams end
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
