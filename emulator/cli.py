@@ -13,19 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emulator.arguments import CommandError, parse_message_arg
-from handlers.limits import (
-    DEFAULT_DRAIN_GRACE,
-    DEFAULT_JOB_TIMEOUT,
-    DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_LLM_EVENT_BYTES,
-    DEFAULT_RETENTION,
-)
 from llm_provider import event_loop
 from llm_provider.homes import Home, default_root, find_home
 from llm_provider.log_format import LogFormat
 
 if TYPE_CHECKING:
-    from llm_provider.node import JobLimits
+    from handlers.settings import Settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wire", dest="wire", action="store_false", help="start the nodes, configure nothing")
     p.add_argument("--fresh", action="store_true", help="delete the nodes' homes first")
     p.add_argument("--restart", action="store_true", help="start a node whose process exited again, by itself, with backoff")
-    _add_job_limits(p)
+    _add_settings(p)
     _add_log_format(p)
     p.add_argument("--verbose", action="store_true")
 
@@ -60,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         "--shared", action="store_true",
         help="other processes serve this node name from the same database (router replicas): share wake-ups and nonces",
     )
-    _add_job_limits(p)
+    _add_settings(p)
     _add_log_format(p)
     p.add_argument("--verbose", action="store_true")
 
@@ -116,26 +109,19 @@ def _add_log_format(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_job_limits(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--job-timeout", type=float, default=DEFAULT_JOB_TIMEOUT, help="seconds from submission to a job's deadline")
-    parser.add_argument("--first-token-timeout", type=float, default=None, help="seconds allowed until the first token (default: off)")
-    parser.add_argument("--idle-timeout", type=float, default=None, help="longest silence between chunks (default: off)")
-    parser.add_argument("--drain-grace", type=float, default=DEFAULT_DRAIN_GRACE, help="on SIGTERM, seconds running jobs may take to finish")
-    parser.add_argument("--retention", type=float, default=DEFAULT_RETENTION, help="seconds finished jobs are kept")
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body a client may send")
-    parser.add_argument(
-        "--max-llm-event-bytes", type=int, default=DEFAULT_MAX_LLM_EVENT_BYTES, help="largest event a driver reads from its LLM's stream"
-    )
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    from llm_provider import settings
+
+    settings.add_flags(parser)
 
 
-def _job_limits(args: argparse.Namespace) -> JobLimits:
-    from llm_provider.node import JobLimits
+def _settings(args: argparse.Namespace) -> Settings:
+    from llm_provider import settings
 
-    return JobLimits(
-        job_timeout=args.job_timeout, first_token_timeout=args.first_token_timeout, idle_timeout=args.idle_timeout,
-        drain_grace=args.drain_grace, retention=args.retention, max_body_bytes=args.max_body_bytes,
-        max_llm_event_bytes=args.max_llm_event_bytes,
-    )
+    try:
+        return settings.load(args)
+    except settings.SettingsError as error:
+        raise CommandError(str(error)) from error
 
 
 def _add_auth(parser: argparse.ArgumentParser) -> None:
@@ -209,7 +195,7 @@ async def _dispatch(args: argparse.Namespace) -> int | None:
                 UpOptions(
                     nodes=args.nodes, base_port=args.base_port, root=root, llm=args.llm, llm_port=args.llm_port,
                     ttft=args.ttft, tps=args.tps, model=args.model, wire=args.wire, fresh=args.fresh,
-                    verbose=args.verbose, limits=_job_limits(args), log_format=args.log_format, restart=args.restart,
+                    verbose=args.verbose, settings=_settings(args), log_format=args.log_format, restart=args.restart,
                 )
             )
         case "node":
@@ -220,7 +206,7 @@ async def _dispatch(args: argparse.Namespace) -> int | None:
             await serve_forever(
                 NodeOptions(
                     name=args.name, port=args.port, home=args.home, host=args.host, directory_file=args.directory,
-                    peers=peers, database_url=args.database_url, shared=args.shared, limits=_job_limits(args), verbose=args.verbose,
+                    peers=peers, database_url=args.database_url, shared=args.shared, settings=_settings(args), verbose=args.verbose,
                     log_format=args.log_format,
                 )
             )

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, TextIO
 import aiohttp
 
 from emulator.arguments import CommandError
-from emulator.arguments import parse_message_arg as parse_message_arg  # where callers found it first
 from schemas.sse import SSEDecoder
 
 if TYPE_CHECKING:

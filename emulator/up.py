@@ -20,10 +20,11 @@ import aiohttp
 
 from emulator.client import CommandError, send_admin, ui_login
 from emulator.supervise import Supervisor, Watched
+from handlers.settings import Settings
+from llm_provider import settings as node_settings
 from llm_provider.directory import Peer, write_directory
 from llm_provider.homes import Home, default_root
-from llm_provider.logs import LogFormat
-from llm_provider.node import JobLimits
+from llm_provider.log_format import LogFormat
 from llm_provider.signing import NodeKey
 
 STARTUP_TIMEOUT_S = 30.0
@@ -42,7 +43,7 @@ class UpOptions:
     wire: bool
     fresh: bool
     verbose: bool
-    limits: JobLimits
+    settings: Settings
     log_format: LogFormat = LogFormat.TEXT
     restart: bool = False  # start a node whose process exited again, by itself
 
@@ -83,7 +84,7 @@ def plan(options: UpOptions) -> list[NodePlan]:
 
 def node_command(node: NodePlan, options: UpOptions) -> list[str]:
     command = ["--name", node.name, "--port", str(node.port), "--home", str(node.home.path)]
-    command += ["--directory", str(options.root / "directory.json"), *options.limits.flags()]
+    command += ["--directory", str(options.root / "directory.json"), *node_settings.as_flags(options.settings)]
     if options.log_format is not LogFormat.TEXT:
         command += ["--log-format", options.log_format.value]
     return ["emulator", "node", *command] + (["--verbose"] if options.verbose else [])

@@ -11,13 +11,8 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from handlers.gating import Gate, lists_and_limits
-from handlers.limits import (
-    DEFAULT_DRAIN_GRACE,
-    DEFAULT_JOB_TIMEOUT,
-    DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_LLM_EVENT_BYTES,
-    DEFAULT_RETENTION,
-)
+from handlers.relay_routes import RelayRoutes
+from handlers.settings import Settings
 from handlers.signals import JobSignals
 from schemas.messages import Message, Process
 from store.database import Store
@@ -47,20 +42,6 @@ class LlmClient(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-@dataclass
-class Settings:
-    job_timeout: float = DEFAULT_JOB_TIMEOUT
-    max_job_timeout: float = 3600.0
-    first_token_timeout: float | None = None
-    idle_timeout: float | None = None
-    retention: float = DEFAULT_RETENTION
-    max_attempts: int = 3
-    drain_grace: float = DEFAULT_DRAIN_GRACE
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    max_llm_event_bytes: int = DEFAULT_MAX_LLM_EVENT_BYTES
-    status_hold: float = 10.0  # a streamed /v1 answer waits this long for the first chunk or a refusal before it commits to 200
 
 
 class StopReason(StrEnum):
@@ -94,6 +75,7 @@ class NodeContext:
     signals: JobSignals = field(default_factory=JobSignals)
     worker: str = field(default_factory=lambda: uuid.uuid4().hex[:16])  # this process, among those sharing the store
     serving: dict[str, ServingTask] = field(default_factory=dict)  # by job id
+    relay_routes: RelayRoutes = field(default_factory=RelayRoutes)  # the router's, of jobs streaming through it
     draining: bool = False
     closing: bool = False  # the node is stopping: readers of job streams end
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)

@@ -7,7 +7,8 @@
 | RunJob (client's driver)       | routed_jobs, registrations  | a repeat? is the model on offer to it?  | routed_jobs (queued)       | (dispatch)                     |
 | dispatch                       | queue, registrations, loads | least-loaded ready driver per job, not  | routed_jobs (running)      | RunJob → driver                |
 |                                |                             | the one that gave it back if another is |                            |                                |
-| JobUpdate (job's driver)       | routed_jobs                 | from the job's driver? still running?   | routed_jobs (first, final) | JobUpdate → client, (dispatch) |
+| JobUpdate (job's driver)       | routed_jobs (later chunks:  | from the job's driver? still running?   | routed_jobs (first, final) | JobUpdate → client, (dispatch) |
+|                                | its relay route, in memory) |                                         |                            |                                |
 | ReleaseJob (job's driver)      | routed_jobs, registrations  | retry (with backoff) or give up?        | routed_jobs, registrations | JobUpdate (failed) → client    |
 | CancelJob (job's client)       | routed_jobs                 |                                         | routed_jobs                | CancelJob → driver             |
 | ListModels (any node)          | registrations               | what is on offer to it                  |                            |                                |
@@ -29,6 +30,7 @@ from handlers.dispatch_policy import Driver, Health, RetryPolicy, TakeBack, Wait
 from handlers.config import config_for_update, read_config
 from handlers.context import NodeContext, log
 from handlers.errors import ErrorCode, HandlerError, PeerError, too_late, unknown_job, unknown_model
+from handlers.relay_routes import RelayRoute
 from schemas.jobs import FINAL_STATUSES, JobSpec, JobStatus, JobUpdate
 from schemas.messages import (
     Ack,
@@ -362,6 +364,9 @@ async def _requeue(ctx: NodeContext, job_id: str, driver: str, count_failure: bo
 
 async def _relay(ctx: NodeContext, source: Source, message: JobUpdateMessage) -> None:
     update_ = message.update
+    if not update_.is_final and (route := ctx.relay_routes.get(update_.job_id)) is not None:
+        await _relay_streaming(ctx, source, message, route)
+        return
     async with ctx.store.reading() as session:
         job = await queue.relay_view(session, update_.job_id)
     if job is None:
@@ -375,6 +380,8 @@ async def _relay(ctx: NodeContext, source: Source, message: JobUpdateMessage) ->
         raise HandlerError(409, ErrorCode.JOB_FINISHED, f"job {job.id} already ended: {job.status}")
     update_.driver = source.node
     tokens = accounting.counted(update_.tokens, update_.usage) if update_.is_final else None
+    if update_.is_final:
+        ctx.relay_routes.forget(job.id)
     if update_.is_final and not repeated_final:
         # The slot frees, and the next queued job takes it, before the client hears: a slow client holds nothing.
         ended_as = update_.status or JobStatus.FAILED
@@ -390,15 +397,35 @@ async def _relay(ctx: NodeContext, source: Source, message: JobUpdateMessage) ->
             metrics.count_tokens(ctx.name, Role.ROUTER, job.model, tokens)
     if repeated_final and job.status == JobStatus.CANCELLED:
         return  # the client ended it itself: it needs no final
+    await _pass_on(ctx, job.client_node, message)
+    if update_.is_final:
+        return
+    if not job.streamed:
+        await ctx.store.write_soon(lambda session: _mark_streamed(session, job.id, source.node))
+    # From now on the job stays with this driver and this client: its next chunks need no read.
+    ctx.relay_routes.remember(job.id, RelayRoute(job.client_node, source.node, job.model, job.traceparent))
+
+
+async def _relay_streaming(ctx: NodeContext, source: Source, message: JobUpdateMessage, route: RelayRoute) -> None:
+    """A chunk of a job already streaming to its client.  Had the job ended here meanwhile (cancelled, timed
+    out), the client's node, which ended it too, takes the chunk as a repeat; its final update reads the row."""
+    update_ = message.update
+    if tracing.traceparent_of(update_.job_id) is None:
+        tracing.set_job(update_.job_id, route.traceparent)
+    if route.driver_node != source.node:
+        raise HandlerError(403, ErrorCode.NOT_THE_JOBS_DRIVER, f"job {update_.job_id} was not given to {source.node}")
+    update_.driver = source.node
+    await _pass_on(ctx, route.client_node, message)
+
+
+async def _pass_on(ctx: NodeContext, client_node: str, message: JobUpdateMessage) -> None:
     try:
-        await ctx.transport.send("router", job.client_node, "driver", message, timeout=RELAY_TIMEOUT_S)
+        await ctx.transport.send("router", client_node, "driver", message, timeout=RELAY_TIMEOUT_S)
     except PeerError as error:
         # Not swallowed: the driver keeps the update and tries again (with backoff), so a client
         # node that restarts misses no chunk.
         status = 503 if error.status == 503 else 502
-        raise HandlerError(status, ErrorCode.CLIENT_UNREACHABLE, f"client node {job.client_node}: {error.message}") from error
-    if not update_.is_final and not job.streamed:
-        await ctx.store.write_soon(lambda session: _mark_streamed(session, job.id, source.node))
+        raise HandlerError(status, ErrorCode.CLIENT_UNREACHABLE, f"client node {client_node}: {error.message}") from error
 
 
 class _Ending(NamedTuple):
@@ -457,6 +484,7 @@ async def _end(ctx: NodeContext, job: RoutedJob, status: JobStatus, error: str) 
     Nothing happens if the job has ended already (its final arrived, or another replica ended it)."""
     # Never handed out, it consumed nothing; else its driver may still say what it produced (`_add_late_tokens`).
     tokens = TokenCount() if job.status == JobStatus.QUEUED else None
+    ctx.relay_routes.forget(job.id)
     with tracing.about(job.id, job.traceparent):
         ending = await ctx.store.write_soon(lambda session: _finish_and_assign(session, job.id, status, job.model, tokens))
         if ending is None:
@@ -497,6 +525,7 @@ async def _cancel(ctx: NodeContext, source: Source, job_id: str) -> None:
         if tracing.traceparent_of(job_id) is None:  # from a client node of an earlier version, which sends none
             tracing.set_job(job_id, job.traceparent)
         was_running, driver = job.status == JobStatus.RUNNING, job.driver_node
+        ctx.relay_routes.forget(job_id)
         job.status, job.finished_at = JobStatus.CANCELLED, time.time()
         await accounting.record(
             session, role=Role.ROUTER, day=utc_day(job.finished_at), client=job.client_node, label=job.api_key_label,

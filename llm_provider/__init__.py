@@ -5,6 +5,7 @@ or under gunicorn (`gunicorn 'llm_provider.gunicorn:create_app' --worker-class a
 The `emulator` package is the command line and the emulation around it (`emulator up`, the fake LLM).
 
 - `node`: one node: store, transport and handlers, started and stopped (`NodeRuntime`, `serve_forever`).
+- `settings`: a node's limits, read the same way under every host: flag, `LLMP_*` variable, TOML file, default.
 - `http_api`: the HTTP API, independent of the web framework: a request in, a reply out.
 - `routes`: every route a node serves, its HTTP API's and its web page's.
 - `openapi`: the OpenAPI 3.1 document of the HTTP API (`GET /openapi.json`), generated from the routes.

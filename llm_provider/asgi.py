@@ -3,11 +3,13 @@
     LLMP_NAME=fake2.dev LLMP_HOME=~/.llm-provider/fake2.dev LLMP_PORT=8082 \\
     LLMP_DIRECTORY=~/.llm-provider/directory.json uvicorn 'llm_provider.asgi:create_app' --factory --port 8082
 
-Settings come from the environment: LLMP_NAME, LLMP_HOME, LLMP_PORT (where the server listens,
-for the node's note in its home), LLMP_HOST, LLMP_DIRECTORY, LLMP_DATABASE_URL, LLMP_JOB_TIMEOUT, and
-LLMP_SHARED=1 when several server processes (workers) serve the node from one database (their
-metrics are then counted together: `llm_provider.worker_metrics`), and LLMP_LOG_FORMAT=json to log JSON
-lines into the node's home (otherwise the server's own logging applies).
+The node comes from the environment: LLMP_NAME, LLMP_HOME, LLMP_PORT (where the server listens,
+for the node's note in its home), LLMP_HOST, LLMP_DIRECTORY, LLMP_DATABASE_URL, LLMP_SHARED=1 when
+several server processes (workers) serve the node from one database (their metrics are then counted
+together: `llm_provider.worker_metrics`), and LLMP_LOG_FORMAT=json to log JSON lines into the node's
+home (otherwise the server's own logging applies).  Its limits come from LLMP_* variables
+(LLMP_JOB_TIMEOUT, LLMP_MAX_ATTEMPTS, ...) and the TOML file LLMP_CONFIG names, as `emulator node`
+reads them (`llm_provider.settings`).
 The node starts and stops with the server's lifespan.
 """
 
@@ -27,7 +29,7 @@ from urllib.parse import parse_qsl  # noqa: E402
 
 from llm_provider import http_api, routes  # noqa: E402
 from llm_provider.http_api import ContentReply, HttpRequest, JsonReply, NodeApi, StreamReply  # noqa: E402
-from llm_provider.logs import LogFormat  # noqa: E402
+from llm_provider.log_format import LogFormat  # noqa: E402
 from llm_provider.node import NodeOptions, NodeRuntime, configure_logging  # noqa: E402
 
 Scope = MutableMapping[str, Any]

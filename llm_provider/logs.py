@@ -17,7 +17,7 @@ from typing import Any
 
 from handlers import tracing
 from llm_provider.homes import Home
-from llm_provider.log_format import LogFormat as LogFormat  # where callers found it first
+from llm_provider.log_format import LogFormat
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

@@ -15,46 +15,19 @@ from pydantic import BaseModel
 
 from handlers import liveness, metrics, news, upkeep
 from handlers import node as node_handlers
-from handlers.context import NodeContext, Settings
-from handlers.limits import (
-    DEFAULT_DRAIN_GRACE,
-    DEFAULT_JOB_TIMEOUT,
-    DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_LLM_EVENT_BYTES,
-    DEFAULT_RETENTION,
-)
-from llm_provider import logs, signing
+from handlers.context import NodeContext
+from handlers.settings import Settings
+from llm_provider import logs, settings, signing
 from llm_provider.directory import Directory, Peer
 from llm_provider.homes import Home, home_from_environment
 from llm_provider.http_api import NodeApi
 from llm_provider.http_app import create_runner
 from llm_provider.llm_client import AiohttpLlmClient
+from llm_provider.log_format import LogFormat
 from llm_provider.signing import NodeKey
 from llm_provider.transport import HttpTransport
 from schemas.messages import Message, Process, Source
 from store.database import Store, sqlite_url
-
-
-@dataclass(frozen=True)
-class JobLimits:
-    job_timeout: float = DEFAULT_JOB_TIMEOUT
-    first_token_timeout: float | None = None
-    idle_timeout: float | None = None
-    drain_grace: float = DEFAULT_DRAIN_GRACE
-    retention: float = DEFAULT_RETENTION
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    max_llm_event_bytes: int = DEFAULT_MAX_LLM_EVENT_BYTES
-
-    def flags(self) -> list[str]:
-        """The same limits as `emulator node` options."""
-        pairs = [
-            ("--job-timeout", self.job_timeout), ("--first-token-timeout", self.first_token_timeout),
-            ("--idle-timeout", self.idle_timeout), ("--drain-grace", self.drain_grace), ("--retention", self.retention),
-            ("--max-body-bytes", self.max_body_bytes), ("--max-llm-event-bytes", self.max_llm_event_bytes),
-        ]
-        defaults = JobLimits()
-        return [item for flag, value in pairs if value is not None and value != getattr(defaults, flag[2:].replace("-", "_"))
-                for item in (flag, str(value) if isinstance(value, int) else f"{value:g}")]
 
 
 @dataclass
@@ -67,13 +40,14 @@ class NodeOptions:
     peers: dict[str, Peer] = field(default_factory=dict)
     database_url: str | None = None
     shared: bool = False  # other processes serve this node from the same database (workers, replicas)
-    limits: JobLimits = field(default_factory=JobLimits)
+    settings: Settings = field(default_factory=Settings)
     verbose: bool = False
-    log_format: logs.LogFormat = logs.LogFormat.TEXT
+    log_format: LogFormat = LogFormat.TEXT
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> NodeOptions:
-        """For hosts that start a node from a factory (ASGI servers, gunicorn): LLMP_* variables."""
+        """For hosts that start a node from a factory (ASGI servers, gunicorn): LLMP_* variables, and the
+        settings file LLMP_CONFIG names (`llm_provider.settings`)."""
         name = environ["LLMP_NAME"]
         directory = environ.get("LLMP_DIRECTORY")
         return cls(
@@ -84,12 +58,8 @@ class NodeOptions:
             directory_file=Path(directory).expanduser() if directory else None,
             database_url=environ.get("LLMP_DATABASE_URL"),
             shared=environ.get("LLMP_SHARED", "0") == "1",
-            limits=JobLimits(
-                job_timeout=float(environ.get("LLMP_JOB_TIMEOUT", JobLimits().job_timeout)),
-                max_body_bytes=int(environ.get("LLMP_MAX_BODY_BYTES", JobLimits().max_body_bytes)),
-                max_llm_event_bytes=int(environ.get("LLMP_MAX_LLM_EVENT_BYTES", JobLimits().max_llm_event_bytes)),
-            ),
-            log_format=logs.LogFormat(environ.get("LLMP_LOG_FORMAT", logs.LogFormat.TEXT)),
+            settings=settings.load(environ=environ),
+            log_format=LogFormat(environ.get("LLMP_LOG_FORMAT", LogFormat.TEXT)),
         )
 
 
@@ -123,15 +93,7 @@ class NodeRuntime:
             store=store,
             transport=self._transport,
             llm=AiohttpLlmClient(),
-            settings=Settings(
-                job_timeout=options.limits.job_timeout,
-                first_token_timeout=options.limits.first_token_timeout,
-                idle_timeout=options.limits.idle_timeout,
-                drain_grace=options.limits.drain_grace,
-                retention=options.limits.retention,
-                max_body_bytes=options.limits.max_body_bytes,
-                max_llm_event_bytes=options.limits.max_llm_event_bytes,
-            ),
+            settings=options.settings,
         )
         logs.identify_worker(self.ctx.worker)
         await store.listen(self.ctx.signals.notify)

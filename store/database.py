@@ -80,7 +80,13 @@ def _describe(error: Exception) -> str:
 def insert_or_ignore(session: AsyncSession, model: type[Base]) -> Insert:
     """An INSERT that skips rows whose key is taken, in the words of the session's database; its
     rowcount says how many went in."""
-    dialect = sqlite if session.get_bind().dialect.name == "sqlite" else postgresql
+    return _insert_or_ignore(session.get_bind().dialect.name, model)
+
+
+@functools.cache
+def _insert_or_ignore(dialect_name: str, model: type[Base]) -> Insert:
+    """Built once per table; `.values()` makes a new statement of it each time."""
+    dialect = sqlite if dialect_name == "sqlite" else postgresql
     return dialect.insert(model).on_conflict_do_nothing()
 
 

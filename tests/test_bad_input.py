@@ -14,8 +14,7 @@ import aiohttp
 from sqlalchemy import select
 
 from handlers.config import read_config
-from handlers.context import DEFAULT_MAX_BODY_BYTES
-from llm_provider.node import JobLimits
+from handlers.settings import Settings
 from llm_provider.signing import SIGNATURE_HEADER, NodeKey
 from schemas.sse import ServerSentEvent
 from store.models import Job, JobChunk, RoutedJob, ServedJob
@@ -178,7 +177,7 @@ async def test_deeply_nested_json_is_a_json_400(network: Network, http: aiohttp.
 
 
 async def test_body_over_the_default_limit_is_413_and_stores_nothing(network: Network, http: aiohttp.ClientSession) -> None:
-    huge = json.dumps({"model": MODEL, "prompt": "a" * (DEFAULT_MAX_BODY_BYTES + 10)}).encode()
+    huge = json.dumps({"model": MODEL, "prompt": "a" * (Settings().max_body_bytes + 10)}).encode()
     for path in ("/jobs", "/v1/chat/completions", "/v1/embeddings"):
         status, body = await post_raw(http, f"{network.client.url}{path}", huge)
         assert status == 413, path
@@ -187,7 +186,7 @@ async def test_body_over_the_default_limit_is_413_and_stores_nothing(network: Ne
 
 
 async def test_the_body_limit_is_configurable(start_node: StartNode, http: aiohttp.ClientSession) -> None:
-    small = await start_node("small.dev", limits=JobLimits(max_body_bytes=ONE_MIB))
+    small = await start_node("small.dev", settings=Settings(max_body_bytes=ONE_MIB))
     await small.admin({"SetLocalDriver": {"model": MODEL}})
     status, body = await post_json(http, f"{small.url}/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "a" * ONE_MIB}]})
     assert status == 413

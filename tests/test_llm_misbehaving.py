@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 
 from handlers.openai import TokenBudget
-from llm_provider.node import JobLimits
+from handlers.settings import Settings
 from schemas.openai_api import JobKind
 from tests.conftest import Network, StartNode, wire
 from tests.helpers import GUARD_S, MODEL, RawReply, RawUpstream, chat_chunk, delta, get_json, sse, submit, usage_chunk
@@ -168,7 +168,7 @@ async def test_the_event_limit_is_the_nodes_to_set_and_holds_for_an_event_of_man
     start_node: StartNode, raw: RawUpstream, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
     router, client = await start_node("fake.dev"), await start_node("fake3.dev")
-    driver = await start_node("fake2.dev", limits=JobLimits(max_llm_event_bytes=64 * 1024))
+    driver = await start_node("fake2.dev", settings=Settings(max_llm_event_bytes=64 * 1024))
     await wire(router, driver, client, raw)
     network = Network(router=router, driver=driver, client=client, upstream=raw)
     # One valid event of 20 lines, 8 KiB of JSON whitespace each: no line is over the limit, the event is.

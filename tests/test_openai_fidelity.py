@@ -413,9 +413,9 @@ async def test_a_message_without_role_reaches_no_llm_and_stores_nothing(scripted
 
 
 async def test_an_image_too_big_for_a_small_node_is_413(start_node: StartNode, scripted: ScriptedUpstream, http: aiohttp.ClientSession) -> None:
-    from llm_provider.node import JobLimits
+    from handlers.settings import Settings
 
-    node = await start_node("small.dev", limits=JobLimits(max_body_bytes=len(IMAGE)))
+    node = await start_node("small.dev", settings=Settings(max_body_bytes=len(IMAGE)))
     await node.admin({"RegisterOaiProviderEndpoint": {"endpoint": scripted.url}}, "openai")
     await node.admin({"SetLocalDriver": {"model": MODEL}})
     image_part: Any = {"type": "image_url", "image_url": {"url": IMAGE}}
