@@ -11,6 +11,7 @@ worker and every router replica shows the same figures.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import time
@@ -80,6 +81,22 @@ UPSTREAM_ERRORS = Counter("llmp_upstream_errors", "Failed requests to the node's
 STORE_COMMIT = Histogram(
     "llmp_store_commit_seconds", "Time to commit a write transaction to the node's store.", ["node"], buckets=_COMMIT_BUCKETS
 )
+
+# --- the node's door: how long work waits before a handler runs --------------------------------------
+
+_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+EVENT_LOOP_LAG = Histogram(
+    "llmp_event_loop_lag_seconds",
+    "How late the process's event loop ran a timer that was due: the wait of any request, message or chunk before its "
+    "handler runs, sampled every EVENT_LOOP_SAMPLE_S.",
+    ["node"], buckets=_WAIT_BUCKETS,
+)
+MESSAGE_DELAY = Histogram(
+    "llmp_node_message_delay_seconds",
+    "From a node message's sending (its envelope's sent_at, by the sender's clock) to its handler's start here.",
+    _MESSAGE, buckets=_WAIT_BUCKETS,
+)
+EVENT_LOOP_SAMPLE_S = 0.25
 
 
 def count_job(
@@ -185,3 +202,13 @@ async def _stored_state(ctx: NodeContext) -> list[Metric]:
             capacity.add_metric([ctx.name, model], slots or 0)
             ready.add_metric([ctx.name, model], not_cooled)
     return families
+
+
+async def sample_event_loop_lag(node: str) -> None:
+    """Forever: sleep EVENT_LOOP_SAMPLE_S, and count how much later than that the loop woke this task."""
+    loop = asyncio.get_running_loop()
+    lag = EVENT_LOOP_LAG.labels(node)
+    while True:
+        due = loop.time() + EVENT_LOOP_SAMPLE_S
+        await asyncio.sleep(EVENT_LOOP_SAMPLE_S)
+        lag.observe(max(loop.time() - due, 0.0))

@@ -12,6 +12,7 @@ import hmac
 import ipaddress
 import json
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -368,6 +369,7 @@ async def node_message(api: NodeApi, request: HttpRequest) -> Reply:
             peer.public_key if peer else None, envelope.source.node, request.body,
             request.headers.get(signing.SIGNATURE_HEADER.lower()), api.replay_guard, envelope.sent_at, envelope.nonce,
         )
+        metrics.MESSAGE_DELAY.labels(api.ctx.name, kind).observe(max(time.time() - envelope.sent_at, 0.0))
         reply = json_reply(await node.receive(api.ctx, envelope, request.headers.get(tracing.HEADER)))
     except HandlerError as error:
         metrics.MESSAGES_REFUSED.labels(api.ctx.name, kind, error.code).inc()

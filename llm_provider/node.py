@@ -100,6 +100,7 @@ class NodeRuntime:
         self.ctx.spawn(news.watch_the_store(self.ctx), name="news")
         await upkeep.announce(self.ctx)  # before the host takes a request: see announce
         self.ctx.spawn(self._upkeep(self.ctx), name="upkeep")
+        self.ctx.spawn(metrics.sample_event_loop_lag(options.name), name="event-loop-lag")
         logging.getLogger("llm_provider").info(
             "node %s at %s (home %s); public key %s", options.name, self.url, self.home.path, key.public_key
         )

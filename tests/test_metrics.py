@@ -135,12 +135,21 @@ async def test_every_node_counts_the_jobs_it_ended_their_tokens_latencies_and_me
     relayed = moved(network.router, "llmp_node_messages_received_total", message="JobUpdate")
     assert relayed >= 3 and moved(network.driver, "llmp_node_messages_sent_total", message="JobUpdate") == relayed
     assert moved(network.client, "llmp_node_messages_received_total", message="JobUpdate") == relayed
+    # Each message received is timed from its sending to its handler's start: the wait at the node's door.
+    assert moved(network.router, "llmp_node_message_delay_seconds_count", message="RunJob") == 3
+    assert moved(network.client, "llmp_node_message_delay_seconds_count", message="JobUpdate") == relayed
     # The router's view of its drivers, read from its store.
     router = after[network.router.name]
     assert router.value("llmp_router_drivers_registered", model=MODEL) == 1
     assert router.value("llmp_router_drivers_ready", model=MODEL) == 1
     assert router.value("llmp_router_driver_capacity", model=MODEL) == 1
     assert after[network.client.name].total("llmp_router_drivers_registered") == 0  # not a router
+
+
+async def test_every_node_samples_how_late_its_event_loop_runs(network: Network, http: aiohttp.ClientSession) -> None:
+    for node in (network.client, network.router, network.driver):
+        sampled = await scrape_when(http, node, lambda s: s.value("llmp_event_loop_lag_seconds_count") >= 2)
+        assert 0 <= sampled.value("llmp_event_loop_lag_seconds_sum") < GUARD_S, node.name
 
 
 async def test_a_routers_queue_and_load_and_the_open_streams_are_shown_as_they_are(
