@@ -1,4 +1,17 @@
-"""Fixtures that start real things: a fake LLM upstream and llm-provider nodes on loopback ports."""
+"""Fixtures that start real things: a fake LLM upstream and llm-provider nodes on loopback ports.
+
+Where in-process nodes run (`node_setup`, which `start_node`, `make_network` and `network` use):
+
+- by default under every web host (aiohttp, and the ASGI app under uvicorn and hypercorn) and on
+  PostgreSQL (aiohttp host): `NODE_SETUPS`.  That is for the HTTP contract, which each host serves.
+- `pytest.mark.databases_only` (on a test, or a module's `pytestmark`): one host on each database,
+  `DATABASES` (aiohttp on SQLite, aiohttp on PostgreSQL).  That is for scheduling, queue and store logic,
+  which no host changes but the database does (`SKIP LOCKED`, locking, shared processes).
+- a test's own `@pytest.mark.parametrize("node_setup", [...])` wins over both: one host for a test that
+  reads nothing host-specific, or `NODE_SETUPS` for a test of the HTTP contract in a `databases_only` module.
+
+Tests that need no node live in tests/unit/; whole networks as real processes in tests/cluster.py.
+"""
 
 from __future__ import annotations
 
@@ -106,11 +119,32 @@ async def start_node(tmp_path: Path, node_setup: str) -> AsyncIterator[StartNode
         yield start
 
 
-@pytest.fixture(params=[*HOSTS, "postgres"])
+NODE_SETUPS = [*HOSTS, "postgres"]  # every web host on SQLite, and aiohttp on PostgreSQL
+DATABASES = ["aiohttp", "postgres"]  # one host on each database
+
+
+@pytest.fixture(params=NODE_SETUPS)
 def node_setup(request: pytest.FixtureRequest) -> str:
-    """Every test with in-process nodes runs under each web host, and on PostgreSQL (aiohttp host)."""
+    """Every test with in-process nodes runs under each web host, and on PostgreSQL (aiohttp host),
+    unless it is marked `databases_only` (see the module's docstring)."""
     setup: str = request.param
     return setup
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A `databases_only` test runs on `DATABASES`: it is given that parametrization before pytest
+    applies the fixture's own params (which a test's parametrize of `node_setup` replaces)."""
+    if "node_setup" not in metafunc.fixturenames or metafunc.definition.get_closest_marker("databases_only") is None:
+        return
+    if any("node_setup" in _argnames(mark) for mark in metafunc.definition.iter_markers("parametrize")):
+        return  # the test's own choice
+    metafunc.definition.add_marker(pytest.mark.parametrize("node_setup", DATABASES))
+
+
+def _argnames(mark: pytest.Mark) -> list[str]:
+    names = mark.args[0] if mark.args else mark.kwargs["argnames"]
+    return [name.strip() for name in names.split(",")] if isinstance(names, str) else list(names)
 
 
 async def wire(router: RunningNode, driver: RunningNode, client: RunningNode, upstream: Upstream, model: str = "llama3") -> None:

@@ -97,6 +97,7 @@ def text_chunks(*parts: str) -> list[dict[str, Any]]:
     return [*chunks, chat_chunk(delta(finish_reason="stop")), usage_chunk()]
 
 
+@pytest.mark.databases_only  # what the node counts, not how a host serves it
 async def test_every_node_counts_the_jobs_it_ended_their_tokens_latencies_and_messages(
     scripted_network: Network, http: aiohttp.ClientSession
 ) -> None:
@@ -168,6 +169,7 @@ async def test_a_routers_queue_and_load_and_the_open_streams_are_shown_as_they_a
             await job_updates(http, network.client.url, job["job_id"])
 
 
+@pytest.mark.databases_only  # what the node counts, not how a host serves it
 async def test_upstream_errors_are_counted_by_kind(scripted_network: Network, http: aiohttp.ClientSession) -> None:
     network = scripted_network
     upstream: ScriptedUpstream = network.upstream  # type: ignore[assignment]
@@ -186,6 +188,7 @@ async def test_upstream_errors_are_counted_by_kind(scripted_network: Network, ht
         assert after.value("llmp_upstream_errors_total", **labels) - before.value("llmp_upstream_errors_total", **labels) == 1
 
 
+@pytest.mark.databases_only  # what the node counts, not how a host serves it
 async def test_a_refused_node_message_is_counted_with_its_reason(scripted_network: Network, http: aiohttp.ClientSession) -> None:
     router = scripted_network.router
     before = await scrape(http, router)

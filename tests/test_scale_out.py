@@ -54,6 +54,10 @@ from tests.processes import children_of
 from tests.sse_client import events, job_updates
 
 
+# The in-process tests here are about processes sharing one database (orphans, boot chores, readers), not hosts.
+pytestmark = pytest.mark.databases_only
+
+
 def answer_to(prompt: str) -> str:
     return "".join(expected_completion([{"role": "user", "content": prompt}])[0])
 

@@ -31,7 +31,7 @@ from llm_provider.directory import Peer
 from llm_provider.signing import SIGNATURE_HEADER, NodeKey, ReplayGuard
 from store.models import ApiKey, Base, DriverRegistration, Job, RoutedJob, ServedJob
 from tests.cluster import first_update
-from tests.conftest import Network, RunningNode, StartNode, StartUpstream, Upstream, serve_app
+from tests.conftest import NODE_SETUPS, Network, RunningNode, StartNode, StartUpstream, Upstream, serve_app
 from tests.helpers import (
     GUARD_S,
     MODEL,
@@ -44,6 +44,8 @@ from tests.helpers import (
 from tests.helpers import migrated_database as migrated_database  # a fixture
 from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
 from tests.sse_client import job_updates
+
+pytestmark = pytest.mark.databases_only
 
 BURST_GUARD_S = 20.0  # 50 jobs through 3 drivers one at a time: about a second when the code works
 
@@ -529,6 +531,7 @@ async def test_a_full_queue_answers_429_and_stores_nothing(held_net: GatedNet, h
     assert net.upstream.prompts() == ["running", "waiting"]
 
 
+@pytest.mark.parametrize("node_setup", NODE_SETUPS)  # a header, written by each host
 async def test_a_full_queue_429_on_the_clients_node_carries_retry_after(held_net: GatedNet, http: aiohttp.ClientSession) -> None:
     net = held_net
     await net.router.admin({"SetGate": {"max_queue": 1}})
@@ -674,6 +677,7 @@ def database_bytes(node: RunningNode) -> bytes:
     return b"".join(path.read_bytes() for path in (database, database.with_name(database.name + "-wal")) if path.exists())
 
 
+@pytest.mark.parametrize("node_setup", NODE_SETUPS)  # the Authorization header, read by each host
 async def test_api_keys_are_required_shown_once_stored_hashed_and_revocable(network: Network, http: aiohttp.ClientSession) -> None:
     client = network.client
     job = {"model": MODEL, "prompt": "hi", "max_tokens": 2}

@@ -24,7 +24,7 @@ from schemas.openai_api import JobKind
 from schemas.usage import TokenCount
 from store.models import Budget, Job, RoutedJob
 from tests.cluster import CLIENT, DRIVER, ROUTER, STEP_S, Cluster, db_row, final_of, follow, job_body
-from tests.conftest import Network, RunningNode
+from tests.conftest import NODE_SETUPS, Network, RunningNode
 from tests.helpers import (
     GUARD_S,
     MODEL,
@@ -52,6 +52,8 @@ from tests.helpers import scripted_network as scripted_network  # a fixture
 from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
 from tests.processes import EMULATOR
 from tests.sse_client import job_updates
+
+pytestmark = pytest.mark.databases_only  # accounting and budgets: the handlers' and the store's, not the hosts'
 
 CHAT = "chat/completions"
 DAY_MARGIN_S = 60.0  # the longest a test that counts today's usage takes, on a loaded machine, with room to spare
@@ -139,6 +141,7 @@ async def test_each_node_counts_the_jobs_it_handled_by_client_and_model(
     assert {row["role"] for row in (await usage_of(http, network.router, role="router"))["usage"]} == {"router"}
 
 
+@pytest.mark.parametrize("node_setup", NODE_SETUPS)  # a query string and a header, read by each host
 async def test_usage_takes_the_admin_token_and_refuses_a_bad_query(
     scripted_network: Network, http: aiohttp.ClientSession
 ) -> None:
@@ -212,6 +215,7 @@ async def test_a_cancelled_job_counts_what_the_llm_produced_before(
     await assert_every_node_counted_the_cut_job(network, http, cut_short("http:127.0.0.1"))
 
 
+@pytest.mark.parametrize("node_setup", NODE_SETUPS)  # each host tells a hang-up its own way
 async def test_a_job_whose_client_hung_up_counts_what_the_llm_produced_before(
     gated_network: Network, gated: GatedUpstream, http: aiohttp.ClientSession
 ) -> None:
