@@ -20,9 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from handlers.openai import TokenBudget
 from llm_provider.node import JobLimits
-from schemas.openai_api import JobKind
 from tests.conftest import NODE_SETUPS, Network, StartNode, wire
 from tests.helpers import GUARD_S, MODEL, RawReply, RawUpstream, chat_chunk, delta, get_json, sse, submit, usage_chunk
 from tests.helpers import migrated_database as migrated_database  # a fixture, used by start_node
@@ -225,21 +223,3 @@ async def test_a_stream_past_max_tokens_is_cut_and_ends_succeeded_with_length(
     await raw.cut.wait()
     await assert_driver_free(http, raw_network, raw)
     assert_nothing_failed(caplog)
-
-
-# --- how the network counts tokens --------------------------------------------------------------------------
-
-
-def test_the_budget_counts_output_fragments_or_the_llms_own_count_whichever_is_more() -> None:
-    role, text = chat_chunk(delta(role="assistant", content="")), chat_chunk(delta(content="a"))
-    finish, usage = chat_chunk(delta(finish_reason="length")), usage_chunk()
-    budget = TokenBudget.of({"max_tokens": 5, "max_completion_tokens": 2})
-    assert budget.limit == 2  # the smaller
-    assert [budget.goes_past(JobKind.CHAT, chunk) for chunk in (role, text, text, finish, usage, text)] == [False] * 5 + [True]
-
-    budget = TokenBudget.of({"max_tokens": 3})
-    assert not budget.goes_past(JobKind.CHAT, text | {"usage": {"completion_tokens": 3}})  # several tokens in one chunk, says the LLM
-    assert budget.goes_past(JobKind.CHAT, text)
-    budget = TokenBudget.of({"max_tokens": 3, "n": 2})  # the LLM's count covers both choices: not choice 0's
-    assert not budget.goes_past(JobKind.CHAT, text | {"usage": {"completion_tokens": 6}})
-    assert TokenBudget.of({"max_tokens": True}).limit is None and TokenBudget.of({"max_tokens": -1}).limit is None

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,11 +16,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from handlers.accounting import estimate, output_chunk_count
 from handlers.config import read_config
 from llm_provider.homes import Home
-from schemas.openai_api import JobKind
-from schemas.usage import TokenCount
 from store.models import Budget, Job, RoutedJob
 from tests.cluster import CLIENT, DRIVER, ROUTER, STEP_S, Cluster, db_row, final_of, follow, job_body
 from tests.conftest import NODE_SETUPS, Network, RunningNode
@@ -345,23 +341,6 @@ async def test_a_malformed_budget_is_refused_and_changes_nothing(scripted_networ
             assert response.status == 422, (bad, await response.text())
             assert_error_body(await response.json(), "invalid_fields")
     assert await count_rows(router, Budget) == 0
-
-
-def test_tokens_of_a_prompt_are_estimated_from_its_text() -> None:
-    parts = [{"type": "text", "text": "abc"}, {"type": "image_url", "image_url": {"url": "data:" + "x" * 1000}}]
-    chat = {"messages": [{"role": "user", "content": "12345"}, {"role": "user", "content": parts}]}
-    # 8 characters of text, the image aside: 2 tokens
-    assert estimate(JobKind.CHAT, chat, 7) == TokenCount(prompt_tokens=math.ceil(8 / 4), completion_tokens=7, estimated=True)
-    assert estimate(JobKind.COMPLETION, {"prompt": ["abcd", "efgh"]}, 0).prompt_tokens == 2
-    assert estimate(JobKind.EMBEDDING, {"input": [1, 2, 3]}, 0).prompt_tokens == 3
-    chunks: list[dict[str, Any]] = [
-        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
-        {"choices": [{"index": 0, "delta": {"content": "a"}}]},
-        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}}]},
-        {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
-        {"choices": [], "usage": {"prompt_tokens": 1}},
-    ]
-    assert output_chunk_count(chunks) == 2
 
 
 # --- across restarts and replicas: real processes ---------------------------------------------------------
