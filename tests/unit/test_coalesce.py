@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import pytest
 
@@ -67,6 +67,7 @@ async def test_a_consumer_that_stops_early_stops_the_read_ahead() -> None:
             await asyncio.sleep(0)
 
     stream = batches(endless())
+    assert isinstance(stream, AsyncGenerator)
     await anext(stream)
     await stream.aclose()
     assert endless_started.is_set()
