@@ -10,12 +10,12 @@ Where in-process nodes run (`node_setup`, which `start_node`, `make_network` and
 - a test's own `@pytest.mark.parametrize("node_setup", [...])` wins over both: one host for a test that
   reads nothing host-specific, or `NODE_SETUPS` for a test of the HTTP contract in a `databases_only` module.
 
-Tests that need no node live in tests/unit/; whole networks as real processes in tests/cluster.py.
+Tests that need no node live in tests/unit/; whole networks as real processes in tests/cluster.py.  The fake
+upstreams are tests/upstreams.py's, the helpers that submit jobs and read their streams tests/streams.py's.
 """
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -24,35 +24,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from emulator.client import send_admin
-from emulator.fake_llm import STATS, FakeLlmSettings, FakeLlmStats, create_app
 from llm_provider.directory import Peer
 from llm_provider.node import NodeOptions, NodeRuntime
 from tests.databases import fresh_database, postgres_server
-from tests.hosts import HOSTS, serve
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def serve_app(app: web.Application) -> tuple[web.AppRunner, int]:
-    """Serve `app` on a free loopback port: its runner (clean it up when done) and the port."""
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, port
-
-
-@dataclass
-class Upstream:
-    url: str  # OpenAI base URL, ending in /v1
-    stats: FakeLlmStats
+from tests.hosts import HOSTS, free_port, serve
+from tests.upstreams import MODEL, StartUpstream, Upstream
+from tests.upstreams import start_upstream as start_upstream  # a fixture, for every test
 
 
 @dataclass
@@ -76,24 +55,7 @@ class Network:
     upstream: Upstream
 
 
-StartUpstream = Callable[..., Awaitable[Upstream]]
 StartNode = Callable[..., Awaitable[RunningNode]]
-
-
-@pytest.fixture
-async def start_upstream() -> AsyncIterator[StartUpstream]:
-    """Start a fake OpenAI-compatible LLM: `await start_upstream(ttft=0, tokens_per_second=0)`."""
-    runners: list[web.AppRunner] = []
-
-    async def start(**settings: Any) -> Upstream:
-        app = create_app(FakeLlmSettings(**settings))
-        runner, port = await serve_app(app)
-        runners.append(runner)
-        return Upstream(url=f"http://127.0.0.1:{port}/v1", stats=app[STATS])
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
 
 
 @pytest.fixture
@@ -147,7 +109,7 @@ def _argnames(mark: pytest.Mark) -> list[str]:
     return [name.strip() for name in names.split(",")] if isinstance(names, str) else list(names)
 
 
-async def wire(router: RunningNode, driver: RunningNode, client: RunningNode, upstream: Upstream, model: str = "llama3") -> None:
+async def wire(router: RunningNode, driver: RunningNode, client: RunningNode, upstream: Upstream, model: str = MODEL) -> None:
     """The seed's admin commands, in the seed's order."""
     await router.admin("StartRouter")
     await driver.admin({"SetRouter": {"node": router.name}})

@@ -15,10 +15,12 @@ from sqlalchemy import select
 
 from store.models import ApiKey, Base, Job, RoutedJob
 from tests.conftest import Network, RunningNode
-from tests.helpers import MODEL, assert_error_body, count_rows, get_json, store_of
+from tests.helpers import assert_error_body, count_rows, get_json, store_of
 from tests.helpers import migrated_database as migrated_database  # a fixture
 from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
-from tests.scheduling import final_of, post_job
+from tests.scheduling import post_job
+from tests.streams import GUARD_S, follow
+from tests.upstreams import MODEL
 
 
 async def admin_raw(node: RunningNode, http: aiohttp.ClientSession, message: Any) -> tuple[int, Any]:
@@ -62,7 +64,7 @@ async def test_api_keys_are_required_shown_once_stored_hashed_and_revocable(netw
     assert status == 202, body
     job_id = body["job_id"]
     async with aiohttp.ClientSession(headers=bearer) as keyed:
-        updates = await final_of(keyed, client.url, job_id)
+        updates = await follow(keyed, client.url, job_id, GUARD_S)
         assert updates[-1]["status"] == "succeeded"
         record = await get_json(keyed, f"{client.url}/jobs/{job_id}")
     assert record["client"] == "key:alice"

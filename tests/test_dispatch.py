@@ -23,24 +23,16 @@ from emulator.fake_llm import ChatRequest, FakeLlmSettings, generate_completion
 from llm_provider.directory import Peer
 from llm_provider.signing import SIGNATURE_HEADER
 from store.models import RoutedJob, ServedJob
-from tests.cluster import first_update
-from tests.conftest import RunningNode, StartNode, StartUpstream, Upstream, serve_app
-from tests.helpers import MODEL, get_json, store_of, submit
+from tests.conftest import RunningNode, StartNode
+from tests.helpers import get_json, store_of
 from tests.helpers import migrated_database as migrated_database  # a fixture
 from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
-from tests.scheduling import (
-    StartHeld,
-    final_of,
-    held_text,
-    routed_row,
-    routed_status,
-    router_status,
-    start_client,
-    start_driver,
-    start_router,
-)
-from tests.scheduling import overloaded as overloaded  # a fixture
-from tests.scheduling import start_held as start_held  # a fixture
+from tests.hosts import serve_app
+from tests.scheduling import held_text, routed_row, routed_status, router_status, start_client, start_driver, start_router
+from tests.streams import GUARD_S, first_update, follow, submit
+from tests.upstreams import MODEL, StartHeld, StartUpstream, Upstream
+from tests.upstreams import overloaded as overloaded  # a fixture
+from tests.upstreams import start_held as start_held  # a fixture
 
 pytestmark = pytest.mark.databases_only
 
@@ -63,7 +55,7 @@ async def test_jobs_go_only_to_drivers_that_serve_their_model(
         upstream.release_all()
 
     for prefix, created in (("b", b_jobs), ("a", a_jobs)):
-        results = await asyncio.gather(*(final_of(http, client.url, job["job_id"]) for job in created))
+        results = await asyncio.gather(*(follow(http, client.url, job["job_id"], GUARD_S) for job in created))
         for index, (job, updates) in enumerate(zip(created, results)):
             assert updates[-1]["status"] == "succeeded", updates[-1]
             drivers = {update["driver"] for update in updates}
@@ -116,7 +108,7 @@ async def test_a_driver_of_capacity_two_runs_two_jobs_at_once_and_queues_the_thi
     assert upstream.stats.requests == 2
 
     upstream.release("job-1")
-    updates = await final_of(http, client.url, jobs["job-1"])
+    updates = await follow(http, client.url, jobs["job-1"], GUARD_S)
     assert updates[-1]["status"] == "succeeded"
     third = (await upstream.wait_arrivals(3))[2]
     assert third.prompt == "job-3"  # the oldest waiting job, not job-4
@@ -128,7 +120,7 @@ async def test_a_driver_of_capacity_two_runs_two_jobs_at_once_and_queues_the_thi
 
     upstream.release_all()
     for name in ("job-2", "job-3", "job-4"):
-        assert (await final_of(http, client.url, jobs[name]))[-1]["status"] == "succeeded"
+        assert (await follow(http, client.url, jobs[name], GUARD_S))[-1]["status"] == "succeeded"
     assert upstream.stats.max_active == 2 and upstream.stats.requests == 4
     held = {h.prompt: h for h in upstream.held}
     assert held["job-4"].started >= min(held["job-2"].finished or 0, held["job-3"].finished or 0)
@@ -149,13 +141,13 @@ async def test_a_job_a_drivers_llm_gives_back_is_retried_on_another_driver(
     retried = await submit(http, client.url, {"model": MODEL, "prompt": "given back"})
     await healthy.wait_arrivals(2)  # on fake2.dev, after fake4.dev's LLM answered 503
     healthy.release_all()
-    updates = await final_of(http, client.url, retried["job_id"])
+    updates = await follow(http, client.url, retried["job_id"], GUARD_S)
     assert updates[-1]["status"] == "succeeded" and updates[-1]["driver"] == "fake2.dev", updates[-1]
     assert "".join(u["delta"] for u in updates) == "good:given back| done"
     assert overloaded.stats.requests == 1, "tried once on fake4.dev, then elsewhere (not back on the least-loaded driver)"
     row = await routed_row(router, retried["job_id"])
     assert (row.attempts, row.returned_by, row.driver_node) == (1, "fake4.dev", "fake2.dev")
-    assert (await final_of(http, client.url, busy["job_id"]))[-1]["status"] == "succeeded"
+    assert (await follow(http, client.url, busy["job_id"], GUARD_S))[-1]["status"] == "succeeded"
 
 
 async def test_a_job_no_driver_can_take_fails_after_its_attempts_with_the_llms_reason(
@@ -166,7 +158,7 @@ async def test_a_job_no_driver_can_take_fails_after_its_attempts_with_the_llms_r
     client = await start_client(start_node, router)
 
     created = await submit(http, client.url, {"model": MODEL, "prompt": "nobody can"})
-    updates = await final_of(http, client.url, created["job_id"])
+    updates = await follow(http, client.url, created["job_id"], GUARD_S)
     final = updates[-1]
     assert final["status"] == "failed" and not "".join(u["delta"] for u in updates), final
     assert "gave up after 3 attempts" in final["error"] and "HTTP 503" in final["error"], final
@@ -200,7 +192,7 @@ async def test_a_burst_of_fifty_jobs_is_spread_over_three_drivers_each_served_on
     created = await asyncio.gather(*(submit(http, client.url, {"model": MODEL, "prompt": p}) for p in prompts))
     job_ids = [job["job_id"] for job in created]
     assert len(set(job_ids)) == 50
-    results = await asyncio.gather(*(final_of(http, client.url, job_id, BURST_GUARD_S) for job_id in job_ids))
+    results = await asyncio.gather(*(follow(http, client.url, job_id, BURST_GUARD_S) for job_id in job_ids))
 
     served_by: Counter[str] = Counter()
     settings = FakeLlmSettings(default_tokens=BURST_TOKENS)
@@ -293,5 +285,5 @@ async def test_a_slow_client_node_does_not_hold_the_drivers_slot_after_the_job_e
             proxy.opened.set()
             upstream.release_all()
             for url, job in ((slow.url, first), (other.url, waiting)):
-                assert (await final_of(http, url, job["job_id"]))[-1]["status"] == "succeeded"
+                assert (await follow(http, url, job["job_id"], GUARD_S))[-1]["status"] == "succeeded"
             peers[slow.name] = real

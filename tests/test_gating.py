@@ -11,12 +11,14 @@ import aiohttp
 import pytest
 
 from tests.conftest import NODE_SETUPS, StartNode
-from tests.helpers import MODEL, assert_error_body, submit
+from tests.helpers import assert_error_body
 from tests.helpers import migrated_database as migrated_database  # a fixture
 from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
-from tests.scheduling import GatedNet, envelope, final_of, job_spec, post_envelope, post_job, start_client, stored_jobs
+from tests.scheduling import GatedNet, envelope, job_spec, post_envelope, post_job, start_client, stored_jobs
 from tests.scheduling import held_net as held_net  # a fixture
-from tests.scheduling import start_held as start_held  # a fixture
+from tests.streams import GUARD_S, follow, submit
+from tests.upstreams import MODEL
+from tests.upstreams import start_held as start_held  # a fixture
 
 pytestmark = pytest.mark.databases_only
 
@@ -41,7 +43,7 @@ async def test_gate_deny_and_allow_lists_refuse_with_the_reason_and_store_nothin
     await net.router.admin({"SetGate": {"allow": ["fake2.dev", "fake3.dev"], "deny": ["evil.dev"]}})
     net.upstream.release_all()
     created = await submit(http, net.client.url, {"model": MODEL, "prompt": "hi"})
-    assert (await final_of(http, net.client.url, created["job_id"]))[-1]["status"] == "succeeded"
+    assert (await follow(http, net.client.url, created["job_id"], GUARD_S))[-1]["status"] == "succeeded"
     assert await stored_jobs(net) == (1, 1)
 
 
@@ -63,10 +65,10 @@ async def test_gate_max_in_flight_per_client_refuses_a_second_job_until_the_firs
     assert other["status"] == "queued"
 
     net.upstream.release_all()
-    assert (await final_of(http, net.client.url, first["job_id"]))[-1]["status"] == "succeeded"
+    assert (await follow(http, net.client.url, first["job_id"], GUARD_S))[-1]["status"] == "succeeded"
     third = await submit(http, net.client.url, {"model": MODEL, "prompt": "third"})
     for url, job in ((net.client.url, third), (other_client.url, other)):
-        assert (await final_of(http, url, job["job_id"]))[-1]["status"] == "succeeded"
+        assert (await follow(http, url, job["job_id"], GUARD_S))[-1]["status"] == "succeeded"
     assert net.upstream.prompts() == ["first", "other", "third"]
 
 
@@ -93,7 +95,7 @@ async def test_a_full_queue_answers_429_and_stores_nothing(held_net: GatedNet, h
 
     net.upstream.release_all()
     for job in (running, waiting):
-        assert (await final_of(http, net.client.url, job["job_id"]))[-1]["status"] == "succeeded"
+        assert (await follow(http, net.client.url, job["job_id"], GUARD_S))[-1]["status"] == "succeeded"
     assert net.upstream.prompts() == ["running", "waiting"]
 
 
@@ -107,7 +109,7 @@ async def test_a_full_queue_429_on_the_clients_node_carries_retry_after(held_net
     status, body, headers = await post_job(http, net.client.url, {"model": MODEL, "prompt": "one too many"})
     net.upstream.release_all()
     for job in jobs:
-        assert (await final_of(http, net.client.url, job["job_id"]))[-1]["status"] == "succeeded"
+        assert (await follow(http, net.client.url, job["job_id"], GUARD_S))[-1]["status"] == "succeeded"
     assert status == 429, body
     assert "Retry-After" in headers, dict(headers)
     assert int(headers["Retry-After"]) >= 1

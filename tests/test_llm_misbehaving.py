@@ -1,7 +1,7 @@
 """An LLM that misbehaves: whatever it sends, the job ends with a clear status and error, the driver is
 free again, the upstream request is cut where the network stops reading, and nothing in the node fails.
 
-The driver's LLM is a raw upstream (`tests.helpers.raw_upstream`) that writes the bytes each test gives it,
+The driver's LLM is a raw upstream (`tests.upstreams.raw_upstream`) that writes the bytes each test gives it,
 over the seed's three nodes: client fake3.dev, router fake.dev, driver fake2.dev (capacity 1, so a slot that
 is not freed leaves the next job queued until the guard fails the test).  Rules (README, "An LLM that
 misbehaves"): before the first token the usual retry rules apply; after it the job ends `failed` with its
@@ -22,12 +22,13 @@ import pytest
 
 from llm_provider.node import JobLimits
 from tests.conftest import NODE_SETUPS, Network, StartNode, wire
-from tests.helpers import GUARD_S, MODEL, RawReply, RawUpstream, chat_chunk, delta, get_json, sse, submit, usage_chunk
+from tests.helpers import get_json
 from tests.helpers import migrated_database as migrated_database  # a fixture, used by start_node
-from tests.helpers import raw as raw  # a fixture
 from tests.helpers import raw_network as raw_network  # a fixture
 from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
-from tests.sse_client import events, job_updates
+from tests.streams import GUARD_S, events, job_updates, submit
+from tests.upstreams import MODEL, RawReply, RawUpstream, chat_chunk, delta, sse, usage_chunk
+from tests.upstreams import raw as raw  # a fixture
 
 # What the driver makes of its LLM's bytes is no host's business; a large event on its way out to the client is.
 pytestmark = pytest.mark.databases_only

@@ -14,12 +14,11 @@ import pytest
 
 from store.models import RoutedJob
 from tests.conftest import StartNode
-from tests.helpers import MODEL, assert_error_body, count_rows
+from tests.helpers import assert_error_body, count_rows
 from tests.helpers import migrated_database as migrated_database  # a fixture
 from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
 from tests.scheduling import (
     GatedNet,
-    StartHeld,
     envelope,
     job_spec,
     post_envelope,
@@ -31,7 +30,8 @@ from tests.scheduling import (
     start_router,
 )
 from tests.scheduling import held_net as held_net  # a fixture
-from tests.scheduling import start_held as start_held  # a fixture
+from tests.upstreams import MODEL, StartHeld
+from tests.upstreams import start_held as start_held  # a fixture
 
 pytestmark = pytest.mark.databases_only
 

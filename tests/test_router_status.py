@@ -10,12 +10,14 @@ import aiohttp
 import pytest
 
 from tests.conftest import StartNode
-from tests.helpers import MODEL, assert_error_body, submit
+from tests.helpers import assert_error_body
 from tests.helpers import migrated_database as migrated_database  # a fixture
 from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
-from tests.scheduling import GatedNet, StartHeld, final_of, router_status, start_driver
+from tests.scheduling import GatedNet, router_status, start_driver
 from tests.scheduling import held_net as held_net  # a fixture
-from tests.scheduling import start_held as start_held  # a fixture
+from tests.streams import GUARD_S, follow, submit
+from tests.upstreams import MODEL, StartHeld
+from tests.upstreams import start_held as start_held  # a fixture
 
 pytestmark = pytest.mark.databases_only
 
@@ -57,7 +59,7 @@ async def test_router_status_reports_drivers_loads_and_queue_lengths(
 
     net.upstream.release_all()
     for job in (first, second):
-        assert (await final_of(http, net.client.url, job["job_id"]))[-1]["status"] == "succeeded"
+        assert (await follow(http, net.client.url, job["job_id"], GUARD_S))[-1]["status"] == "succeeded"
 
 
 async def test_router_status_on_a_node_that_does_not_route_is_refused(held_net: GatedNet, http: aiohttp.ClientSession) -> None:

@@ -24,10 +24,11 @@ from schemas.sse import ServerSentEvent
 from store.models import Job, UiLogin
 from tests.browser import FOREIGN_HOST, headless_chromium
 from tests.conftest import Network, StartNode, start_network
-from tests.helpers import GUARD_S, MODEL, GatedUpstream, count_rows, gated_upstream, get_json, store_of, submit
+from tests.helpers import count_rows, get_json, store_of
 from tests.helpers import migrated_database as migrated_database  # a fixture, used by start_node
 from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
-from tests.sse_client import events
+from tests.streams import GUARD_S, events, submit
+from tests.upstreams import MODEL, HeldUpstream, gated_upstream
 
 QUESTION = "How much wood could a woodchuck chuck? Be concise."
 FIRST, REST = "A woodchuck would chuck", " as much wood as a woodchuck could chuck."
@@ -36,14 +37,14 @@ SCREENSHOTS_ENV = "LLMP_UI_SCREENSHOTS"
 
 
 @pytest.fixture
-async def held() -> AsyncIterator[GatedUpstream]:
+async def held() -> AsyncIterator[HeldUpstream]:
     """An upstream that streams FIRST, then holds every request until the test sets `gate`, then REST."""
     async with gated_upstream(first=FIRST, rest=REST) as upstream:
         yield upstream
 
 
 @pytest.fixture
-async def held_network(start_node: StartNode, held: GatedUpstream) -> Network:
+async def held_network(start_node: StartNode, held: HeldUpstream) -> Network:
     return await start_network(start_node, held)
 
 
@@ -139,7 +140,7 @@ async def test_the_page_its_files_and_the_views_it_reads(network: Network, http:
 
 
 async def test_from_elsewhere_the_page_needs_a_one_time_login_and_changes_need_its_csrf_token(
-    held_network: Network, held: GatedUpstream, raw_http: aiohttp.ClientSession
+    held_network: Network, held: HeldUpstream, raw_http: aiohttp.ClientSession
 ) -> None:
     network, http = held_network, raw_http
     client = network.client
@@ -234,7 +235,7 @@ def screenshot_path(tmp_path: Path, name: str) -> Path:
 
 @pytest.mark.parametrize("node_setup", ["aiohttp"])
 async def test_in_a_browser_the_page_shows_the_network_and_a_job_as_it_runs(
-    held_network: Network, held: GatedUpstream, http: aiohttp.ClientSession, tmp_path: Path
+    held_network: Network, held: HeldUpstream, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     from playwright.async_api import expect
 
@@ -287,7 +288,7 @@ async def test_in_a_browser_the_page_shows_the_network_and_a_job_as_it_runs(
 
 @pytest.mark.parametrize("node_setup", ["aiohttp"])
 async def test_in_a_browser_let_in_by_a_login_url_the_chat_box_streams_its_answer(
-    held_network: Network, held: GatedUpstream, http: aiohttp.ClientSession, tmp_path: Path
+    held_network: Network, held: HeldUpstream, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     from playwright.async_api import expect
 

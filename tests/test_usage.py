@@ -19,35 +19,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from handlers.config import read_config
 from llm_provider.homes import Home
 from store.models import Budget, Job, RoutedJob
-from tests.cluster import CLIENT, DRIVER, ROUTER, STEP_S, Cluster, db_row, final_of, follow, job_body
+from tests.cluster import CLIENT, DRIVER, ROUTER, Cluster, db_row, job_body
 from tests.conftest import NODE_SETUPS, Network, RunningNode
-from tests.helpers import (
-    GUARD_S,
-    MODEL,
-    USAGE,
-    GatedUpstream,
-    Reply,
-    ScriptedUpstream,
-    assert_error_body,
-    chat_chunk,
-    count_rows,
-    delta,
-    get_json,
-    job_stream,
-    next_update,
-    run_job,
-    store_of,
-    submit,
-    usage_chunk,
-)
-from tests.helpers import gated as gated  # a fixture
+from tests.helpers import assert_error_body, count_rows, get_json, store_of
 from tests.helpers import gated_network as gated_network  # a fixture
 from tests.helpers import migrated_database as migrated_database  # a fixture, used by start_node
-from tests.helpers import scripted as scripted  # a fixture
 from tests.helpers import scripted_network as scripted_network  # a fixture
 from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
 from tests.processes import EMULATOR
-from tests.sse_client import job_updates
+from tests.streams import GUARD_S, STEP_S, final_of, follow, job_stream, job_updates, next_update, run_job, submit
+from tests.upstreams import MODEL, USAGE, HeldUpstream, Reply, ScriptedUpstream, chat_chunk, delta, usage_chunk
+from tests.upstreams import gated as gated  # a fixture
+from tests.upstreams import scripted as scripted  # a fixture
 
 pytestmark = pytest.mark.databases_only  # accounting and budgets: the handlers' and the store's, not the hosts'
 
@@ -200,7 +183,7 @@ async def assert_every_node_counted_the_cut_job(network: Network, http: aiohttp.
 
 
 async def test_a_cancelled_job_counts_what_the_llm_produced_before(
-    gated_network: Network, gated: GatedUpstream, http: aiohttp.ClientSession
+    gated_network: Network, gated: HeldUpstream, http: aiohttp.ClientSession
 ) -> None:
     network = gated_network
     created = await submit(http, network.client.url, {"model": MODEL, "prompt": PROMPT})
@@ -213,7 +196,7 @@ async def test_a_cancelled_job_counts_what_the_llm_produced_before(
 
 @pytest.mark.parametrize("node_setup", NODE_SETUPS)  # each host tells a hang-up its own way
 async def test_a_job_whose_client_hung_up_counts_what_the_llm_produced_before(
-    gated_network: Network, gated: GatedUpstream, http: aiohttp.ClientSession
+    gated_network: Network, gated: HeldUpstream, http: aiohttp.ClientSession
 ) -> None:
     network = gated_network
     body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": PROMPT}]}
@@ -227,7 +210,7 @@ async def test_a_job_whose_client_hung_up_counts_what_the_llm_produced_before(
 
 
 async def test_a_job_cut_by_its_deadline_counts_what_the_llm_produced_before(
-    gated_network: Network, gated: GatedUpstream, http: aiohttp.ClientSession
+    gated_network: Network, gated: HeldUpstream, http: aiohttp.ClientSession
 ) -> None:
     network = gated_network
     # The deadline leaves the first chunk time to reach this node on a loaded machine (0.5 s once did not, in CI).

@@ -9,7 +9,7 @@ from handlers.accounting import estimate, output_chunk_count
 from handlers.openai import TokenBudget
 from schemas.openai_api import JobKind
 from schemas.usage import TokenCount
-from tests.helpers import chat_chunk, delta, usage_chunk
+from tests.upstreams import chat_chunk, delta, usage_chunk
 
 
 def test_the_budget_counts_output_fragments_or_the_llms_own_count_whichever_is_more() -> None:
