@@ -1,4 +1,5 @@
-"""Real node and fake-LLM processes for a test, and the HTTP steps the process tests share.
+"""Real node and fake-LLM processes for a test, and what the process tests read besides job streams
+(those are tests/streams.py's, with its bound `STEP_S`).
 
 Every node and every fake LLM is its own process (`python -m emulator.cli node|fake-llm`), started in a
 session of its own so teardown can kill its whole process group, even when the test fails.  Nodes find each
@@ -15,8 +16,6 @@ import os
 import signal
 import sqlite3
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,10 @@ from emulator.client import send_admin
 from llm_provider.directory import Peer, write_directory
 from llm_provider.homes import Home
 from llm_provider.signing import NodeKey
-from tests.conftest import free_port
-from tests.helpers import MODEL, submit
+from tests.hosts import free_port
 from tests.processes import kill_group, wait_healthy
-from tests.sse_client import events, job_updates
+from tests.streams import STEP_S
+from tests.upstreams import MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 ROUTER, DRIVER, CLIENT, DRIVER2 = "fake.dev", "fake2.dev", "fake3.dev", "fake4.dev"
@@ -38,7 +37,6 @@ NAMES = (ROUTER, DRIVER, CLIENT, DRIVER2)
 FINAL = {"succeeded", "failed", "timed_out", "cancelled"}
 
 READY_S = 20.0  # a process must answer /healthz within this
-STEP_S = 15.0  # any one awaited outcome (a reply, a final event, an exit) within this, or the test fails
 
 
 # --- processes ------------------------------------------------------------------------------
@@ -246,7 +244,7 @@ class Cluster:
         return nodes
 
 
-# --- HTTP -------------------------------------------------------------------------------------
+# --- records, bodies, rows ---------------------------------------------------------------------
 
 
 async def record(http: aiohttp.ClientSession, url: str, job_id: str) -> dict[str, Any]:
@@ -256,50 +254,6 @@ async def record(http: aiohttp.ClientSession, url: str, job_id: str) -> dict[str
     assert response.status == 200, text
     body: dict[str, Any] = json.loads(text)
     return body
-
-
-async def follow(http: aiohttp.ClientSession, url: str, job_id: str, bound: float = STEP_S, last_event_id: int | None = None) -> list[dict[str, Any]]:
-    """Every update of the job (after `last_event_id`) up to the final one, within `bound` seconds."""
-    async with asyncio.timeout(bound):
-        return await job_updates(http, url, job_id, last_event_id)
-
-
-@dataclass
-class Followed:
-    """A submitted job whose events `reader` collects in the background, from its first to its final one."""
-
-    job_id: str
-    reader: asyncio.Task[list[dict[str, Any]]]
-
-
-@asynccontextmanager
-async def followed(http: aiohttp.ClientSession, url: str, body: dict[str, Any], bound: float = STEP_S) -> AsyncIterator[Followed]:
-    """Submit a job and follow it at once (`await job.reader`: every update, within `bound`); the reader is cancelled on the way out."""
-    created = await submit(http, url, body)
-    reader = asyncio.create_task(follow(http, url, created["job_id"], bound))
-    try:
-        yield Followed(created["job_id"], reader)
-    finally:
-        reader.cancel()
-
-
-async def run_to_end(http: aiohttp.ClientSession, url: str, body: dict[str, Any], bound: float = STEP_S) -> list[dict[str, Any]]:
-    created = await submit(http, url, body)
-    return await follow(http, url, created["job_id"], bound)
-
-
-def final_of(updates: list[dict[str, Any]]) -> dict[str, Any]:
-    assert updates and updates[-1]["is_final"], updates
-    assert [u for u in updates if u["is_final"]] == [updates[-1]], "exactly one final update"
-    return updates[-1]
-
-
-def text_of(updates: list[dict[str, Any]]) -> str:
-    return "".join(u.get("delta", "") for u in updates)
-
-
-def assert_in_order(updates: list[dict[str, Any]], first_seq: int = 0) -> None:
-    assert [u["seq"] for u in updates] == list(range(first_seq, first_seq + len(updates))), [u["seq"] for u in updates]
 
 
 def job_body(prompt: str, **extra: Any) -> dict[str, Any]:
@@ -314,21 +268,3 @@ def db_row(database: Path, sql: str, *params: Any) -> tuple[Any, ...] | None:
         return row
     finally:
         connection.close()
-
-
-async def first_updates(http: aiohttp.ClientSession, url: str, job_id: str, count: int = 1) -> list[dict[str, Any]]:
-    """The job's first `count` updates (the first names the serving driver), then hang up."""
-    seen: list[dict[str, Any]] = []
-    async with asyncio.timeout(STEP_S):
-        async with http.get(f"{url}/jobs/{job_id}/events") as response:
-            assert response.status == 200
-            async for event in events(response):
-                seen.append(json.loads(event.data))
-                if len(seen) == count:
-                    response.close()
-                    return seen
-    raise AssertionError(f"the event stream ended after {len(seen)} updates: {seen}")
-
-
-async def first_update(http: aiohttp.ClientSession, url: str, job_id: str) -> dict[str, Any]:
-    return (await first_updates(http, url, job_id))[0]

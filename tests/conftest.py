@@ -1,8 +1,21 @@
-"""Fixtures that start real things: a fake LLM upstream and llm-provider nodes on loopback ports."""
+"""Fixtures that start real things: a fake LLM upstream and llm-provider nodes on loopback ports.
+
+Where in-process nodes run (`node_setup`, which `start_node`, `make_network` and `network` use):
+
+- by default under every web host (aiohttp, and the ASGI app under uvicorn and hypercorn) and on
+  PostgreSQL (aiohttp host): `NODE_SETUPS`.  That is for the HTTP contract, which each host serves.
+- `pytest.mark.databases_only` (on a test, or a module's `pytestmark`): one host on each database,
+  `DATABASES` (aiohttp on SQLite, aiohttp on PostgreSQL).  That is for scheduling, queue and store logic,
+  which no host changes but the database does (`SKIP LOCKED`, locking, shared processes).
+- a test's own `@pytest.mark.parametrize("node_setup", [...])` wins over both: one host for a test that
+  reads nothing host-specific, or `NODE_SETUPS` for a test of the HTTP contract in a `databases_only` module.
+
+Tests that need no node live in tests/unit/; whole networks as real processes in tests/cluster.py.  The fake
+upstreams are tests/upstreams.py's, the helpers that submit jobs and read their streams tests/streams.py's.
+"""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -11,35 +24,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from emulator.client import send_admin
-from emulator.fake_llm import STATS, FakeLlmSettings, FakeLlmStats, create_app
 from llm_provider.directory import Peer
 from llm_provider.node import NodeOptions, NodeRuntime
 from tests.databases import fresh_database, postgres_server
-from tests.hosts import HOSTS, serve
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def serve_app(app: web.Application) -> tuple[web.AppRunner, int]:
-    """Serve `app` on a free loopback port: its runner (clean it up when done) and the port."""
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, port
-
-
-@dataclass
-class Upstream:
-    url: str  # OpenAI base URL, ending in /v1
-    stats: FakeLlmStats
+from tests.hosts import HOSTS, free_port, serve
+from tests.upstreams import MODEL, StartUpstream, Upstream
+from tests.upstreams import start_upstream as start_upstream  # a fixture, for every test
 
 
 @dataclass
@@ -63,24 +55,7 @@ class Network:
     upstream: Upstream
 
 
-StartUpstream = Callable[..., Awaitable[Upstream]]
 StartNode = Callable[..., Awaitable[RunningNode]]
-
-
-@pytest.fixture
-async def start_upstream() -> AsyncIterator[StartUpstream]:
-    """Start a fake OpenAI-compatible LLM: `await start_upstream(ttft=0, tokens_per_second=0)`."""
-    runners: list[web.AppRunner] = []
-
-    async def start(**settings: Any) -> Upstream:
-        app = create_app(FakeLlmSettings(**settings))
-        runner, port = await serve_app(app)
-        runners.append(runner)
-        return Upstream(url=f"http://127.0.0.1:{port}/v1", stats=app[STATS])
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
 
 
 @pytest.fixture
@@ -106,14 +81,35 @@ async def start_node(tmp_path: Path, node_setup: str) -> AsyncIterator[StartNode
         yield start
 
 
-@pytest.fixture(params=[*HOSTS, "postgres"])
+NODE_SETUPS = [*HOSTS, "postgres"]  # every web host on SQLite, and aiohttp on PostgreSQL
+DATABASES = ["aiohttp", "postgres"]  # one host on each database
+
+
+@pytest.fixture(params=NODE_SETUPS)
 def node_setup(request: pytest.FixtureRequest) -> str:
-    """Every test with in-process nodes runs under each web host, and on PostgreSQL (aiohttp host)."""
+    """Every test with in-process nodes runs under each web host, and on PostgreSQL (aiohttp host),
+    unless it is marked `databases_only` (see the module's docstring)."""
     setup: str = request.param
     return setup
 
 
-async def wire(router: RunningNode, driver: RunningNode, client: RunningNode, upstream: Upstream, model: str = "llama3") -> None:
+@pytest.hookimpl(tryfirst=True)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A `databases_only` test runs on `DATABASES`: it is given that parametrization before pytest
+    applies the fixture's own params (which a test's parametrize of `node_setup` replaces)."""
+    if "node_setup" not in metafunc.fixturenames or metafunc.definition.get_closest_marker("databases_only") is None:
+        return
+    if any("node_setup" in _argnames(mark) for mark in metafunc.definition.iter_markers("parametrize")):
+        return  # the test's own choice
+    metafunc.definition.add_marker(pytest.mark.parametrize("node_setup", DATABASES))
+
+
+def _argnames(mark: pytest.Mark) -> list[str]:
+    names = mark.args[0] if mark.args else mark.kwargs["argnames"]
+    return [name.strip() for name in names.split(",")] if isinstance(names, str) else list(names)
+
+
+async def wire(router: RunningNode, driver: RunningNode, client: RunningNode, upstream: Upstream, model: str = MODEL) -> None:
     """The seed's admin commands, in the seed's order."""
     await router.admin("StartRouter")
     await driver.admin({"SetRouter": {"node": router.name}})

@@ -1,4 +1,5 @@
-"""Serving a node in-process under each web host: aiohttp, and the ASGI application under uvicorn and hypercorn."""
+"""Serving in this process on loopback: a node under each web host (aiohttp, and the ASGI application under
+uvicorn and hypercorn), and any aiohttp application (the fake upstreams) on a free port."""
 
 from __future__ import annotations
 
@@ -9,11 +10,28 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from aiohttp import web
+
 from llm_provider.asgi import NodeAsgi
 from llm_provider.node import Node, NodeOptions, NodeRuntime
 
 HOSTS = ["aiohttp", "uvicorn", "hypercorn"]
 STOP_S = 60.0  # the graceful timeout, the node's drain (up to its grace) and its stop, with room to spare
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def serve_app(app: web.Application) -> tuple[web.AppRunner, int]:
+    """Serve `app` on a free loopback port: its runner (clean it up when done) and the port."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, port
 
 
 def _listening_socket(port: int) -> socket.socket:

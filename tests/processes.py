@@ -23,7 +23,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import free_port
+from tests.hosts import free_port
 
 EMULATOR = Path(sys.executable).parent / "emulator"
 TIMEOUT_S = 60.0  # the most any one step may take before the test fails instead of hanging

@@ -21,11 +21,11 @@ from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 
 from tests.conftest import Network
-from tests.helpers import MODEL, Reply, ScriptedUpstream, Sent, chat_chunk, delta, usage_chunk
 from tests.helpers import migrated_database as migrated_database  # a fixture, used by start_node
-from tests.helpers import scripted as scripted  # a fixture
 from tests.helpers import scripted_network as scripted_network  # a fixture
 from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
+from tests.upstreams import MODEL, Reply, ScriptedUpstream, Sent, chat_chunk, delta, usage_chunk
+from tests.upstreams import scripted as scripted  # a fixture
 
 CALL_ID = "call_weather_1"
 ARGUMENTS = '{"city": "Paris"}'

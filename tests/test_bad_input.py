@@ -19,25 +19,13 @@ from llm_provider.signing import SIGNATURE_HEADER, NodeKey
 from schemas.sse import ServerSentEvent
 from store.models import Job, JobChunk, RoutedJob, ServedJob
 from tests.conftest import Network, RunningNode, StartNode
-from tests.helpers import (
-    GUARD_S,
-    MODEL,
-    GatedUpstream,
-    assert_error_body,
-    count_rows,
-    get_json,
-    job_stream,
-    next_update,
-    run_job,
-    store_of,
-    submit,
-    updates_to_final,
-)
-from tests.helpers import gated as gated  # a fixture
+from tests.helpers import assert_error_body, count_rows, get_json, store_of
 from tests.helpers import gated_network as gated_network  # a fixture
 from tests.helpers import migrated_database as migrated_database  # a fixture, used by start_node
 from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
-from tests.sse_client import job_updates
+from tests.streams import GUARD_S, job_stream, job_updates, next_update, run_job, submit, updates_to_final
+from tests.upstreams import MODEL, HeldUpstream
+from tests.upstreams import gated as gated  # a fixture
 
 ONE_MIB = 1024 * 1024
 
@@ -442,7 +430,7 @@ async def held_job(http: aiohttp.ClientSession, net: Network) -> AsyncIterator[t
 
 async def finish(net: Network, stream: AsyncIterator[ServerSentEvent]) -> list[dict[str, Any]]:
     """Release the gated upstream: the held job's remaining updates, to the final one."""
-    assert isinstance(net.upstream, GatedUpstream)
+    assert isinstance(net.upstream, HeldUpstream)
     net.upstream.gate.set()
     return await updates_to_final(stream)
 

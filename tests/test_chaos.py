@@ -19,8 +19,10 @@ from typing import Any
 
 import aiohttp
 
-from tests.cluster import CLIENT, DRIVER, DRIVER2, ROUTER, STEP_S, Cluster, assert_in_order, final_of, follow, job_body, record, text_of
-from tests.helpers import expected_completion, recording_upstream
+from tests.cluster import CLIENT, DRIVER, DRIVER2, ROUTER, Cluster, job_body, record
+from tests.helpers import expected_completion
+from tests.streams import STEP_S, assert_in_order, final_of, follow, text_of
+from tests.upstreams import recording_upstream
 
 SEED = int(os.environ.get("LLMP_CHAOS_SEED", "14"))
 CHAOS_S = 25.0  # killing and restarting; with setup and the jobs' ends, the test takes under a minute

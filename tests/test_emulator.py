@@ -29,8 +29,8 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import free_port
-from tests.helpers import MODEL, get_json
+from tests.helpers import get_json
+from tests.hosts import free_port
 from tests.processes import (
     EMULATOR,
     TIMEOUT_S,
@@ -47,7 +47,8 @@ from tests.processes import (
     wait_gone,
     wait_healthy,
 )
-from tests.sse_client import job_updates
+from tests.streams import job_updates
+from tests.upstreams import MODEL
 
 WEB_PAGE_ROW = re.compile(r"^\s+(fake\d*\.dev)\s+(http://\S+/ui)\s+login: (http://\S+/ui/login\?token=\S+)$")
 TABLE_ROW = re.compile(

@@ -28,9 +28,9 @@ from llm_provider.signing import NodeKey
 from llm_provider.transport import REPLY_TIMEOUTS_S, HttpTransport
 from schemas.jobs import JobSpec
 from schemas.messages import ACCEPT_MARGIN_S, RegisterDriver, RunJob
-from tests.cluster import CLIENT, DRIVER, MODEL, ROUTER, STEP_S, Cluster, db_row, final_of, job_body, record, submit
-from tests.helpers import GatedUpstream, gated_upstream, job_stream, next_update, updates_to_final
-from tests.sse_client import job_updates
+from tests.cluster import CLIENT, DRIVER, ROUTER, Cluster, db_row, job_body, record
+from tests.streams import STEP_S, final_of, job_stream, job_updates, next_update, submit, updates_to_final
+from tests.upstreams import MODEL, HeldUpstream, gated_upstream
 
 DEADLINE_S = 3.0  # the jobs' own `timeout`: short, so that the tests are
 
@@ -52,7 +52,7 @@ async def cluster(tmp_path: Path, http: aiohttp.ClientSession) -> AsyncIterator[
 
 
 @pytest.fixture
-async def held() -> AsyncIterator[GatedUpstream]:
+async def held() -> AsyncIterator[HeldUpstream]:
     async with gated_upstream(first="alpha", rest=" omega") as upstream:
         yield upstream
 
@@ -68,7 +68,7 @@ async def until_served_job_ends(cluster: Cluster, job_id: str, bound: float) -> 
 
 
 async def test_a_serving_driver_frozen_mid_job_the_job_ends_by_its_deadline_and_nothing_comes_twice(
-    cluster: Cluster, http: aiohttp.ClientSession, held: GatedUpstream
+    cluster: Cluster, http: aiohttp.ClientSession, held: HeldUpstream
 ) -> None:
     nodes = await cluster.network(llm_url=held.url)
     client = nodes[CLIENT].url
@@ -92,11 +92,11 @@ async def test_a_serving_driver_frozen_mid_job_the_job_ends_by_its_deadline_and_
     async with asyncio.timeout(STEP_S):
         assert await job_updates(http, client, job_id) == [first, *rest]
     assert db_row(nodes[CLIENT].database, "SELECT count(*) FROM job_chunks WHERE job_id = ?", job_id) == (2,)
-    assert held.prompts == ["frozen driver"]
+    assert held.arrivals == ["frozen driver"]
 
 
 async def test_a_frozen_router_submissions_get_503_promptly_and_none_of_them_reaches_an_llm_after_it_wakes(
-    cluster: Cluster, http: aiohttp.ClientSession, held: GatedUpstream
+    cluster: Cluster, http: aiohttp.ClientSession, held: HeldUpstream
 ) -> None:
     nodes = await cluster.network(llm_url=held.url, capacity=1)
     client = nodes[CLIENT].url
@@ -128,11 +128,11 @@ async def test_a_frozen_router_submissions_get_503_promptly_and_none_of_them_rea
     # The refused submission came to the router once it woke, too late: it was not taken, so no driver, and no
     # LLM, ever had it (it would have run after the job queued before it).
     assert db_row(nodes[ROUTER].database, "SELECT count(*) FROM routed_jobs") == (3,)
-    assert held.prompts == ["running", "waits long"]
+    assert held.arrivals == ["running", "waits long"]
 
 
 async def test_a_frozen_client_node_its_driver_ends_the_job_by_its_deadline_without_piling_up_retries(
-    cluster: Cluster, http: aiohttp.ClientSession, held: GatedUpstream
+    cluster: Cluster, http: aiohttp.ClientSession, held: HeldUpstream
 ) -> None:
     nodes = await cluster.network(llm_url=held.url)
     client = nodes[CLIENT].url
@@ -192,7 +192,7 @@ class SilentPeer:
 
 
 async def test_a_peer_that_never_answers_costs_each_message_its_own_timeout_and_no_growing_retries(
-    cluster: Cluster, http: aiohttp.ClientSession, held: GatedUpstream
+    cluster: Cluster, http: aiohttp.ClientSession, held: HeldUpstream
 ) -> None:
     silent = SilentPeer()
     await silent.start(cluster.ports[ROUTER])  # the router's address and key are in the directory; it answers nothing
@@ -232,7 +232,7 @@ async def test_a_peer_that_never_answers_costs_each_message_its_own_timeout_and_
         assert await until_served_job_ends(cluster, job.job_id, bound) == "timed_out"
         # Every attempt waited its turn: one connection at a time from the driver (and its heartbeats).
         assert silent.most_open <= 3, silent.most_open
-        assert held.prompts == ["hi"]
+        assert held.arrivals == ["hi"]
 
 
 async def _nothing(*_: Any) -> Any:

@@ -37,10 +37,10 @@ from llm_provider.homes import Home
 from llm_provider.signing import SIGNATURE_HEADER, NodeKey
 from schemas.export import all_schemas
 from tests.conftest import RunningNode, StartNode
-from tests.helpers import MODEL, USAGE, Reply, ScriptedUpstream, chat_chunk, delta, usage_chunk
 from tests.helpers import migrated_database as migrated_database  # a fixture, used by start_node
-from tests.helpers import scripted as scripted  # a fixture
 from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
+from tests.upstreams import MODEL, USAGE, Reply, ScriptedUpstream, chat_chunk, delta, usage_chunk
+from tests.upstreams import scripted as scripted  # a fixture
 
 SCHEMAS = all_schemas()
 GUARD_S = 10.0  # any one request, however hostile, is answered within this (a guard against hangs only)

@@ -15,30 +15,13 @@ from handlers import jobs
 from schemas.jobs import JobRecord
 from store.models import Job, RoutedJob
 from tests.conftest import Network, StartNode, start_network
-from tests.helpers import (
-    GUARD_S,
-    MODEL,
-    RecordingUpstream,
-    count_rows,
-    expected_completion,
-    gated_upstream,
-    get_json,
-    job_stream,
-    next_update,
-    recording_upstream,
-    run_job,
-    submit,
-    updates_to_final,
-)
+from tests.helpers import count_rows, expected_completion, get_json
 from tests.helpers import migrated_database as migrated_database  # a fixture, used by start_node
 from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
-from tests.sse_client import events, job_updates
+from tests.streams import GUARD_S, events, job_stream, job_updates, next_update, run_job, submit, text_of, updates_to_final
+from tests.upstreams import MODEL, RecordingUpstream, gated_upstream, recording_upstream
 
 HELLO = [{"role": "user", "content": "hello"}]
-
-
-def text_of(updates: list[dict[str, Any]]) -> str:
-    return "".join(update.get("delta", "") for update in updates)
 
 
 @pytest.fixture

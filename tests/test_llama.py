@@ -53,9 +53,10 @@ from openai.types.chat import (
     ChatCompletionToolParam,
 )
 
-from tests.helpers import MODEL, get_json, submit
+from tests.helpers import get_json
 from tests.processes import TIMEOUT_S, WOODCHUCK, RunningUp, cmdline, pick_ports, start_up, summary_of, wait_gone
-from tests.sse_client import events, job_updates
+from tests.streams import events, job_updates, submit
+from tests.upstreams import MODEL
 
 pytestmark = pytest.mark.llama
 

@@ -13,9 +13,10 @@ from typing import Any
 import aiohttp
 
 from llm_provider.homes import Home
-from tests.cluster import CLIENT, DRIVER, ROUTER, STEP_S, Cluster, Proc, final_of, follow, job_body
-from tests.helpers import MODEL, submit
+from tests.cluster import CLIENT, DRIVER, ROUTER, Cluster, Proc, job_body
 from tests.processes import EMULATOR
+from tests.streams import STEP_S, final_of, follow, submit
+from tests.upstreams import MODEL
 
 TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 JSON_LOGS = ("--log-format", "json")

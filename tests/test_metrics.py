@@ -23,28 +23,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from llm_provider import http_api, signing
 from llm_provider.directory import Directory
 from llm_provider.http_api import ContentReply, HttpRequest, JsonReply, NodeApi
-from tests.cluster import DRIVER, Cluster, Proc, follow
-from tests.conftest import Network, RunningNode, StartNode, StartUpstream
-from tests.helpers import (
-    GUARD_S,
-    MODEL,
-    GatedUpstream,
-    Reply,
-    ScriptedUpstream,
-    chat_chunk,
-    delta,
-    next_update,
-    run_job,
-    submit,
-    usage_chunk,
-)
-from tests.helpers import gated as gated  # a fixture
+from tests.cluster import DRIVER, Cluster, Proc
+from tests.conftest import Network, RunningNode, StartNode
 from tests.helpers import gated_network as gated_network  # a fixture
 from tests.helpers import migrated_database as migrated_database  # a fixture, used by start_node
-from tests.helpers import scripted as scripted  # a fixture
 from tests.helpers import scripted_network as scripted_network  # a fixture
 from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
-from tests.sse_client import events, job_updates
+from tests.streams import GUARD_S, events, follow, job_updates, next_update, run_job, submit
+from tests.upstreams import MODEL, HeldUpstream, Reply, ScriptedUpstream, StartUpstream, chat_chunk, delta, usage_chunk
+from tests.upstreams import gated as gated  # a fixture
+from tests.upstreams import scripted as scripted  # a fixture
 
 CHAT = "chat/completions"
 
@@ -97,6 +85,7 @@ def text_chunks(*parts: str) -> list[dict[str, Any]]:
     return [*chunks, chat_chunk(delta(finish_reason="stop")), usage_chunk()]
 
 
+@pytest.mark.databases_only  # what the node counts, not how a host serves it
 async def test_every_node_counts_the_jobs_it_ended_their_tokens_latencies_and_messages(
     scripted_network: Network, http: aiohttp.ClientSession
 ) -> None:
@@ -153,7 +142,7 @@ async def test_every_node_samples_how_late_its_event_loop_runs(network: Network,
 
 
 async def test_a_routers_queue_and_load_and_the_open_streams_are_shown_as_they_are(
-    gated_network: Network, gated: GatedUpstream, http: aiohttp.ClientSession
+    gated_network: Network, gated: HeldUpstream, http: aiohttp.ClientSession
 ) -> None:
     network = gated_network
     before = await scrape(http, network.client)
@@ -177,6 +166,7 @@ async def test_a_routers_queue_and_load_and_the_open_streams_are_shown_as_they_a
             await job_updates(http, network.client.url, job["job_id"])
 
 
+@pytest.mark.databases_only  # what the node counts, not how a host serves it
 async def test_upstream_errors_are_counted_by_kind(scripted_network: Network, http: aiohttp.ClientSession) -> None:
     network = scripted_network
     upstream: ScriptedUpstream = network.upstream  # type: ignore[assignment]
@@ -195,6 +185,7 @@ async def test_upstream_errors_are_counted_by_kind(scripted_network: Network, ht
         assert after.value("llmp_upstream_errors_total", **labels) - before.value("llmp_upstream_errors_total", **labels) == 1
 
 
+@pytest.mark.databases_only  # what the node counts, not how a host serves it
 async def test_a_refused_node_message_is_counted_with_its_reason(scripted_network: Network, http: aiohttp.ClientSession) -> None:
     router = scripted_network.router
     before = await scrape(http, router)

@@ -19,24 +19,13 @@ from pydantic import BaseModel
 
 from store.models import Job, JobChunk, RoutedJob, ServedJob
 from tests.conftest import Network, StartNode
-from tests.helpers import (
-    GUARD_S,
-    MODEL,
-    USAGE,
-    Reply,
-    ScriptedUpstream,
-    chat_chunk,
-    count_rows,
-    delta,
-    get_json,
-    submit,
-    usage_chunk,
-)
+from tests.helpers import count_rows, get_json
 from tests.helpers import migrated_database as migrated_database  # a fixture, used by start_node
-from tests.helpers import scripted as scripted  # a fixture
 from tests.helpers import scripted_network as scripted_network  # a fixture
 from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
-from tests.sse_client import events, job_updates
+from tests.streams import GUARD_S, events, job_updates, submit
+from tests.upstreams import MODEL, USAGE, Reply, ScriptedUpstream, chat_chunk, delta, usage_chunk
+from tests.upstreams import scripted as scripted  # a fixture
 
 CHAT = "chat/completions"
 IMAGE = "data:image/png;base64," + "iVBORw0KGgo" * 1000

@@ -17,27 +17,20 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.cluster import (
-    CLIENT,
-    DRIVER,
-    DRIVER2,
-    ROUTER,
+from tests.cluster import CLIENT, DRIVER, DRIVER2, ROUTER, Cluster, db_row, job_body, record
+from tests.streams import (
     STEP_S,
-    Cluster,
     assert_in_order,
-    db_row,
+    events,
     final_of,
     first_update,
     first_updates,
     follow,
     followed,
-    job_body,
-    record,
     run_to_end,
     submit,
     text_of,
 )
-from tests.sse_client import events
 
 
 @pytest.fixture

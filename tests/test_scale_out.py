@@ -25,33 +25,28 @@ from sqlalchemy import update
 from handlers import liveness, router, upkeep
 from store import notifications
 from store.models import ServedJob, Worker
-from tests.cluster import (
-    CLIENT,
-    DRIVER,
-    DRIVER2,
-    MODEL,
-    ROUTER,
+from tests.cluster import CLIENT, DRIVER, DRIVER2, ROUTER, Cluster
+from tests.conftest import RunningNode, StartNode
+from tests.databases import fresh_database, postgres_server
+from tests.helpers import expected_completion, store_of
+from tests.processes import children_of
+from tests.streams import (
     STEP_S,
-    Cluster,
     assert_in_order,
+    events,
     final_of,
     follow,
+    job_stream,
+    job_updates,
+    next_update,
     submit,
     text_of,
-)
-from tests.conftest import RunningNode, StartNode, StartUpstream, Upstream
-from tests.databases import fresh_database, postgres_server
-from tests.helpers import (
-    expected_completion,
-    gated_upstream,
-    job_stream,
-    next_update,
-    recording_upstream,
-    store_of,
     updates_to_final,
 )
-from tests.processes import children_of
-from tests.sse_client import events, job_updates
+from tests.upstreams import MODEL, StartUpstream, Upstream, gated_upstream, recording_upstream
+
+# The in-process tests here are about processes sharing one database (orphans, boot chores, readers), not hosts.
+pytestmark = pytest.mark.databases_only
 
 
 def answer_to(prompt: str) -> str:
@@ -110,7 +105,7 @@ async def test_two_workers_serve_jobs_and_each_follows_what_the_other_writes(
         async with asyncio.timeout(STEP_S):
             heads = [await next_update(stream) for stream in streams]
         assert [(head["seq"], head["delta"], head["is_final"]) for head in heads] == [(0, "alpha", False)] * len(prompts), heads
-        assert sorted(held.prompts) == sorted(prompts)
+        assert sorted(held.arrivals) == sorted(prompts)
         held.gate.set()
         async with asyncio.timeout(STEP_S):
             tails = [await updates_to_final(stream) for stream in streams]

@@ -3,7 +3,7 @@ from __future__ import annotations
 import aiohttp
 
 from tests.conftest import Network
-from tests.sse_client import job_updates
+from tests.streams import job_updates
 
 
 async def test_remote_job_streams_through_router(network: Network, http: aiohttp.ClientSession) -> None:

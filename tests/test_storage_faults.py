@@ -30,12 +30,13 @@ import pytest
 
 from emulator.client import send_admin
 from llm_provider.homes import Home
-from tests.cluster import REPO, READY_S, STEP_S, final_of, first_update, follow, job_body, record, run_to_end, submit, text_of
-from tests.conftest import StartUpstream, free_port
-from tests.conftest import start_upstream as start_upstream  # a fixture
-from tests.helpers import MODEL, GatedUpstream
-from tests.helpers import gated as gated  # a fixture
+from tests.cluster import READY_S, REPO, job_body, record
+from tests.hosts import free_port
 from tests.processes import kill_group, wait_healthy
+from tests.streams import STEP_S, final_of, first_update, follow, run_to_end, submit, text_of
+from tests.upstreams import MODEL, HeldUpstream, StartUpstream
+from tests.upstreams import gated as gated  # a fixture
+from tests.upstreams import start_upstream as start_upstream  # a fixture
 
 NAME = "solo.dev"
 PR_CAPBSET_DROP = 24  # prctl(2)
@@ -162,7 +163,7 @@ async def takes_jobs_again(http: aiohttp.ClientSession, node: NodeProcess) -> No
 
 
 async def test_a_full_disk_refuses_submissions_keeps_what_it_accepted_and_recovers(
-    node: NodeProcess, gated: GatedUpstream, http: aiohttp.ClientSession
+    node: NodeProcess, gated: HeldUpstream, http: aiohttp.ClientSession
 ) -> None:
     await node.start(http)
     await node.serve_with(gated.url)
@@ -180,7 +181,7 @@ async def test_a_full_disk_refuses_submissions_keeps_what_it_accepted_and_recove
 
 
 async def test_a_write_lock_held_by_another_process_refuses_submissions_and_the_node_recovers(
-    node: NodeProcess, gated: GatedUpstream, http: aiohttp.ClientSession
+    node: NodeProcess, gated: HeldUpstream, http: aiohttp.ClientSession
 ) -> None:
     await node.start(http)
     await node.serve_with(gated.url)
@@ -210,7 +211,7 @@ async def test_a_write_lock_held_by_another_process_refuses_submissions_and_the_
 
 
 async def test_a_read_only_database_is_read_refuses_submissions_and_the_node_recovers(
-    node: NodeProcess, gated: GatedUpstream, start_upstream: StartUpstream, http: aiohttp.ClientSession
+    node: NodeProcess, gated: HeldUpstream, start_upstream: StartUpstream, http: aiohttp.ClientSession
 ) -> None:
     node.preexec_fn = without_permission_override
     await node.start(http)

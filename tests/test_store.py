@@ -30,10 +30,12 @@ from schemas.jobs import JobStatus, JobUpdate
 from store.database import Store, sqlite_url
 from store.migrate import alembic_config
 from store.models import DriverRegistration, Job, JobChunk, NodeConfig, RoutedJob, ServedJob
-from tests.conftest import RunningNode, StartUpstream, Upstream, free_port, wire
+from tests.conftest import RunningNode, wire
 from tests.databases import fresh_database, postgres_server
-from tests.helpers import GUARD_S, MODEL, gated_upstream, get_json, run_job, submit
-from tests.sse_client import events, job_updates
+from tests.helpers import get_json
+from tests.hosts import free_port
+from tests.streams import GUARD_S, events, job_updates, run_job, submit
+from tests.upstreams import MODEL, StartUpstream, Upstream, gated_upstream
 
 FIRST_REVISION = "0001"
 

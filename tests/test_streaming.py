@@ -12,19 +12,13 @@ import openai
 import pytest
 
 from tests.conftest import Network
-from tests.helpers import (
-    GUARD_S,
-    MODEL,
-    GatedUpstream,
-    expected_completion,
-    get_json,
-    submit,
-)
-from tests.helpers import gated as gated  # a fixture
+from tests.helpers import expected_completion, get_json
 from tests.helpers import gated_network as gated_network  # a fixture
 from tests.helpers import migrated_database as migrated_database  # a fixture, used by start_node
 from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
-from tests.sse_client import events
+from tests.streams import GUARD_S, events, submit
+from tests.upstreams import MODEL, HeldUpstream
+from tests.upstreams import gated as gated  # a fixture
 
 SEED = 11
 HELLO = [{"role": "user", "content": "hello"}]
@@ -37,7 +31,7 @@ HELLO = [{"role": "user", "content": "hello"}]
 
 
 async def test_first_job_update_arrives_while_the_upstream_still_holds_the_rest(
-    gated_network: Network, gated: GatedUpstream, http: aiohttp.ClientSession
+    gated_network: Network, gated: HeldUpstream, http: aiohttp.ClientSession
 ) -> None:
     created = await submit(http, gated_network.client.url, {"model": MODEL, "prompt": "hello"})
     updates: list[dict[str, Any]] = []
@@ -55,7 +49,7 @@ async def test_first_job_update_arrives_while_the_upstream_still_holds_the_rest(
 
 
 async def test_first_chat_chunk_arrives_while_the_upstream_still_holds_the_rest(
-    gated_network: Network, gated: GatedUpstream, http: aiohttp.ClientSession
+    gated_network: Network, gated: HeldUpstream, http: aiohttp.ClientSession
 ) -> None:
     body = {"model": MODEL, "messages": HELLO, "stream": True}
     contents: list[str] = []

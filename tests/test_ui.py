@@ -20,15 +20,15 @@ import aiohttp
 import pytest
 from sqlalchemy import func, select, update
 
-from llm_provider.ui_api import is_local
 from schemas.sse import ServerSentEvent
 from store.models import Job, UiLogin
 from tests.browser import FOREIGN_HOST, headless_chromium
 from tests.conftest import Network, StartNode, start_network
-from tests.helpers import GUARD_S, MODEL, GatedUpstream, count_rows, gated_upstream, get_json, store_of, submit
+from tests.helpers import count_rows, get_json, store_of
 from tests.helpers import migrated_database as migrated_database  # a fixture, used by start_node
 from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
-from tests.sse_client import events
+from tests.streams import GUARD_S, events, submit
+from tests.upstreams import MODEL, HeldUpstream, gated_upstream
 
 QUESTION = "How much wood could a woodchuck chuck? Be concise."
 FIRST, REST = "A woodchuck would chuck", " as much wood as a woodchuck could chuck."
@@ -37,14 +37,14 @@ SCREENSHOTS_ENV = "LLMP_UI_SCREENSHOTS"
 
 
 @pytest.fixture
-async def held() -> AsyncIterator[GatedUpstream]:
+async def held() -> AsyncIterator[HeldUpstream]:
     """An upstream that streams FIRST, then holds every request until the test sets `gate`, then REST."""
     async with gated_upstream(first=FIRST, rest=REST) as upstream:
         yield upstream
 
 
 @pytest.fixture
-async def held_network(start_node: StartNode, held: GatedUpstream) -> Network:
+async def held_network(start_node: StartNode, held: HeldUpstream) -> Network:
     return await start_network(start_node, held)
 
 
@@ -140,7 +140,7 @@ async def test_the_page_its_files_and_the_views_it_reads(network: Network, http:
 
 
 async def test_from_elsewhere_the_page_needs_a_one_time_login_and_changes_need_its_csrf_token(
-    held_network: Network, held: GatedUpstream, raw_http: aiohttp.ClientSession
+    held_network: Network, held: HeldUpstream, raw_http: aiohttp.ClientSession
 ) -> None:
     network, http = held_network, raw_http
     client = network.client
@@ -224,16 +224,6 @@ async def test_from_elsewhere_the_page_needs_a_one_time_login_and_changes_need_i
     assert status == 422, body
 
 
-def test_only_a_loopback_address_asking_by_a_loopback_name_is_local() -> None:
-    # The tests' servers listen on loopback only: a browser elsewhere is this function's to tell apart.
-    for remote, host in (("127.0.0.1", "127.0.0.1:8081"), ("127.0.0.1", "localhost:8081"), ("::1", "[::1]:8081"),
-                         ("::ffff:127.0.0.1", "LOCALHOST"), ("127.0.0.2", "127.0.0.1")):
-        assert is_local(remote, host), (remote, host)
-    for remote, host in (("10.1.2.3", "127.0.0.1:8081"), ("127.0.0.1", "node.example:8081"), ("127.0.0.1", ""),
-                         ("unknown", "localhost"), ("127.0.0.1", "127.0.0.1.evil.example")):
-        assert not is_local(remote, host), (remote, host)
-
-
 # --- in a browser, under one host ---------------------------------------------------------------
 
 
@@ -245,7 +235,7 @@ def screenshot_path(tmp_path: Path, name: str) -> Path:
 
 @pytest.mark.parametrize("node_setup", ["aiohttp"])
 async def test_in_a_browser_the_page_shows_the_network_and_a_job_as_it_runs(
-    held_network: Network, held: GatedUpstream, http: aiohttp.ClientSession, tmp_path: Path
+    held_network: Network, held: HeldUpstream, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     from playwright.async_api import expect
 
@@ -298,7 +288,7 @@ async def test_in_a_browser_the_page_shows_the_network_and_a_job_as_it_runs(
 
 @pytest.mark.parametrize("node_setup", ["aiohttp"])
 async def test_in_a_browser_let_in_by_a_login_url_the_chat_box_streams_its_answer(
-    held_network: Network, held: GatedUpstream, http: aiohttp.ClientSession, tmp_path: Path
+    held_network: Network, held: HeldUpstream, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     from playwright.async_api import expect
 

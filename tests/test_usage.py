@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,41 +16,23 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from handlers.accounting import estimate, output_chunk_count
 from handlers.config import read_config
 from llm_provider.homes import Home
-from schemas.openai_api import JobKind
-from schemas.usage import TokenCount
 from store.models import Budget, Job, RoutedJob
-from tests.cluster import CLIENT, DRIVER, ROUTER, STEP_S, Cluster, db_row, final_of, follow, job_body
-from tests.conftest import Network, RunningNode
-from tests.helpers import (
-    GUARD_S,
-    MODEL,
-    USAGE,
-    GatedUpstream,
-    Reply,
-    ScriptedUpstream,
-    assert_error_body,
-    chat_chunk,
-    count_rows,
-    delta,
-    get_json,
-    job_stream,
-    next_update,
-    run_job,
-    store_of,
-    submit,
-    usage_chunk,
-)
-from tests.helpers import gated as gated  # a fixture
+from tests.cluster import CLIENT, DRIVER, ROUTER, Cluster, db_row, job_body
+from tests.conftest import NODE_SETUPS, Network, RunningNode
+from tests.helpers import assert_error_body, count_rows, get_json, store_of
 from tests.helpers import gated_network as gated_network  # a fixture
 from tests.helpers import migrated_database as migrated_database  # a fixture, used by start_node
-from tests.helpers import scripted as scripted  # a fixture
 from tests.helpers import scripted_network as scripted_network  # a fixture
 from tests.helpers import start_node as start_node  # a fixture: conftest's, on copies of a migrated database
 from tests.processes import EMULATOR
-from tests.sse_client import job_updates
+from tests.streams import GUARD_S, STEP_S, final_of, follow, job_stream, job_updates, next_update, run_job, submit
+from tests.upstreams import MODEL, USAGE, HeldUpstream, Reply, ScriptedUpstream, chat_chunk, delta, usage_chunk
+from tests.upstreams import gated as gated  # a fixture
+from tests.upstreams import scripted as scripted  # a fixture
+
+pytestmark = pytest.mark.databases_only  # accounting and budgets: the handlers' and the store's, not the hosts'
 
 CHAT = "chat/completions"
 DAY_MARGIN_S = 60.0  # the longest a test that counts today's usage takes, on a loaded machine, with room to spare
@@ -139,6 +120,7 @@ async def test_each_node_counts_the_jobs_it_handled_by_client_and_model(
     assert {row["role"] for row in (await usage_of(http, network.router, role="router"))["usage"]} == {"router"}
 
 
+@pytest.mark.parametrize("node_setup", NODE_SETUPS)  # a query string and a header, read by each host
 async def test_usage_takes_the_admin_token_and_refuses_a_bad_query(
     scripted_network: Network, http: aiohttp.ClientSession
 ) -> None:
@@ -201,7 +183,7 @@ async def assert_every_node_counted_the_cut_job(network: Network, http: aiohttp.
 
 
 async def test_a_cancelled_job_counts_what_the_llm_produced_before(
-    gated_network: Network, gated: GatedUpstream, http: aiohttp.ClientSession
+    gated_network: Network, gated: HeldUpstream, http: aiohttp.ClientSession
 ) -> None:
     network = gated_network
     created = await submit(http, network.client.url, {"model": MODEL, "prompt": PROMPT})
@@ -212,8 +194,9 @@ async def test_a_cancelled_job_counts_what_the_llm_produced_before(
     await assert_every_node_counted_the_cut_job(network, http, cut_short("http:127.0.0.1"))
 
 
+@pytest.mark.parametrize("node_setup", NODE_SETUPS)  # each host tells a hang-up its own way
 async def test_a_job_whose_client_hung_up_counts_what_the_llm_produced_before(
-    gated_network: Network, gated: GatedUpstream, http: aiohttp.ClientSession
+    gated_network: Network, gated: HeldUpstream, http: aiohttp.ClientSession
 ) -> None:
     network = gated_network
     body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": PROMPT}]}
@@ -227,7 +210,7 @@ async def test_a_job_whose_client_hung_up_counts_what_the_llm_produced_before(
 
 
 async def test_a_job_cut_by_its_deadline_counts_what_the_llm_produced_before(
-    gated_network: Network, gated: GatedUpstream, http: aiohttp.ClientSession
+    gated_network: Network, gated: HeldUpstream, http: aiohttp.ClientSession
 ) -> None:
     network = gated_network
     # The deadline leaves the first chunk time to reach this node on a loaded machine (0.5 s once did not, in CI).
@@ -341,23 +324,6 @@ async def test_a_malformed_budget_is_refused_and_changes_nothing(scripted_networ
             assert response.status == 422, (bad, await response.text())
             assert_error_body(await response.json(), "invalid_fields")
     assert await count_rows(router, Budget) == 0
-
-
-def test_tokens_of_a_prompt_are_estimated_from_its_text() -> None:
-    parts = [{"type": "text", "text": "abc"}, {"type": "image_url", "image_url": {"url": "data:" + "x" * 1000}}]
-    chat = {"messages": [{"role": "user", "content": "12345"}, {"role": "user", "content": parts}]}
-    # 8 characters of text, the image aside: 2 tokens
-    assert estimate(JobKind.CHAT, chat, 7) == TokenCount(prompt_tokens=math.ceil(8 / 4), completion_tokens=7, estimated=True)
-    assert estimate(JobKind.COMPLETION, {"prompt": ["abcd", "efgh"]}, 0).prompt_tokens == 2
-    assert estimate(JobKind.EMBEDDING, {"input": [1, 2, 3]}, 0).prompt_tokens == 3
-    chunks: list[dict[str, Any]] = [
-        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
-        {"choices": [{"index": 0, "delta": {"content": "a"}}]},
-        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}}]},
-        {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
-        {"choices": [], "usage": {"prompt_tokens": 1}},
-    ]
-    assert output_chunk_count(chunks) == 2
 
 
 # --- across restarts and replicas: real processes ---------------------------------------------------------
