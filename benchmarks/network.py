@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 import peers
 
@@ -428,6 +429,48 @@ def _mean_rate(rates: list[Rate]) -> Rate:
     )
 
 
+@dataclass
+class Door:
+    """A node's wait at its door, from its histograms: the event loop's lag, and node messages' delay."""
+
+    lag_count: float = 0.0
+    lag_sum: float = 0.0
+    lag_buckets: dict[float, float] = field(default_factory=dict)  # cumulative, by upper bound
+    delay_count: float = 0.0
+    delay_sum: float = 0.0
+
+    def since(self, earlier: Door) -> Door:
+        return Door(
+            self.lag_count - earlier.lag_count, self.lag_sum - earlier.lag_sum,
+            {le: n - earlier.lag_buckets.get(le, 0.0) for le, n in self.lag_buckets.items()},
+            self.delay_count - earlier.delay_count, self.delay_sum - earlier.delay_sum,
+        )
+
+    def lag_quantile(self, q: float) -> float:
+        """The upper bound of the bucket the q-quantile falls in."""
+        return next((le for le, n in sorted(self.lag_buckets.items()) if n >= q * self.lag_count), float("inf"))
+
+
+async def door(url: str) -> Door:
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as response:
+        text = await response.text()
+    found = Door()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "llmp_event_loop_lag_seconds_count":
+                found.lag_count += sample.value
+            elif sample.name == "llmp_event_loop_lag_seconds_sum":
+                found.lag_sum += sample.value
+            elif sample.name == "llmp_event_loop_lag_seconds_bucket":
+                bound = float(sample.labels["le"])
+                found.lag_buckets[bound] = found.lag_buckets.get(bound, 0.0) + sample.value
+            elif sample.name == "llmp_node_message_delay_seconds_count":
+                found.delay_count += sample.value
+            elif sample.name == "llmp_node_message_delay_seconds_sum":
+                found.delay_sum += sample.value
+    return found
+
+
 UPSTREAM, RELAY, LITELLM, LOCAL, THREE_HOPS = "upstream alone", "bare relay", "LiteLLM proxy (1 worker)", "node 2, local path", "node 3 → router → node 2"
 
 
@@ -451,9 +494,18 @@ async def cost_per_hop(report: Report, args: argparse.Namespace) -> None:
             targets[baseline] = Target(old.url(3), {"client node": old.pid(3), "router": old.pid(1), "driver": old.pid(2)})
         latency = await interleaved({name: target.url for name, target in targets.items()}, args.rounds, max_tokens=4)
         passes: dict[str, list[Rate]] = {name: [] for name in targets}
+        doors = {index: Door() for index in (1, 2, 3)}
         for _ in range(2):  # in turns, so a noisy moment hits every target alike
             for name, target in targets.items():
+                before = {index: await door(net.url(index)) for index in doors} if name == THREE_HOPS else {}
                 passes[name].append(await jobs_per_second(target, seconds / 2))
+                for index, earlier in before.items():
+                    moved = (await door(net.url(index))).since(earlier)
+                    doors[index] = Door(
+                        doors[index].lag_count + moved.lag_count, doors[index].lag_sum + moved.lag_sum,
+                        {le: doors[index].lag_buckets.get(le, 0.0) + n for le, n in moved.lag_buckets.items()},
+                        doors[index].delay_count + moved.delay_count, doors[index].delay_sum + moved.delay_sum,
+                    )
     rates = {name: _mean_rate(runs) for name, runs in passes.items()}
 
     base_ttft = statistics.median(t.ttft for t in latency[UPSTREAM])
@@ -512,6 +564,16 @@ async def cost_per_hop(report: Report, args: argparse.Namespace) -> None:
             (f"3-hop jobs/s at least twice {args.baseline}'s", f"{rates[THREE_HOPS].jobs_per_s / rates[baseline].jobs_per_s:.2f}×",
              rates[THREE_HOPS].jobs_per_s >= 2 * rates[baseline].jobs_per_s),
         ]
+    report.say(
+        "Time at each node's door during the 3-hop jobs/s runs: how late its event loop ran a timer that was due "
+        "(`llmp_event_loop_lag_seconds`, sampled every 0.25 s; p99 is a bucket's upper bound), and how long node "
+        "messages took from their sending to their handler's start (`llmp_node_message_delay_seconds`).\n"
+    )
+    report.table(
+        ["node", "event loop lag, mean ms", "lag p99 ≤ ms", "node message delay, mean ms", "messages"],
+        [[name, ms(d.lag_sum / max(d.lag_count, 1)), ms(d.lag_quantile(0.99)), ms(d.delay_sum / max(d.delay_count, 1)), f"{d.delay_count:,.0f}"]
+         for name, d in (("node 1 (router)", doors[1]), ("node 2 (driver)", doors[2]), ("node 3 (client)", doors[3]))],
+    )
     report.say("Against the targets, in this run:\n")
     report.table(["target", "measured", "met?"], [[what, figure, "yes" if met else "**no**"] for what, figure, met in checks])
 

@@ -135,6 +135,7 @@ async def test_every_node_counts_the_jobs_it_ended_their_tokens_latencies_and_me
     assert after[network.client.name].total("llmp_router_drivers_registered") == 0  # not a router
 
 
+@pytest.mark.databases_only  # what the node counts, not how a host serves it
 async def test_every_node_samples_how_late_its_event_loop_runs(network: Network, http: aiohttp.ClientSession) -> None:
     for node in (network.client, network.router, network.driver):
         sampled = await scrape_when(http, node, lambda s: s.value("llmp_event_loop_lag_seconds_count") >= 2)
