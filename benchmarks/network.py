@@ -286,47 +286,71 @@ async def throughput(report: Report, args: argparse.Namespace, llm: str, nodes: 
 async def scale(report: Report, args: argparse.Namespace) -> None:
     streams = 1000 if not args.quick else 200
     rows = []
-    for pace, tokens, port in (("1", "8", args.llm_port + 2), ("0.2", "4", args.llm_port + 5)):
+    # Each answer lasts 40 s, within the jobs' 60 s deadline and longer than opening them all takes.
+    for pace, tokens, port in (("1", "40", args.llm_port + 2), ("0.2", "8", args.llm_port + 5)):
         async with fake_llm(port, "--ttft", "0", "--tps", pace, "--tokens", tokens) as llm:
             rows.append([f"{pace} tokens/s, {tokens} tokens", *await _open_streams(args, llm, streams)])
-    report.say(f"### Scale: {streams} concurrent open streams through node 3, slow upstreams\n")
+    report.say(
+        f"### Scale: {streams} concurrent open streams through node 3, slow upstreams "
+        f"(submitted {SUBMITTING} at a time; every stream stays open until its answer ends)\n"
+    )
     report.table(
-        ["upstream", "errors", "RSS router MB (idle → open)", "RSS driver MB", "RSS client node MB", "memory per open stream KB (all nodes)"],
+        ["upstream", "errors", "streams open at once", "RSS router MB (idle → open)", "RSS driver MB", "RSS client node MB",
+         "memory per open stream KB (router / driver / client node)"],
         rows,
     )
 
 
+SUBMITTING = 64  # submissions in flight while the streams open: a burst of clients, not a thousand at one instant
+
+
 async def _open_streams(args: argparse.Namespace, llm: str, streams: int) -> list[str]:
-    """Open `streams` job streams at once and read them to the end; errors and memory."""
+    """Open `streams` job streams and read them to the end; errors, and memory once every stream is open (or failed)."""
     async with network(llm, args.base_port, capacity=streams) as net:
         pids = {index: net.pid(index) for index in (1, 2, 3)}
         idle = {i: rss_bytes(p) for i, p in pids.items()}
-        opened = asyncio.Event()
-        count, errors, peak = 0, 0, dict(idle)
+        all_started = asyncio.Event()
+        submitting = asyncio.Semaphore(SUBMITTING)
+        started, open_now, most_open, errors, peak = 0, 0, 0, 0, dict(idle)
+
+        def one_more_started() -> None:
+            nonlocal started
+            started += 1
+            if started == streams:
+                all_started.set()
 
         async def stream(session: aiohttp.ClientSession) -> None:
-            nonlocal count, errors
+            nonlocal open_now, most_open, errors
+            opened = False
             try:
-                async with session.post(net.url(3) + "/jobs", json={"model": "llama3", "prompt": "slow"}) as r:
+                async with submitting, session.post(net.url(3) + "/jobs", json={"model": "llama3", "prompt": "slow"}) as r:
                     job = await r.json()
+                    if r.status != 202:
+                        raise RuntimeError(f"submission refused: {r.status} {job}")
                 async with session.get(net.url(3) + job["events_url"]) as events:
-                    count += 1
-                    if count == streams:
-                        opened.set()
+                    opened, open_now = True, open_now + 1
+                    most_open = max(most_open, open_now)
+                    one_more_started()
                     async for line in events.content:
                         if b'"is_final":true' in line and b'"status":"succeeded"' not in line:
                             errors += 1
             except Exception:
                 errors += 1
+                if not opened:
+                    one_more_started()
+            finally:
+                open_now -= opened
 
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=300)) as session:
             tasks = [asyncio.ensure_future(stream(session)) for _ in range(streams)]
-            await asyncio.wait_for(opened.wait(), 120)
+            await asyncio.wait_for(all_started.wait(), 240)
             for i, p in pids.items():
                 peak[i] = rss_bytes(p)
             await asyncio.gather(*tasks)
-    per_stream = sum(peak[i] - idle[i] for i in pids) / streams
-    return [str(errors)] + [f"{idle[i] / 2**20:.0f} → {peak[i] / 2**20:.0f}" for i in (1, 2, 3)] + [f"{per_stream / 1024:.0f}"]
+    per_stream = {i: (peak[i] - idle[i]) / max(most_open, 1) / 1024 for i in pids}
+    return [str(errors), str(most_open)] + [f"{idle[i] / 2**20:.0f} → {peak[i] / 2**20:.0f}" for i in (1, 2, 3)] + [
+        " / ".join(f"{per_stream[i]:.0f}" for i in (1, 2, 3))
+    ]
 
 
 def insert_history(net: Network, jobs: int, start: int) -> None:
