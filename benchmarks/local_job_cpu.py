@@ -11,7 +11,6 @@ holding the GIL: the Python work, without the database threads' idle waits.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
 import tempfile
 import time

@@ -346,8 +346,9 @@ async def _open_streams(args: argparse.Namespace, llm: str, streams: int) -> lis
             await asyncio.wait_for(all_started.wait(), 240)
             for i, p in pids.items():
                 peak[i] = rss_bytes(p)
+            open_at_peak = open_now  # some of the first may have ended by the time the last opened
             await asyncio.gather(*tasks)
-    per_stream = {i: (peak[i] - idle[i]) / max(most_open, 1) / 1024 for i in pids}
+    per_stream = {i: (peak[i] - idle[i]) / max(open_at_peak, 1) / 1024 for i in pids}
     return [str(errors), str(most_open)] + [f"{idle[i] / 2**20:.0f} → {peak[i] / 2**20:.0f}" for i in (1, 2, 3)] + [
         " / ".join(f"{per_stream[i]:.0f}" for i in (1, 2, 3))
     ]

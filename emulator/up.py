@@ -84,7 +84,7 @@ def plan(options: UpOptions) -> list[NodePlan]:
 
 def node_command(node: NodePlan, options: UpOptions) -> list[str]:
     command = ["--name", node.name, "--port", str(node.port), "--home", str(node.home.path)]
-    command += ["--directory", str(options.root / "directory.json"), *node_settings.as_flags(options.settings)]
+    command += ["--directory", str(options.root / "directory.json"), *node_settings.as_flags(options.settings, otherwise=node_settings.load())]
     if options.log_format is not LogFormat.TEXT:
         command += ["--log-format", options.log_format.value]
     return ["emulator", "node", *command] + (["--verbose"] if options.verbose else [])

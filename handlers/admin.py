@@ -74,7 +74,8 @@ AdminMessage = message_union(*(command.message for command in ADMIN_COMMANDS.val
 def is_admin(raw: Any) -> bool:
     """Whether wire JSON names an admin message."""
     fields = untag(raw)
-    return isinstance(fields, dict) and fields.get("type") in ADMIN_COMMANDS
+    name = fields.get("type") if isinstance(fields, dict) else None
+    return isinstance(name, str) and name in ADMIN_COMMANDS
 
 
 def parse(raw: Any, target: Process | None = None) -> tuple[AdminCommand, Message]:

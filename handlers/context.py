@@ -60,7 +60,8 @@ class ServingTask:
     stop_reason: StopReason | None = None
 
     def stop(self, reason: StopReason) -> None:
-        self.stop_reason = reason
+        """The first reason given is the one the job ends with (a client's cancel, then a drain: cancelled)."""
+        self.stop_reason = self.stop_reason or reason
         self.task.cancel()
 
 

@@ -93,7 +93,7 @@ EVENT_LOOP_LAG = Histogram(
 )
 MESSAGE_DELAY = Histogram(
     "llmp_node_message_delay_seconds",
-    "From a node message's sending (its envelope's sent_at, by the sender's clock) to its handler's start here.",
+    "From a node message's sending (its envelope's sent_at, by the sender's clock: between machines it includes their clock skew) to its handler's start here.",
     _MESSAGE, buckets=_WAIT_BUCKETS,
 )
 EVENT_LOOP_SAMPLE_S = 0.25

@@ -397,31 +397,35 @@ async def _relay(ctx: NodeContext, source: Source, message: JobUpdateMessage) ->
             metrics.count_tokens(ctx.name, Role.ROUTER, job.model, tokens)
     if repeated_final and job.status == JobStatus.CANCELLED:
         return  # the client ended it itself: it needs no final
-    await _pass_on(ctx, job.client_node, message)
+    await _pass_on(ctx, job.id, job.client_node, message)
     if update_.is_final:
         return
-    if not job.streamed:
-        await ctx.store.write_soon(lambda session: _mark_streamed(session, job.id, source.node))
+    if not job.streamed and not await ctx.store.write_soon(lambda session: _mark_streamed(session, job.id, source.node)):
+        return  # it ended, or went to another driver, meanwhile
     # From now on the job stays with this driver and this client: its next chunks need no read.
     ctx.relay_routes.remember(job.id, RelayRoute(job.client_node, source.node, job.model, job.traceparent))
 
 
 async def _relay_streaming(ctx: NodeContext, source: Source, message: JobUpdateMessage, route: RelayRoute) -> None:
-    """A chunk of a job already streaming to its client.  Had the job ended here meanwhile (cancelled, timed
-    out), the client's node, which ended it too, takes the chunk as a repeat; its final update reads the row."""
+    """A chunk of a job already streaming to its client.  Had another router process ended the job meanwhile
+    (cancelled, timed out), the client's node, which ended it too, refuses the chunk (409), and so does this
+    router, to the driver, which stops; its final update reads the row."""
     update_ = message.update
     if tracing.traceparent_of(update_.job_id) is None:
         tracing.set_job(update_.job_id, route.traceparent)
     if route.driver_node != source.node:
         raise HandlerError(403, ErrorCode.NOT_THE_JOBS_DRIVER, f"job {update_.job_id} was not given to {source.node}")
     update_.driver = source.node
-    await _pass_on(ctx, route.client_node, message)
+    await _pass_on(ctx, update_.job_id, route.client_node, message)
 
 
-async def _pass_on(ctx: NodeContext, client_node: str, message: JobUpdateMessage) -> None:
+async def _pass_on(ctx: NodeContext, job_id: str, client_node: str, message: JobUpdateMessage) -> None:
     try:
         await ctx.transport.send("router", client_node, "driver", message, timeout=RELAY_TIMEOUT_S)
     except PeerError as error:
+        if error.code == ErrorCode.JOB_FINISHED:
+            ctx.relay_routes.forget(job_id)
+            raise HandlerError(409, ErrorCode.JOB_FINISHED, f"job {job_id} already ended on its client's node") from error
         # Not swallowed: the driver keeps the update and tries again (with backoff), so a client
         # node that restarts misses no chunk.
         status = 503 if error.status == 503 else 502
@@ -466,10 +470,13 @@ def _count_ended(ctx: NodeContext, model: str, status: JobStatus, tokens: TokenC
     metrics.count_job(ctx.name, Role.ROUTER, model, status, tokens, time.time() - ending.arrived_at)
 
 
-async def _mark_streamed(session: AsyncSession, job_id: str, driver: str) -> None:
-    """Part of the job reached its client: it can no longer go to another driver; and its driver works."""
-    await queue.mark_streamed(session, job_id)
+async def _mark_streamed(session: AsyncSession, job_id: str, driver: str) -> bool:
+    """Part of the job reached its client: it can no longer go to another driver; and its driver works.
+    False if the job no longer runs on `driver`."""
+    if not await queue.mark_streamed(session, job_id, driver):
+        return False
     await queue.driver_works(session, driver)
+    return True
 
 
 async def _to_client(ctx: NodeContext, client_node: str, message: JobUpdateMessage) -> None:

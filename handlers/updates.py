@@ -23,13 +23,15 @@ async def record_from_router(ctx: NodeContext, source: Source, update: Update) -
     if await record_update(ctx, update, router=source.node):
         return
     async with ctx.store.reading() as session:
-        router = await session.scalar(select(Job.router_node).where(Job.id == update.job_id))
-        exists = router is not None or await session.get(Job, update.job_id) is not None
-    if not exists:
+        job = (await session.execute(select(Job.router_node, Job.status).where(Job.id == update.job_id))).first()
+    if job is None:
         raise unknown_job(update.job_id)
-    if router != source.node:
+    if job.router_node != source.node:
         raise HandlerError(403, ErrorCode.NOT_THE_JOBS_ROUTER, f"{source.node} is not the router of job {update.job_id}")
-    # otherwise a repeat, or news of a job that already ended: nothing to do
+    if not update.is_final and job.status in FINAL_STATUSES:
+        # Ended here (cancelled, timed out) while its driver still streams: the driver hears it and stops.
+        raise HandlerError(409, ErrorCode.JOB_FINISHED, f"job {update.job_id} already ended: {job.status}")
+    # otherwise a repeat: nothing to do
 
 
 async def record_update(ctx: NodeContext, update: Update, router: str | None = None) -> bool:

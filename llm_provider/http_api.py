@@ -386,7 +386,7 @@ def _message_type(raw: Any) -> str:
     (the sender may not be authenticated yet: what it sends must not grow the metrics without bound)."""
     body = untag(raw.get("body")) if isinstance(raw, dict) else None
     name = body.get("type") if isinstance(body, dict) else None
-    return name if name in MESSAGE_TYPES else "unknown"
+    return name if isinstance(name, str) and name in MESSAGE_TYPES else "unknown"
 
 
 @operation(Operation(

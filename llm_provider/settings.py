@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import tomllib
 import typing
@@ -59,7 +60,7 @@ class _Setting:
             value = None
         if value is None:
             raise SettingsError(f"{where}: {self.name} takes {'an integer' if self.kind is int else 'a number'}, not {raw!r}")
-        if value <= 0:
+        if not math.isfinite(value) or value <= 0:
             raise SettingsError(f"{where}: {self.name} must be above 0, not {raw!r}")
         return value
 
@@ -119,11 +120,13 @@ def _read_config(path: Path) -> dict[str, Any]:
     return data
 
 
-def as_flags(settings: Settings) -> list[str]:
-    """The settings that differ from their defaults, as flags: for a node started as another process."""
+def as_flags(settings: Settings, otherwise: Settings | None = None) -> list[str]:
+    """The settings, as flags, for a node started as another process: those that differ from what it would
+    read without them (`otherwise`: its own variables and config file; by default, the defaults)."""
+    otherwise = otherwise or Settings()
     flags: list[str] = []
     for setting in SETTINGS:
         value = getattr(settings, setting.name)
-        if value != setting.default:
-            flags += [setting.flag, _OFF if value is None else f"{value:g}" if isinstance(value, float) else str(value)]
+        if value != getattr(otherwise, setting.name):
+            flags += [setting.flag, _OFF if value is None else repr(value)]
     return flags

@@ -203,6 +203,13 @@ async def count_late_tokens(session: AsyncSession, job_id: str) -> LateCounted |
     return None if counted is None else LateCounted(*counted)
 
 
-async def mark_streamed(session: AsyncSession, job_id: str) -> None:
-    """Part of the job reached its client: it can no longer go to another driver."""
-    await session.execute(update(RoutedJob).where(RoutedJob.id == job_id).values(streamed=True).execution_options(synchronize_session=False))
+async def mark_streamed(session: AsyncSession, job_id: str, driver: str) -> bool:
+    """Part of the job reached its client from `driver`: it can no longer go to another driver.  False if it no
+    longer runs on `driver` (it ended, or was taken back, meanwhile)."""
+    marked = await session.execute(
+        update(RoutedJob)
+        .where(RoutedJob.id == job_id, RoutedJob.driver_node == driver, RoutedJob.status == JobStatus.RUNNING)
+        .values(streamed=True)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(marked.rowcount)  # type: ignore[attr-defined]

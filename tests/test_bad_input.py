@@ -524,6 +524,23 @@ async def test_job_update_for_an_unknown_job_is_404(network: Network, http: aioh
     assert await count_rows(network.client, JobChunk) == 0
 
 
+async def test_a_chunk_of_a_job_its_client_node_has_ended_is_409_so_its_driver_stops(network: Network, http: aiohttp.ClientSession) -> None:
+    """A router process that has not seen the end (another replica ended it) relays a late chunk: the client's
+    node refuses it, and a repeat of the final update is still taken as a repeat."""
+    created, updates = await run_job(http, network.client.url, {"model": MODEL, "prompt": "hi"})
+    final = updates[-1]
+    assert final["is_final"] and final["status"] == "succeeded", final
+    chunks_before = await count_rows(network.client, JobChunk)
+    late = {"job_id": created["job_id"], "seq": final["seq"] + 1, "delta": "late"}
+    status, body = await post_envelope(http, network.client, envelope(network.router.name, "router", "driver", {"JobUpdate": {"update": late}}), network.router)
+    assert status == 409, body
+    assert_error_body(body, "job_finished")
+    repeat = {**final, "job_id": created["job_id"]}
+    status, body = await post_envelope(http, network.client, envelope(network.router.name, "router", "driver", {"JobUpdate": {"update": repeat}}), network.router)
+    assert status == 200, body
+    assert await count_rows(network.client, JobChunk) == chunks_before
+
+
 async def test_run_job_to_a_driver_from_a_node_not_its_router_is_403(network: Network, http: aiohttp.ClientSession) -> None:
     for claimed, signer, status_code, code in (
         ("fake3.dev", network.client, 403, "not_our_router"),

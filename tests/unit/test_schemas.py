@@ -68,3 +68,11 @@ def test_json_schemas_are_exported(tmp_path: Path) -> None:
     tags = {variant["properties"]["type"]["const"] for variant in admin_messages["$defs"].values() if "type" in variant.get("properties", {})}
     assert {"StartRouter", "SetRouter", "RegisterOaiProviderEndpoint"} <= tags
     assert (tmp_path / "JobUpdate.json").exists() and (tmp_path / "ChatCompletionChunk.json").exists()
+
+
+@pytest.mark.parametrize("body", [{"type": ["StartRouter"]}, {"type": {"a": 1}}, {"type": None}, [], "Nonsense"])
+def test_a_message_type_that_is_no_name_is_neither_admin_nor_counted_by_name(body: object) -> None:
+    from llm_provider.http_api import _message_type
+
+    assert admin.is_admin(body) is False
+    assert _message_type({"body": body}) == "unknown"

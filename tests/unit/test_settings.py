@@ -95,3 +95,22 @@ def test_the_hosts_read_the_same_settings_from_the_environment(tmp_path: Path) -
     environ = {"LLMP_NAME": "n.dev", "LLMP_HOME": str(tmp_path), "LLMP_CONFIG": str(file), "LLMP_MAX_ATTEMPTS": "9"}
     options = NodeOptions.from_environment(environ)
     assert options.settings == Settings(drain_grace=3.0, max_attempts=9)
+
+
+def test_a_child_node_gets_flags_for_what_its_own_environment_would_set_otherwise(tmp_path: Path) -> None:
+    environ = {"LLMP_JOB_TIMEOUT": "30", "LLMP_CONFIG": str(config(tmp_path, "idle_timeout = 5\n"))}
+    chosen = settings.load(parse("--job-timeout", "60", "--idle-timeout", "off"), environ=environ)
+    child_alone = settings.load(environ=environ)
+    flags = settings.as_flags(chosen, otherwise=child_alone)
+    assert settings.load(parse(*flags), environ=environ) == chosen == Settings()
+
+
+def test_values_pass_as_flags_exactly() -> None:
+    precise = Settings(retention=1234567.0, job_timeout=0.1234567)
+    assert settings.load(parse(*settings.as_flags(precise)), environ={}) == precise
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_value_that_is_not_finite_is_refused(value: str) -> None:
+    with pytest.raises(SettingsError, match="must be above 0"):
+        settings.load(environ={"LLMP_DRAIN_GRACE": value})
