@@ -57,6 +57,11 @@ class Proc:
         return f"http://127.0.0.1:{self.port}"
 
     @property
+    def marker(self) -> str:
+        """What its command line names while it is the process we started: the module run and its first argument."""
+        return " ".join(self.args[:2])
+
+    @property
     def database(self) -> Path:
         """A node's SQLite file (a fake LLM has no home, hence none)."""
         assert self.home is not None, f"{self.name} has no home"
@@ -202,7 +207,7 @@ class Cluster:
     async def close(self) -> None:
         for proc in self.procs.values():
             if proc.alive():
-                kill_group(proc.pid)
+                kill_group(proc.pid, proc.marker)
         for proc in self.procs.values():
             if proc.process is not None and proc.process.returncode is None:
                 try:
