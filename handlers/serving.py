@@ -29,6 +29,7 @@ from schemas.usage import Role, TokenCount, utc_day
 from store.errors import StorageUnavailable
 from store.models import NodeConfig, ServedJob
 
+CLOCK_SLACK_S = 0.05
 STORE_PATIENCE_S = 30.0  # the serving driver's own bookkeeping waits this long for a store that refuses writes
 
 
@@ -161,11 +162,13 @@ class Serving:
         return deadline if allowed is None else min(deadline, asyncio.get_running_loop().time() + allowed)
 
     def timeout_reason(self) -> str:
-        if time.time() >= self.spec.deadline:
+        # The timer runs on the loop's clock; the deadline is wall-clock time, and the two may differ by a little.
+        limit = self.spec.first_token_timeout if self.seq == 0 else self.spec.idle_timeout
+        if limit is None or time.time() >= self.spec.deadline - CLOCK_SLACK_S:
             return "the job ran past its deadline"
         if self.seq == 0:
-            return f"no first token within {self.spec.first_token_timeout} s"
-        return f"no chunk came whole from the LLM for more than {self.spec.idle_timeout} s"
+            return f"no first token within {limit} s"
+        return f"no chunk came whole from the LLM for more than {limit} s"
 
     async def deliver(self, update: JobUpdate) -> None:
         if self.seq == 0 and self.origin != self.ctx.name:
