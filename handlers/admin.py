@@ -32,6 +32,7 @@ from schemas.messages import (
     StartRouter,
     message_name,
     message_union,
+    name_of,
     untag,
 )
 
@@ -73,23 +74,20 @@ AdminMessage = message_union(*(command.message for command in ADMIN_COMMANDS.val
 
 def is_admin(raw: Any) -> bool:
     """Whether wire JSON names an admin message."""
-    fields = untag(raw)
-    name = fields.get("type") if isinstance(fields, dict) else None
-    return isinstance(name, str) and name in ADMIN_COMMANDS
+    return name_of(raw) in ADMIN_COMMANDS
 
 
 def parse(raw: Any, target: Process | None = None) -> tuple[AdminCommand, Message]:
     """Wire JSON (the seed's form, or `{"type": NAME, ...}`) → the admin command and its message.  `target`, where
     the sender named the process, must be the one the command is about."""
-    fields = untag(raw)
-    name = fields.get("type") if isinstance(fields, dict) else None
-    command = ADMIN_COMMANDS.get(name) if isinstance(name, str) else None
+    name = name_of(raw)
+    command = None if name is None else ADMIN_COMMANDS.get(name)
     if command is None:
         expected = ", ".join(ADMIN_COMMANDS)
         raise HandlerError(422, ErrorCode.NOT_AN_ADMIN_MESSAGE, f"not an admin message; expected one of {expected}")
     if target is not None and target != command.process:
         raise HandlerError(422, ErrorCode.NOT_AN_ADMIN_MESSAGE, f"{name} is an admin message of the {command.process} process, not of {target}")
-    return command, command.message.model_validate(fields)
+    return command, command.message.model_validate(untag(raw))
 
 
 async def run(ctx: NodeContext, target: Process | None, raw: Any) -> BaseModel:

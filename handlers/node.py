@@ -20,8 +20,8 @@ from schemas.messages import (
     ReleaseJob,
     RunJob,
     Source,
+    name_of,
     parse_message,
-    untag,
 )
 
 Handler = Callable[[NodeContext, Source, Message], Awaitable[BaseModel]]
@@ -40,7 +40,7 @@ async def deliver(ctx: NodeContext, source: Source, target: Process, message: Me
 async def receive(ctx: NodeContext, envelope: Envelope, traceparent: str | None = None) -> BaseModel:
     """A message from another node, with the trace context its HTTP request carried.  Admin messages never come this way."""
     if admin.is_admin(envelope.body):
-        name = untag(envelope.body)["type"]
+        name = name_of(envelope.body)
         raise HandlerError(403, ErrorCode.ADMIN_ONLY, f"{name} is an admin message; only {ctx.name} itself may send it")
     if envelope.target not in TAKES_NODE_MESSAGES:
         raise HandlerError(400, ErrorCode.UNSUPPORTED_MESSAGE, f"the {envelope.target} process takes no messages from other nodes")

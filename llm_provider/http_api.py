@@ -28,7 +28,7 @@ from llm_provider import openapi, signing
 from llm_provider.directory import Directory
 from llm_provider.openapi import Auth, Operation, event_stream, json_body, operation, text
 from schemas.jobs import ErrorBody, ErrorResponse, JobCreated, JobRecord, JobUpdate
-from schemas.messages import ALL_PROCESSES, MESSAGE_TYPES, Envelope, MessageReply, Process, untag
+from schemas.messages import ALL_PROCESSES, MESSAGE_TYPES, Envelope, MessageReply, Process, name_of
 from schemas.node_api import Health
 from schemas.openai_api import (
     ChatCompletion,
@@ -384,9 +384,8 @@ async def node_message(api: NodeApi, request: HttpRequest) -> Reply:
 def _message_type(raw: Any) -> str:
     """The type of the message in an envelope, for the metrics; "unknown" for anything but a message type we know
     (the sender may not be authenticated yet: what it sends must not grow the metrics without bound)."""
-    body = untag(raw.get("body")) if isinstance(raw, dict) else None
-    name = body.get("type") if isinstance(body, dict) else None
-    return name if isinstance(name, str) and name in MESSAGE_TYPES else "unknown"
+    name = name_of(raw.get("body")) if isinstance(raw, dict) else None
+    return name if name in MESSAGE_TYPES else "unknown"
 
 
 @operation(Operation(

@@ -236,6 +236,13 @@ def untag(raw: Any) -> Any:
     return raw
 
 
+def name_of(raw: Any) -> str | None:
+    """The message name that wire JSON gives (`"Name"`, `{"Name": {...}}` or `{"type": "Name", ...}`); None if it names none."""
+    fields = untag(raw)
+    name = fields.get("type") if isinstance(fields, dict) else None
+    return name if isinstance(name, str) else None
+
+
 def parse_message(process: Process, raw: Any) -> Message:
     """The one parse entry point for messages between nodes: wire JSON (already decoded) for `process`, one of
     TAKES_NODE_MESSAGES → message model."""

@@ -28,6 +28,7 @@ import pytest
 from emulator.client import send_admin
 from llm_provider.directory import Peer
 from llm_provider.node import NodeOptions, NodeRuntime
+from tests.cluster import Cluster
 from tests.databases import fresh_database, postgres_server
 from tests.hosts import HOSTS, free_port, serve
 from tests.upstreams import MODEL, StartUpstream, Upstream
@@ -146,3 +147,13 @@ async def network(make_network: Callable[..., Awaitable[Network]]) -> Network:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
         yield session
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, http: aiohttp.ClientSession) -> AsyncIterator[Cluster]:
+    """Real node processes for one test (`tests.cluster`), every one killed at its end."""
+    cluster = Cluster(tmp_path, http)
+    try:
+        yield cluster
+    finally:
+        await cluster.close()

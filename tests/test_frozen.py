@@ -14,7 +14,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -40,15 +39,6 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
     # No client-side timeouts: every wait in these tests is bounded by asyncio.timeout instead.
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
         yield session
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path, http: aiohttp.ClientSession) -> AsyncIterator[Cluster]:
-    cluster = Cluster(tmp_path, http)
-    try:
-        yield cluster
-    finally:
-        await cluster.close()
 
 
 @pytest.fixture

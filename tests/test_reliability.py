@@ -11,7 +11,6 @@ import json
 import signal
 import sqlite3
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -38,15 +37,6 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
     # No client-side timeouts: every wait in these tests is bounded by asyncio.timeout instead.
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
         yield session
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path, http: aiohttp.ClientSession) -> AsyncIterator[Cluster]:
-    cluster = Cluster(tmp_path, http)
-    try:
-        yield cluster
-    finally:
-        await cluster.close()
 
 
 # --- 1. deadlines ------------------------------------------------------------------------------
