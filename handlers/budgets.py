@@ -11,7 +11,7 @@ import datetime as dt
 import math
 import time
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from handlers.context import NodeContext
@@ -39,7 +39,7 @@ def name_of(client: str, label: str) -> str:
 async def check(session: AsyncSession, client: str, label: str | None, now: float) -> None:
     """Refuse a job of `client` (presented with API key `label`) if a budget of it is used up today."""
     labels = [NODE_WIDE] + ([label] if label else [])
-    found = (await session.scalars(select(Budget).where(Budget.client_node == client, Budget.key_label.in_(labels)))).all()
+    found = (await session.scalars(_BUDGETS_OF, {"client": client, "labels": labels})).all()
     if not found:
         return
     today = dt.datetime.fromtimestamp(now, dt.UTC).date()
@@ -57,6 +57,9 @@ async def check(session: AsyncSession, client: str, label: str | None, now: floa
                  "used_today": used, "renews_at": renews.isoformat()},
                 retry_after=float(math.ceil(renews.timestamp() - now)),
             )
+
+
+_BUDGETS_OF = select(Budget).where(Budget.client_node == bindparam("client"), Budget.key_label.in_(bindparam("labels", expanding=True)))
 
 
 async def _used(session: AsyncSession, client: str, label: str, day: str) -> int:

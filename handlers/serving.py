@@ -9,10 +9,11 @@ a job that may have reached its client is never handed to another driver.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Boolean, Float, String, Update, bindparam, select
 from sqlalchemy import update as sa_update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -282,15 +283,11 @@ async def _set_served(
     """Record how the job stands on this driver; with `tokens`, count it (for `origin` and `model`) in the same
     transaction, whether or not it still ran (another process may have ended it).  A store that refuses writes
     is tried again until `until` (STORE_PATIENCE_S from now by default)."""
-    values: dict[str, Any] = {}
-    if streamed is not None:
-        values["streamed"] = streamed
-    if status is not None:
-        values |= {"status": status, "finished_at": time.time()}
-    statement = sa_update(ServedJob).where(ServedJob.id == job_id, ServedJob.status == JobStatus.RUNNING).values(values)
+    statement = _marking(streamed is not None, status is not None)
+    parameters = {"p_job_id": job_id, "p_streamed": streamed, "p_status": status, "p_now": time.time()}
 
     async def write(session: AsyncSession) -> None:
-        await (await session.connection()).execute(statement)
+        await (await session.connection()).execute(statement, parameters)
         if tokens is not None and origin is not None and model is not None:
             day = utc_day(time.time())
             await accounting.record(session, role=Role.DRIVER, day=day, client=origin, model=model, tokens=tokens)
@@ -299,3 +296,14 @@ async def _set_served(
         await ctx.store.write_soon(write)
 
     await again_while_unavailable(f"job {job_id}: its record on the driver", attempt, until or time.time() + STORE_PATIENCE_S)
+
+
+@functools.cache
+def _marking(streamed: bool, ends: bool) -> Update:
+    """The UPDATE of a running served job, built once for each shape; the values come as parameters."""
+    values: dict[Any, Any] = {}
+    if streamed:
+        values[ServedJob.streamed] = bindparam("p_streamed", type_=Boolean)
+    if ends:
+        values |= {ServedJob.status: bindparam("p_status", type_=String), ServedJob.finished_at: bindparam("p_now", type_=Float)}
+    return sa_update(ServedJob).where(ServedJob.id == bindparam("p_job_id"), ServedJob.status == JobStatus.RUNNING).values(values)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import Float, Integer, String, bindparam, func, insert, select
+from sqlalchemy import Update as UpdateStatement
 from sqlalchemy import update as sa_update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -42,35 +44,27 @@ async def record_update(ctx: NodeContext, update: Update, router: str | None = N
     sequence number right after the last chunk.
     """
     now = time.time()
-    conditions = [Job.id == update.job_id, Job.status.not_in(FINAL_STATUSES)]
-    if not update.is_final:
-        conditions.append(Job.next_seq <= update.seq)
-    if router is not None:
-        conditions.append(Job.router_node == router)
-    values: dict[str, Any] = {"next_seq": Job.next_seq + 1 if update.is_final else update.seq + 1, "status": JobStatus.RUNNING}
-    if update.driver:
-        values["driver_node"] = update.driver
-    if update.delta or update.chunks:
-        values["first_token_at"] = func.coalesce(Job.first_token_at, now)
+    statement = _recording(update.is_final, router is not None, bool(update.driver), bool(update.delta or update.chunks))
+    parameters: dict[str, Any] = {
+        "p_job_id": update.job_id, "p_seq": update.seq, "p_router": router, "p_driver": update.driver, "p_now": now,
+        "p_status": JobStatus.RUNNING,
+    }
     if update.is_final:
-        values |= {
-            "status": update.status or JobStatus.FAILED,
-            "finished_at": now,
-            "finish_reason": update.finish_reason,
-            "usage": update.usage.model_dump() if update.usage else None,
-            "error": update.error,
-            "llm_error": update.llm_error.model_dump() if update.llm_error else None,
+        parameters |= {
+            "p_status": update.status or JobStatus.FAILED,
+            "p_finish_reason": update.finish_reason,
+            "p_usage": update.usage.model_dump() if update.usage else None,
+            "p_error": update.error,
+            "p_llm_error": update.llm_error.model_dump() if update.llm_error else None,
         }
-    returned = (Job.next_seq, Job.client, Job.model, Job.created_at, Job.first_token_at)
-    statement = sa_update(Job).where(*conditions).values(values).returning(*returned)
 
     async def write(session: AsyncSession) -> tuple[Any, TokenCount | None] | None:
         connection = await session.connection()
-        job = (await connection.execute(statement)).first()
+        job = (await connection.execute(statement, parameters)).first()
         if job is None:
             return None
         chunk = {"job_id": update.job_id, "seq": job.next_seq - 1, "delta": update.delta, "chunks": update.chunks}
-        await connection.execute(insert(JobChunk).values(chunk))
+        await connection.execute(_STORE_CHUNK, chunk)
         await ctx.store.announce(session, update.job_id)
         if not update.is_final:
             return job, None
@@ -89,6 +83,38 @@ async def record_update(ctx: NodeContext, update: Update, router: str | None = N
         metrics.count_job(ctx.name, Role.CLIENT, job.model, status, tokens, now - job.created_at, first_token)
         log.info("job %s ended %s", update.job_id, status)
     return True
+
+
+_STORE_CHUNK = insert(JobChunk)
+
+
+@functools.cache
+def _recording(is_final: bool, by_router: bool, names_driver: bool, has_output: bool) -> UpdateStatement:
+    """The UPDATE that takes one update into the job's row, built once for each shape (it runs for every chunk);
+    the values come as parameters.  RETURNING gives what the chunk's row and the job's end need."""
+    conditions = [Job.id == bindparam("p_job_id"), Job.status.not_in(FINAL_STATUSES)]
+    seq = bindparam("p_seq", type_=Integer)
+    if not is_final:
+        conditions.append(Job.next_seq <= seq)
+    if by_router:
+        conditions.append(Job.router_node == bindparam("p_router", type_=String))
+    values: dict[Any, Any] = {Job.next_seq: Job.next_seq + 1 if is_final else seq + 1, Job.status: bindparam("p_status", type_=String)}
+    if names_driver:
+        values[Job.driver_node] = bindparam("p_driver", type_=String)
+    now = bindparam("p_now", type_=Float)
+    if has_output:
+        values[Job.first_token_at] = func.coalesce(Job.first_token_at, now)
+    if is_final:
+        columns = Job.__table__.c
+        values |= {
+            Job.finished_at: now,
+            Job.finish_reason: bindparam("p_finish_reason", type_=String),
+            Job.usage: bindparam("p_usage", type_=columns.usage.type),
+            Job.error: bindparam("p_error", type_=String),
+            Job.llm_error: bindparam("p_llm_error", type_=columns.llm_error.type),
+        }
+    returned = (Job.next_seq, Job.client, Job.model, Job.created_at, Job.first_token_at)
+    return sa_update(Job).where(*conditions).values(values).returning(*returned)
 
 
 async def _estimate(session: AsyncSession, job_id: str) -> TokenCount:

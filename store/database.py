@@ -24,12 +24,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from store import aiosqlite_stop, migrate, notifications
+from store import loop_sqlite, migrate, notifications
 from store.errors import StorageUnavailable
 from store.group_commit import GroupCommit, Work
 from store.models import Base
-
-aiosqlite_stop.apply()
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000  # at connect: switching to WAL, and migrations, which a sibling process may be running
 SQLITE_LOCK_WAIT_MS = 5_000  # a write transaction waits this long for the lock; held longer, the store is unavailable
@@ -135,11 +133,14 @@ class Store:
         if _is_sqlite(url):
             # Reads run in autocommit: each statement sees the newest commit, with no BEGIN/ROLLBACK round trips.
             read_engine = create_async_engine(
-                url, pool_size=8, max_overflow=8, pool_use_lifo=True, isolation_level="AUTOCOMMIT", pool_reset_on_return=None
+                url, async_creator=loop_sqlite.connector(url), pool_size=8, max_overflow=8, pool_use_lifo=True,
+                isolation_level="AUTOCOMMIT", pool_reset_on_return=None,
             )
             # One writer connection per process: writers queue in the pool, not in SQLite's busy loop.
             # Every write transaction ends in an explicit commit or rollback, so the pool need not reset it.
-            write_engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=60, pool_reset_on_return=None)
+            write_engine = create_async_engine(
+                url, async_creator=loop_sqlite.connector(url), pool_size=1, max_overflow=0, pool_timeout=60, pool_reset_on_return=None
+            )
             _configure_sqlite(read_engine, None)
             _configure_sqlite(write_engine, "BEGIN IMMEDIATE")
         else:
@@ -162,7 +163,7 @@ class Store:
                 return
         if self.is_sqlite:
             # Its own engine: a sibling process may hold the lock for its own migration, far longer than a write waits.
-            engine = create_async_engine(self.url, poolclass=NullPool)
+            engine = create_async_engine(self.url, async_creator=loop_sqlite.connector(self.url), poolclass=NullPool)
             _configure_sqlite(engine, "BEGIN IMMEDIATE", lock_wait_ms=SQLITE_BUSY_TIMEOUT_MS)
         else:
             engine = self.write_engine

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from sqlalchemy import Row, delete, func, select, update
+from sqlalchemy import Boolean, Float, Row, String, bindparam, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from schemas.jobs import FINAL_STATUSES, JobStatus
@@ -40,12 +40,17 @@ class LateCounted(NamedTuple):
     finished_at: float | None
 
 
+# Statements are built once, here, with their values as parameters: building one costs more than running it.
+
 # --- drivers ----------------------------------------------------------------------------------
 
 
+_REGISTRATIONS_OF = select(DriverRegistration).where(DriverRegistration.node == bindparam("node"))
+
+
 async def registrations_of(session: AsyncSession, node: str, *, for_update: bool = False) -> Sequence[DriverRegistration]:
-    statement = select(DriverRegistration).where(DriverRegistration.node == node)
-    return (await session.scalars(statement.with_for_update() if for_update else statement)).all()
+    statement = _REGISTRATIONS_OF.with_for_update() if for_update else _REGISTRATIONS_OF
+    return (await session.scalars(statement, {"node": node})).all()
 
 
 async def drop_registrations(session: AsyncSession, node: str, keep: Sequence[str] = ()) -> None:
@@ -57,86 +62,91 @@ async def all_registrations(session: AsyncSession) -> Sequence[DriverRegistratio
     return (await session.scalars(select(DriverRegistration).order_by(DriverRegistration.node))).all()
 
 
+_OFFERED = (
+    select(DriverRegistration.model, func.count())
+    .where(DriverRegistration.is_public | (DriverRegistration.node == bindparam("client_node")))
+    .group_by(DriverRegistration.model)
+    .order_by(DriverRegistration.model)
+)
+
+
 async def offered(session: AsyncSession, client_node: str) -> list[tuple[str, int]]:
     """(model, number of drivers) of the models whose drivers are public, or are the asking node itself."""
-    rows = await session.execute(
-        select(DriverRegistration.model, func.count())
-        .where(DriverRegistration.is_public | (DriverRegistration.node == client_node))
-        .group_by(DriverRegistration.model)
-        .order_by(DriverRegistration.model)
-    )
-    return [(model, count) for model, count in rows]
+    return [(model, count) for model, count in await session.execute(_OFFERED, {"client_node": client_node})]
+
+
+_READY = (DriverRegistration.model == bindparam("model"), DriverRegistration.cooldown_until <= bindparam("now", type_=Float))
+_LOCK_READY_DRIVERS = select(DriverRegistration).where(*_READY).with_for_update()
+_READY_DRIVERS = select(func.count()).where(*_READY)
 
 
 async def lock_ready_drivers(session: AsyncSession, model: str, now: float) -> Sequence[DriverRegistration]:
     """The model's drivers not cooled down, locked until the caller's commit."""
-    return (
-        await session.scalars(
-            select(DriverRegistration)
-            .where(DriverRegistration.model == model, DriverRegistration.cooldown_until <= now)
-            .with_for_update()
-        )
-    ).all()
+    return (await session.scalars(_LOCK_READY_DRIVERS, {"model": model, "now": now})).all()
 
 
 async def has_ready_driver(session: AsyncSession, model: str, now: float) -> bool:
-    ready = await session.scalar(
-        select(func.count()).where(DriverRegistration.model == model, DriverRegistration.cooldown_until <= now)
-    )
-    return bool(ready)
+    return bool(await session.scalar(_READY_DRIVERS, {"model": model, "now": now}))
 
 
 async def silent_drivers(session: AsyncSession, last_seen_before: float) -> Sequence[str]:
     return (await session.scalars(select(DriverRegistration.node).where(DriverRegistration.last_seen < last_seen_before).distinct())).all()
 
 
+_DRIVER_WORKS = (
+    update(DriverRegistration)
+    .where(DriverRegistration.node == bindparam("p_node"), DriverRegistration.failures > 0)
+    .values(failures=0)
+    .execution_options(synchronize_session=False)
+)
+
+
 async def driver_works(session: AsyncSession, node: str) -> None:
     """Part of a job `node` serves reached its client: its failures in a row start again."""
-    await session.execute(
-        update(DriverRegistration)
-        .where(DriverRegistration.node == node, DriverRegistration.failures > 0)
-        .values(failures=0)
-        .execution_options(synchronize_session=False)
-    )
+    await session.execute(_DRIVER_WORKS, {"p_node": node})
 
 
 # --- loads and queues ---------------------------------------------------------------------------
 
 
+_RUNNING_LOADS = select(RoutedJob.driver_node, func.count()).where(RoutedJob.status == JobStatus.RUNNING).group_by(RoutedJob.driver_node)
+_QUEUE_LENGTHS = select(RoutedJob.model, func.count()).where(RoutedJob.status == JobStatus.QUEUED).group_by(RoutedJob.model)
+_QUEUED = (RoutedJob.model == bindparam("model")) & (RoutedJob.status == JobStatus.QUEUED)
+_QUEUED_COUNT = select(func.count()).where(_QUEUED)
+_QUEUED_COUNT_BEFORE = select(func.count()).where(_QUEUED & (RoutedJob.created_at < bindparam("before", type_=Float)))
+_QUEUED_MODELS = select(RoutedJob.model).where(RoutedJob.status == JobStatus.QUEUED).distinct()
+_LOCK_WAITING = (
+    select(RoutedJob)
+    .where(_QUEUED, RoutedJob.deadline > bindparam("now", type_=Float))
+    .order_by(RoutedJob.created_at)
+    .with_for_update(skip_locked=True)
+)
+
+
 async def running_loads(session: AsyncSession) -> dict[str, int]:
     """Jobs running on each driver."""
-    running = select(RoutedJob.driver_node, func.count()).where(RoutedJob.status == JobStatus.RUNNING).group_by(RoutedJob.driver_node)
-    return {node: count for node, count in await session.execute(running) if node is not None}
+    return {node: count for node, count in await session.execute(_RUNNING_LOADS) if node is not None}
 
 
 async def queue_lengths(session: AsyncSession) -> dict[str, int]:
-    queued = select(RoutedJob.model, func.count()).where(RoutedJob.status == JobStatus.QUEUED).group_by(RoutedJob.model)
-    return {model: count for model, count in await session.execute(queued)}
+    return {model: count for model, count in await session.execute(_QUEUE_LENGTHS)}
 
 
 async def queued_count(session: AsyncSession, model: str, *, before: float | None = None) -> int:
     """Jobs waiting for `model`; with `before`, only those queued earlier."""
-    condition = (RoutedJob.model == model) & (RoutedJob.status == JobStatus.QUEUED)
-    if before is not None:
-        condition &= RoutedJob.created_at < before
-    return await session.scalar(select(func.count()).where(condition)) or 0
+    if before is None:
+        return await session.scalar(_QUEUED_COUNT, {"model": model}) or 0
+    return await session.scalar(_QUEUED_COUNT_BEFORE, {"model": model, "before": before}) or 0
 
 
 async def queued_models(session: AsyncSession) -> Sequence[str]:
-    return (await session.scalars(select(RoutedJob.model).where(RoutedJob.status == JobStatus.QUEUED).distinct())).all()
+    return (await session.scalars(_QUEUED_MODELS)).all()
 
 
 async def lock_waiting(session: AsyncSession, model: str, now: float) -> Sequence[RoutedJob]:
     """The model's queued jobs still within their deadline (the late are ended, not served), oldest first;
     locked, skipping those another router replica holds."""
-    return (
-        await session.scalars(
-            select(RoutedJob)
-            .where(RoutedJob.model == model, RoutedJob.status == JobStatus.QUEUED, RoutedJob.deadline > now)
-            .order_by(RoutedJob.created_at)
-            .with_for_update(skip_locked=True)
-        )
-    ).all()
+    return (await session.scalars(_LOCK_WAITING, {"model": model, "now": now})).all()
 
 
 # --- jobs -----------------------------------------------------------------------------------------
@@ -150,17 +160,27 @@ async def job(session: AsyncSession, job_id: str, *, for_update: bool = False) -
 RelayView = Row[str, str | None, str, str, bool, str, str | None, bool]
 
 
+_RELAY_VIEW = select(*_RELAY_COLUMNS).where(RoutedJob.id == bindparam("job_id"))
+_RUNS_ON = (RoutedJob.driver_node == bindparam("node")) & (RoutedJob.status == JobStatus.RUNNING)
+_RUNNING_ON = select(RoutedJob).where(_RUNS_ON)
+_RUNNING_ON_SINCE = select(RoutedJob).where(
+    _RUNS_ON,
+    RoutedJob.dispatched_at < bindparam("before", type_=Float),
+    RoutedJob.id.not_in(bindparam("except_ids", expanding=True)),
+)
+
+
 async def relay_view(session: AsyncSession, job_id: str) -> RelayView | None:
     """What relaying an update of the job needs to know of it."""
-    return (await session.execute(select(*_RELAY_COLUMNS).where(RoutedJob.id == job_id))).first()
+    return (await session.execute(_RELAY_VIEW, {"job_id": job_id})).first()
 
 
 async def running_on(session: AsyncSession, node: str, *, dispatched_before: float | None = None, except_ids: Sequence[str] = ()) -> Sequence[RoutedJob]:
     """Jobs running on driver `node`; with `dispatched_before`, only those handed over earlier, and not in `except_ids`."""
-    condition = (RoutedJob.driver_node == node) & (RoutedJob.status == JobStatus.RUNNING)
-    if dispatched_before is not None:
-        condition &= (RoutedJob.dispatched_at < dispatched_before) & RoutedJob.id.not_in(except_ids)
-    return (await session.scalars(select(RoutedJob).where(condition))).all()
+    if dispatched_before is None:
+        return (await session.scalars(_RUNNING_ON, {"node": node})).all()
+    parameters = {"node": node, "before": dispatched_before, "except_ids": list(except_ids)}
+    return (await session.scalars(_RUNNING_ON_SINCE, parameters)).all()
 
 
 async def late_jobs(session: AsyncSession, now: float, running_grace: float) -> Sequence[RoutedJob]:
@@ -175,41 +195,46 @@ async def late_jobs(session: AsyncSession, now: float, running_grace: float) -> 
     ).all()
 
 
+_END = (
+    update(RoutedJob)
+    .where(RoutedJob.id == bindparam("job_id"), RoutedJob.status.not_in(FINAL_STATUSES))
+    .values(
+        status=bindparam("p_status", type_=String), finished_at=bindparam("p_now", type_=Float),
+        tokens_counted=bindparam("p_tokens_counted", type_=Boolean),
+    )
+    .returning(RoutedJob.client_node, RoutedJob.api_key_label, RoutedJob.created_at)
+    .execution_options(synchronize_session=False)
+)
+_COUNT_LATE_TOKENS = (
+    update(RoutedJob)
+    .where(RoutedJob.id == bindparam("job_id"), RoutedJob.tokens_counted.is_(False))
+    .values(tokens_counted=True)
+    .returning(RoutedJob.client_node, RoutedJob.api_key_label, RoutedJob.model, RoutedJob.finished_at)
+    .execution_options(synchronize_session=False)
+)
+_MARK_STREAMED = (
+    update(RoutedJob)
+    .where(RoutedJob.id == bindparam("job_id"), RoutedJob.driver_node == bindparam("driver"), RoutedJob.status == JobStatus.RUNNING)
+    .values(streamed=True)
+    .execution_options(synchronize_session=False)
+)
+
+
 async def end(session: AsyncSession, job_id: str, status: JobStatus, now: float, *, tokens_counted: bool) -> Ended | None:
     """End the job as `status`, unless it has ended already (another event, or another replica, came first)."""
-    ended = (
-        await session.execute(
-            update(RoutedJob)
-            .where(RoutedJob.id == job_id, RoutedJob.status.not_in(FINAL_STATUSES))
-            .values(status=status, finished_at=now, tokens_counted=tokens_counted)
-            .returning(RoutedJob.client_node, RoutedJob.api_key_label, RoutedJob.created_at)
-            .execution_options(synchronize_session=False)
-        )
-    ).first()
+    parameters = {"job_id": job_id, "p_status": status, "p_now": now, "p_tokens_counted": tokens_counted}
+    ended = (await session.execute(_END, parameters)).first()
     return None if ended is None else Ended(*ended)
 
 
 async def count_late_tokens(session: AsyncSession, job_id: str) -> LateCounted | None:
     """Mark the tokens of a job the router had ended as counted now; None if they were already."""
-    counted = (
-        await session.execute(
-            update(RoutedJob)
-            .where(RoutedJob.id == job_id, RoutedJob.tokens_counted.is_(False))
-            .values(tokens_counted=True)
-            .returning(RoutedJob.client_node, RoutedJob.api_key_label, RoutedJob.model, RoutedJob.finished_at)
-            .execution_options(synchronize_session=False)
-        )
-    ).first()
+    counted = (await session.execute(_COUNT_LATE_TOKENS, {"job_id": job_id})).first()
     return None if counted is None else LateCounted(*counted)
 
 
 async def mark_streamed(session: AsyncSession, job_id: str, driver: str) -> bool:
     """Part of the job reached its client from `driver`: it can no longer go to another driver.  False if it no
     longer runs on `driver` (it ended, or was taken back, meanwhile)."""
-    marked = await session.execute(
-        update(RoutedJob)
-        .where(RoutedJob.id == job_id, RoutedJob.driver_node == driver, RoutedJob.status == JobStatus.RUNNING)
-        .values(streamed=True)
-        .execution_options(synchronize_session=False)
-    )
+    marked = await session.execute(_MARK_STREAMED, {"job_id": job_id, "driver": driver})
     return bool(marked.rowcount)  # type: ignore[attr-defined]

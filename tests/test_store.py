@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import aiosqlite
 import pytest
 from alembic import command
 from alembic.script import ScriptDirectory
@@ -27,6 +26,7 @@ from llm_provider.directory import Peer
 from llm_provider.homes import Home
 from llm_provider.node import Node, NodeOptions
 from schemas.jobs import JobStatus, JobUpdate
+from store import loop_sqlite
 from store.database import Store, sqlite_url
 from store.migrate import alembic_config
 from store.models import DriverRegistration, Job, JobChunk, NodeConfig, RoutedJob, ServedJob
@@ -307,17 +307,37 @@ async def test_writes_commit_even_when_the_group_commit_is_cancelled_before_it_b
         assert await store.write_soon(lambda session: session.execute(text("SELECT 1"))) is not None
 
 
-async def test_a_connection_stopped_while_it_closes_still_closes(tmp_path: Path) -> None:
-    """SQLAlchemy terminates a connection whose graceful close was cut short by stopping it at once; the close
-    must still end (aiosqlite 0.22 waited forever for a second stop queued behind the first: a hung shutdown)."""
-    import store.database  # noqa: F401  (it mends aiosqlite on import)
-
-    connection = await aiosqlite.connect(tmp_path / "node.db")
-    closing = asyncio.ensure_future(connection.close())
-    await asyncio.sleep(0)  # the close is queued on the connection's thread
-    connection.stop()  # as SQLAlchemy's terminate does when the close's waiter is cancelled
+async def test_a_sqlite_writer_waits_for_another_connection_s_lock_while_the_event_loop_runs_on(tmp_path: Path, open_store: OpenStore) -> None:
+    """SQLite runs on the event loop's thread (store/loop_sqlite.py): a lock held elsewhere is waited for with the loop
+    free, and the write goes in once the lock is let go."""
+    store = open_store(sqlite_url(tmp_path / "node.db"))
+    await store.migrate()
+    other = sqlite3.connect(tmp_path / "node.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    writing = asyncio.ensure_future(store.write_soon(lambda session: config_for_update(session)))
+    for _ in range(20):  # the loop keeps turning while the write waits
+        await asyncio.sleep(0.005)
+    assert not writing.done()
+    other.execute("COMMIT")
+    other.close()
     async with asyncio.timeout(GUARD_S):
-        await closing
+        assert (await writing).driver_capacity == 1
+
+
+async def test_a_sqlite_lock_held_past_the_busy_timeout_refuses_the_statement(tmp_path: Path) -> None:
+    connection = await loop_sqlite.connector(sqlite_url(tmp_path / "node.db"))()
+    await connection.execute("PRAGMA busy_timeout=100")
+    other = sqlite3.connect(tmp_path / "node.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+        await connection.execute("BEGIN IMMEDIATE")
+    assert time.monotonic() - started >= 0.05  # it waited (about 0.1 s), rather than failing at once
+    other.execute("ROLLBACK")
+    await connection.execute("BEGIN IMMEDIATE")  # free again: taken at once
+    await connection.rollback()
+    await connection.close()
+    other.close()
 
 
 # --- SQLite only: its pragmas, and BEGIN IMMEDIATE (PostgreSQL writers lock rows instead) -------------
