@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -54,7 +55,8 @@ from schemas.messages import (
     UiLoginCreated,
 )
 from schemas.openai_api import JobOrder
-from store.models import Job, NodeConfig
+from store.database import add_row
+from store.models import Job, NodeConfig, ServedJob
 
 ROUTER_ACCEPT_S = 3.0  # a client's submission waits this long (and ACCEPT_MARGIN_S) for the router to take it, then 503
 
@@ -76,13 +78,11 @@ async def submit(ctx: NodeContext, caller: Caller, order: JobOrder, idempotency_
             tracing.set_job(spec.job_id, traceparent)  # the rest of this request is about the job
             local = spec.model in config.driver_models
             if local:
-                session.add_all([
-                    _job_row(client, spec, JobStatus.RUNNING, None, ctx.name, idempotency_key, traceparent),
-                    serving.served_row(ctx, ctx.name, spec, traceparent),
-                ])
+                await add_row(session, Job, _job_row(client, spec, JobStatus.RUNNING, None, ctx.name, idempotency_key, traceparent))
+                await add_row(session, ServedJob, serving.served_row(ctx, ctx.name, spec, traceparent))
             elif config.router_node is not None:
                 # Stored before the router hears of it, so its first update always finds it.
-                session.add(_job_row(client, spec, JobStatus.QUEUED, config.router_node, None, idempotency_key, traceparent))
+                await add_row(session, Job, _job_row(client, spec, JobStatus.QUEUED, config.router_node, None, idempotency_key, traceparent))
             elif config.driver_models:
                 raise unknown_model(spec.model, config.driver_models)
             else:
@@ -253,21 +253,13 @@ async def _earlier_submission(session: AsyncSession, client: str, key: str) -> J
 
 def _job_row(
     client: str, spec: JobSpec, status: JobStatus, router: str | None, driver: str | None, key: str | None, traceparent: str
-) -> Job:
-    return Job(
-        id=spec.job_id,
-        client=client,
-        idempotency_key=key,
-        model=spec.model,
-        spec=spec.model_dump(mode="json"),
-        status=status,
-        router_node=router,
-        driver_node=driver,
-        next_seq=0,
-        created_at=spec.created_at,
-        deadline=spec.deadline,
-        traceparent=traceparent,
-    )
+) -> dict[str, Any]:
+    """The `jobs` row of a client's new job."""
+    return {
+        "id": spec.job_id, "client": client, "idempotency_key": key, "model": spec.model, "spec": spec.model_dump(mode="json"),
+        "status": status, "router_node": router, "driver_node": driver, "next_seq": 0, "created_at": spec.created_at,
+        "deadline": spec.deadline, "traceparent": traceparent,
+    }
 
 
 async def _forward(ctx: NodeContext, spec: JobSpec, router: str) -> JobCreated:

@@ -57,6 +57,7 @@ from schemas.messages import (
 )
 from schemas.usage import Role, TokenCount, utc_day
 from store import queue
+from store.database import add_row
 from store.models import DriverRegistration, RoutedJob
 
 DRIVER_TTL_S = 20.0  # a driver re-registers every HEARTBEAT_S; silent this long, it is taken as gone
@@ -208,23 +209,11 @@ async def _enqueue(ctx: NodeContext, source: Source, offer: RunJob) -> JobAccept
             raise HandlerError(403, ErrorCode.REFUSED_BY_GATE, refusal)
         await budgets.check(session, source.node, spec.api_key_label, time.time())
         await _check_queue_room(session, spec.model, config.max_queue)
-        session.add(
-            RoutedJob(
-                id=spec.job_id,
-                client_node=source.node,
-                model=spec.model,
-                spec=spec.model_dump(mode="json"),
-                status=JobStatus.QUEUED,
-                attempts=0,
-                streamed=False,
-                created_at=time.time(),
-                deadline=spec.deadline,
-                api_key_label=spec.api_key_label,
-                traceparent=tracing.traceparent_of(spec.job_id),
-                tokens_counted=False,
-            )
-        )
-        await session.flush()
+        await add_row(session, RoutedJob, {
+            "id": spec.job_id, "client_node": source.node, "model": spec.model, "spec": spec.model_dump(mode="json"),
+            "status": JobStatus.QUEUED, "attempts": 0, "streamed": False, "created_at": time.time(), "deadline": spec.deadline,
+            "api_key_label": spec.api_key_label, "traceparent": tracing.traceparent_of(spec.job_id), "tokens_counted": False,
+        })
         assignments = await _assign(session, spec.model, time.time())  # a free driver takes it in the same transaction
         if offer.too_late():  # last, just before the commit: the client was told its job failed
             raise too_late(spec.job_id)
@@ -313,12 +302,13 @@ async def _assign(session: AsyncSession, model: str, now: float) -> list[Assignm
     drivers = await queue.lock_ready_drivers(session, model, now)
     if not drivers:
         return []
-    loads = await queue.running_loads(session)
     waiting = await queue.lock_waiting(session, model, now)
+    if not waiting:  # most job ends, when drivers keep up with the queue
+        return []
     chosen = assign(
         [Waiting(job.id, job.client_node, job.returned_by) for job in waiting],
         [Driver(d.node, d.capacity, d.is_public) for d in drivers],
-        loads,
+        await queue.running_loads(session),
     )
     assignments: list[Assignment] = []
     for job in waiting:

@@ -27,6 +27,7 @@ from schemas.jobs import JobSpec, JobStatus, JobUpdate, LlmError
 from schemas.messages import JobAccepted, JobUpdateMessage, ReleaseJob, RunJob, Source
 from schemas.openai_api import Usage
 from schemas.usage import Role, TokenCount, utc_day
+from store.database import add_row
 from store.errors import StorageUnavailable
 from store.models import NodeConfig, ServedJob
 
@@ -34,18 +35,13 @@ CLOCK_SLACK_S = 0.05
 STORE_PATIENCE_S = 30.0  # the serving driver's own bookkeeping waits this long for a store that refuses writes
 
 
-def served_row(ctx: NodeContext, origin: str, spec: JobSpec, traceparent: str | None) -> ServedJob:
-    return ServedJob(
-        id=spec.job_id,
-        origin_node=origin,
-        worker=ctx.worker,
-        spec=spec.model_dump(mode="json"),
-        status=JobStatus.RUNNING,
-        streamed=False,
-        created_at=time.time(),
-        deadline=spec.deadline,
-        traceparent=traceparent,
-    )
+def served_row(ctx: NodeContext, origin: str, spec: JobSpec, traceparent: str | None) -> dict[str, Any]:
+    """The `served_jobs` row of a job this node starts serving."""
+    return {
+        "id": spec.job_id, "origin_node": origin, "worker": ctx.worker, "spec": spec.model_dump(mode="json"),
+        "status": JobStatus.RUNNING, "streamed": False, "created_at": time.time(), "deadline": spec.deadline,
+        "traceparent": traceparent,
+    }
 
 
 async def accept_from_router(ctx: NodeContext, source: Source, offer: RunJob) -> JobAccepted:
@@ -66,7 +62,7 @@ async def accept_from_router(ctx: NodeContext, source: Source, offer: RunJob) ->
         if earlier is not None:  # a new attempt at a job this driver had before
             await session.delete(earlier)
             await session.flush()
-        session.add(served_row(ctx, source.node, spec, tracing.traceparent_of(spec.job_id)))
+        await add_row(session, ServedJob, served_row(ctx, source.node, spec, tracing.traceparent_of(spec.job_id)))
         if offer.too_late():  # last, just before the commit
             raise too_late(spec.job_id)
     log.info("job %s serving %s for %s", spec.job_id, spec.model, source.node)

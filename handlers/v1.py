@@ -67,8 +67,16 @@ async def first_update(ctx: NodeContext, answer: Answer, hold: float) -> JobUpda
     return None
 
 
-async def stream(ctx: NodeContext, answer: Answer) -> AsyncIterator[dict[str, Any] | None]:
-    """The `data:` payloads of a streamed answer (None: a heartbeat is due); `[DONE]` is the caller's."""
+@dataclass
+class Events:
+    """The `data:` payloads one update of the job makes, sent together; `last`: the answer ends with them."""
+
+    payloads: list[dict[str, Any]]
+    last: bool = False
+
+
+async def stream(ctx: NodeContext, answer: Answer) -> AsyncIterator[Events | None]:
+    """A streamed answer, update by update (None: a heartbeat is due); `[DONE]` is the caller's."""
     finished: set[int] = set()
     usage_sent = False
     async with aclosing(jobs.follow(ctx, answer.job_id)) as updates:
@@ -76,21 +84,28 @@ async def stream(ctx: NodeContext, answer: Answer) -> AsyncIterator[dict[str, An
             if update is None:
                 yield None
                 continue
+            events = Events([])
             for stored in output_chunks(update.seq, update.delta, update.chunks):
                 finished.update(choice.get("index", 0) for choice in stored.get("choices") or [] if choice.get("finish_reason"))
                 usage_sent = usage_sent or stored.get("usage") is not None
                 if (payload := answer.chunk(stored)) is not None:
-                    yield payload
+                    events.payloads.append(payload)
             if not update.is_final:
+                if events.payloads:
+                    yield events
                 continue
+            events.last = True
             if update.status != JobStatus.SUCCEEDED:
-                yield {"error": error_object(update)}
-                return
-            # A job stored before chunks were kept: its end and usage were kept beside the text.
-            if 0 not in finished:
-                yield answer.chunk(finish_chunk(answer.kind, [0], update.finish_reason))
-            if answer.wants_usage and not usage_sent and update.usage is not None:
-                yield answer.chunk({"choices": [], "usage": update.usage.model_dump()})
+                events.payloads.append({"error": error_object(update)})
+            else:
+                # A job stored before chunks were kept: its end and usage were kept beside the text.
+                kept_beside: list[dict[str, Any]] = []
+                if 0 not in finished:
+                    kept_beside.append(finish_chunk(answer.kind, [0], update.finish_reason))
+                if answer.wants_usage and not usage_sent and update.usage is not None:
+                    kept_beside.append({"choices": [], "usage": update.usage.model_dump()})
+                events.payloads += [payload for stored in kept_beside if (payload := answer.chunk(stored)) is not None]
+            yield events
             return
 
 

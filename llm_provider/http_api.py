@@ -319,13 +319,20 @@ def openai_endpoint(kind: JobKind) -> Route:
 
 
 async def _openai_stream(api: NodeApi, answer: v1.Answer) -> AsyncIterator[bytes]:
+    """One write for the events of one update (a write is a system call, which on loopback costs more than the rest)."""
     with _open_stream(api):
-        async for payload in v1.stream(api.ctx, answer):
-            if payload is None:
+        async for events in v1.stream(api.ctx, answer):
+            if events is None:
                 yield encode_comment("heartbeat")
-            else:
-                yield b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-        yield b"data: [DONE]\n\n"
+                continue
+            data = b"".join(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n" for payload in events.payloads)
+            yield data + _DONE if events.last else data
+            if events.last:
+                return
+        yield _DONE
+
+
+_DONE = b"data: [DONE]\n\n"
 
 
 def _open_stream(api: NodeApi) -> AbstractContextManager[Any]:

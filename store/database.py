@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Insert, event
+from sqlalchemy import Insert, event, insert
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
@@ -86,6 +86,17 @@ def _insert_or_ignore(dialect_name: str, model: type[Base]) -> Insert:
     """Built once per table; `.values()` makes a new statement of it each time."""
     dialect = sqlite if dialect_name == "sqlite" else postgresql
     return dialect.insert(model).on_conflict_do_nothing()
+
+
+async def add_row(session: AsyncSession, model: type[Base], values: Mapping[str, Any]) -> None:
+    """INSERT one row within the session's transaction, without the ORM's unit of work: for the rows a hot
+    path writes and does not use as objects afterwards."""
+    await (await session.connection()).execute(_insert(model), values)
+
+
+@functools.cache
+def _insert(model: type[Base]) -> Insert:
+    return insert(model)
 
 
 async def insert_or_add(session: AsyncSession, model: type[Base], key: Mapping[str, Any], amounts: Mapping[str, int]) -> None:
