@@ -87,8 +87,8 @@ async def follow(ctx: NodeContext, job_id: str, after_seq: int = -1, idle: float
     heartbeat_at = loop.time() + idle
     while True:
         wake = ctx.signals.watch(job_id)
-        async with ctx.store.reading() as session:
-            rows = (await (await session.connection()).execute(_NEWS, {"job_id": job_id, "after_seq": last})).all()
+        async with ctx.store.querying() as connection:
+            rows = (await connection.execute(_NEWS, {"job_id": job_id, "after_seq": last})).all()
         if not rows:
             raise unknown_job(job_id)
         job = rows[0]

@@ -9,7 +9,7 @@ request, else 502 (failed), 504 (timed out) or 499 (cancelled).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -75,11 +75,12 @@ class Events:
     last: bool = False
 
 
-async def stream(ctx: NodeContext, answer: Answer) -> AsyncIterator[Events | None]:
-    """A streamed answer, update by update (None: a heartbeat is due); `[DONE]` is the caller's."""
+async def stream(ctx: NodeContext, answer: Answer, first: JobUpdate | None = None) -> AsyncIterator[Events | None]:
+    """A streamed answer, update by update (None: a heartbeat is due), from `first` if it was read already;
+    `[DONE]` is the caller's."""
     finished: set[int] = set()
     usage_sent = False
-    async with aclosing(jobs.follow(ctx, answer.job_id)) as updates:
+    async with aclosing(_updates(ctx, answer.job_id, first)) as updates:
         async for update in updates:
             if update is None:
                 yield None
@@ -107,6 +108,16 @@ async def stream(ctx: NodeContext, answer: Answer) -> AsyncIterator[Events | Non
                 events.payloads += [payload for stored in kept_beside if (payload := answer.chunk(stored)) is not None]
             yield events
             return
+
+
+async def _updates(ctx: NodeContext, job_id: str, first: JobUpdate | None) -> AsyncGenerator[JobUpdate | None, None]:
+    if first is not None:
+        yield first
+        if first.is_final:
+            return
+    async with aclosing(jobs.follow(ctx, job_id, after_seq=-1 if first is None else first.seq)) as updates:
+        async for update in updates:
+            yield update
 
 
 async def complete(ctx: NodeContext, answer: Answer) -> dict[str, Any]:

@@ -313,15 +313,15 @@ def openai_endpoint(kind: JobKind) -> Route:
         first = await v1.first_update(api.ctx, answer, api.ctx.settings.status_hold)
         if first is not None and first.is_final and first.status != "succeeded":
             raise v1.refusal(first)
-        return StreamReply(_openai_stream(api, answer), _cancel_on_hang_up(api, answer.job_id))
+        return StreamReply(_openai_stream(api, answer, first), _cancel_on_hang_up(api, answer.job_id))
 
     return answer_request
 
 
-async def _openai_stream(api: NodeApi, answer: v1.Answer) -> AsyncIterator[bytes]:
+async def _openai_stream(api: NodeApi, answer: v1.Answer, first: JobUpdate | None) -> AsyncIterator[bytes]:
     """One write for the events of one update (a write is a system call, which on loopback costs more than the rest)."""
     with _open_stream(api):
-        async for events in v1.stream(api.ctx, answer):
+        async for events in v1.stream(api.ctx, answer, first):
             if events is None:
                 yield encode_comment("heartbeat")
                 continue

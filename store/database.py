@@ -21,7 +21,7 @@ from sqlalchemy import Insert, event, insert
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from store import loop_sqlite, migrate, notifications
@@ -118,7 +118,7 @@ def _insert_or_add(dialect_name: str, model: type[Base], key: tuple[str, ...], a
 
 @dataclass
 class Store:
-    """A node's database: `reading()` for queries, `writing()` for transactions that commit.
+    """A node's database: `reading()` for queries (`querying()` for Core ones), `writing()` for transactions that commit.
 
     `shared`: other processes of the same node (gunicorn workers, router replicas) use it too, so
     what one writes must wake readers in the others (`announce`, `listen`, `poll_interval`).
@@ -191,6 +191,17 @@ class Store:
         try:
             async with self._read_sessions() as session:
                 yield session
+        except Exception as error:
+            if not _refusal(error):
+                raise
+            raise StorageUnavailable(_describe(error)) from error
+
+    @asynccontextmanager
+    async def querying(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for Core queries that need no ORM session (cheaper to open: a reader's every wake-up)."""
+        try:
+            async with self.read_engine.connect() as connection:
+                yield connection
         except Exception as error:
             if not _refusal(error):
                 raise
