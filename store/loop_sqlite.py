@@ -7,6 +7,12 @@ CPU a statement (a queue, a thread's wake-up, a future resolved across threads),
 for the statement itself in WAL mode with `synchronous=NORMAL`, where a commit does not wait for the
 disk.
 
+One cost stays on the loop: the commit that takes the write-ahead log past 1,000 pages copies it into
+the database file (SQLite's automatic checkpoint, with two fsyncs), about 7 ms here, once every hundred
+jobs or so on a busy node.  A checkpoint on a thread of its own was tried: run beside a busy writer, a
+PASSIVE one never catches up with the end of the log, so the log is never started again and grows
+without bound; a RESTART one would make the writers wait for it anyway.
+
 What would block the loop is a lock held by another process (a gunicorn worker, a router replica, a
 migration): SQLite's busy handler sleeps in C until the lock frees.  So the connection's real busy
 timeout stays 0, and a statement SQLite refuses as busy is tried again after an `asyncio.sleep`, for as
