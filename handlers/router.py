@@ -357,8 +357,8 @@ async def _relay(ctx: NodeContext, source: Source, message: JobUpdateMessage) ->
     if not update_.is_final and (route := ctx.relay_routes.get(update_.job_id)) is not None:
         await _relay_streaming(ctx, source, message, route)
         return
-    async with ctx.store.reading() as session:
-        job = await queue.relay_view(session, update_.job_id)
+    async with ctx.store.querying() as connection:
+        job = await queue.relay_view(connection, update_.job_id)
     if job is None:
         raise unknown_job(update_.job_id)
     if tracing.traceparent_of(job.id) is None:  # from a driver of an earlier version, which sends none

@@ -10,6 +10,7 @@ format (`job_id`, `trace_id`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import secrets
@@ -28,8 +29,8 @@ class JobTrace:
     job_id: str
     traceparent: str | None = None
 
-    @property
-    def trace_id(self) -> str | None:
+    @functools.cached_property
+    def trace_id(self) -> str | None:  # read by every log line and message about the job
         return trace_id_of(self.traceparent)
 
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from sqlalchemy import Boolean, Float, Row, String, bindparam, delete, func, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from schemas.jobs import FINAL_STATUSES, JobStatus
 from store.models import DriverRegistration, RoutedJob
@@ -170,9 +170,9 @@ _RUNNING_ON_SINCE = select(RoutedJob).where(
 )
 
 
-async def relay_view(session: AsyncSession, job_id: str) -> RelayView | None:
-    """What relaying an update of the job needs to know of it."""
-    return (await session.execute(_RELAY_VIEW, {"job_id": job_id})).first()
+async def relay_view(connection: AsyncConnection, job_id: str) -> RelayView | None:
+    """What relaying an update of the job needs to know of it (a Core query: it runs for most updates)."""
+    return (await connection.execute(_RELAY_VIEW, {"job_id": job_id})).first()
 
 
 async def running_on(session: AsyncSession, node: str, *, dispatched_before: float | None = None, except_ids: Sequence[str] = ()) -> Sequence[RoutedJob]:
