@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Awaitable
 from typing import NamedTuple
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -314,7 +315,7 @@ async def _assign(session: AsyncSession, model: str, now: float) -> list[Assignm
     for job in waiting:
         if (driver := chosen.get(job.id)) is None:
             continue
-        job.status, job.driver_node, job.dispatched_at = JobStatus.RUNNING, driver, now
+        await queue.hand_out(session, job.id, driver, now)
         spec = JobSpec.model_validate(job.spec)
         assignments.append(Assignment(job.id, driver, spec, job.created_at, job.attempts, job.traceparent))
     return assignments
@@ -373,15 +374,12 @@ async def _relay(ctx: NodeContext, source: Source, message: JobUpdateMessage) ->
     if update_.is_final:
         ctx.relay_routes.forget(job.id)
     if update_.is_final and not repeated_final:
-        # The slot frees, and the next queued job takes it, before the client hears: a slow client holds nothing.
+        # The job ends here, its slot going to the next queued job, while its client hears: neither waits for the
+        # other (a slow client holds no slot).  Should either fail, the driver sends the final again.
         ended_as = update_.status or JobStatus.FAILED
-        ending = await ctx.store.write_soon(lambda session: _finish_and_assign(session, job.id, ended_as, job.model, tokens))
-        if ending is not None:
-            _count_ended(ctx, job.model, ended_as, tokens, ending)
-            log.info("job %s ended %s", job.id, ended_as)
-            if ending.assignments:
-                ctx.spawn(_hand_over(ctx, job.model, ending.assignments), name=f"hand-over-{job.model}")
-    elif repeated_final and tokens is not None and not job.tokens_counted:
+        await _both(_end_as_its_driver_says(ctx, job.id, job.model, ended_as, tokens), _pass_on(ctx, job.id, job.client_node, message))
+        return
+    if repeated_final and tokens is not None and not job.tokens_counted:
         # The router had ended it (cancelled, timed out); its driver says now what the LLM had produced.
         if await ctx.store.write_soon(lambda session: _add_late_tokens(session, job.id, tokens)):
             metrics.count_tokens(ctx.name, Role.ROUTER, job.model, tokens)
@@ -420,6 +418,25 @@ async def _pass_on(ctx: NodeContext, job_id: str, client_node: str, message: Job
         # node that restarts misses no chunk.
         status = 503 if error.status == 503 else 502
         raise HandlerError(status, ErrorCode.CLIENT_UNREACHABLE, f"client node {client_node}: {error.message}") from error
+
+
+async def _end_as_its_driver_says(ctx: NodeContext, job_id: str, model: str, status: JobStatus, tokens: TokenCount | None) -> None:
+    """The driver's final update of a running job: end it, count it, and hand its slot to the queue."""
+    ending = await ctx.store.write_soon(lambda session: _finish_and_assign(session, job_id, status, model, tokens))
+    if ending is None:
+        return
+    _count_ended(ctx, model, status, tokens, ending)
+    log.info("job %s ended %s", job_id, status)
+    if ending.assignments:
+        ctx.spawn(_hand_over(ctx, model, ending.assignments), name=f"hand-over-{model}")
+
+
+async def _both(first: Awaitable[None], second: Awaitable[None]) -> None:
+    """Run both to their end; then raise what failed (the second's error first: it is what the sender acts on)."""
+    outcomes = await asyncio.gather(first, second, return_exceptions=True)
+    for outcome in reversed(outcomes):
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 class _Ending(NamedTuple):

@@ -13,7 +13,7 @@ import functools
 import time
 from typing import Any
 
-from sqlalchemy import Boolean, Float, String, Update, bindparam, select
+from sqlalchemy import Boolean, Float, String, Update, bindparam, delete, select
 from sqlalchemy import update as sa_update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -56,18 +56,21 @@ async def accept_from_router(ctx: NodeContext, source: Source, offer: RunJob) ->
             raise HandlerError(403, ErrorCode.NOT_OUR_ROUTER, f"{source.node} is not this driver's router")
         if spec.model not in config.driver_models:
             raise unknown_model(spec.model, config.driver_models)
-        earlier = await session.get(ServedJob, spec.job_id)
-        if earlier is not None and earlier.status == JobStatus.RUNNING:
+        earlier = await session.scalar(_SERVED_STATUS, {"job_id": spec.job_id})
+        if earlier == JobStatus.RUNNING:
             return JobAccepted(job_id=spec.job_id, status=JobStatus.RUNNING)  # a repeated RunJob: already serving it
         if earlier is not None:  # a new attempt at a job this driver had before
-            await session.delete(earlier)
-            await session.flush()
+            await session.execute(_FORGET_SERVED, {"job_id": spec.job_id})
         await add_row(session, ServedJob, served_row(ctx, source.node, spec, tracing.traceparent_of(spec.job_id)))
         if offer.too_late():  # last, just before the commit
             raise too_late(spec.job_id)
     log.info("job %s serving %s for %s", spec.job_id, spec.model, source.node)
     start(ctx, spec, source.node, endpoint_of(config))
     return JobAccepted(job_id=spec.job_id, status=JobStatus.RUNNING)
+
+
+_SERVED_STATUS = select(ServedJob.status).where(ServedJob.id == bindparam("job_id"))
+_FORGET_SERVED = delete(ServedJob).where(ServedJob.id == bindparam("job_id"))
 
 
 def endpoint_of(config: NodeConfig) -> openai.Endpoint | None:

@@ -10,7 +10,7 @@ jobs no other holds), and a job while it is taken back.  SQLite serializes write
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from sqlalchemy import Boolean, Float, Row, String, bindparam, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -76,13 +76,19 @@ async def offered(session: AsyncSession, client_node: str) -> list[tuple[str, in
 
 
 _READY = (DriverRegistration.model == bindparam("model"), DriverRegistration.cooldown_until <= bindparam("now", type_=Float))
-_LOCK_READY_DRIVERS = select(DriverRegistration).where(*_READY).with_for_update()
+_LOCK_READY_DRIVERS = (
+    select(DriverRegistration.node, DriverRegistration.capacity, DriverRegistration.is_public).where(*_READY).with_for_update()
+)
 _READY_DRIVERS = select(func.count()).where(*_READY)
 
 
-async def lock_ready_drivers(session: AsyncSession, model: str, now: float) -> Sequence[DriverRegistration]:
+# node, capacity, is_public
+ReadyDriver = Row[str, int, bool]
+
+
+async def lock_ready_drivers(session: AsyncSession, model: str, now: float) -> Sequence[ReadyDriver]:
     """The model's drivers not cooled down, locked until the caller's commit."""
-    return (await session.scalars(_LOCK_READY_DRIVERS, {"model": model, "now": now})).all()
+    return (await session.execute(_LOCK_READY_DRIVERS, {"model": model, "now": now})).all()
 
 
 async def has_ready_driver(session: AsyncSession, model: str, now: float) -> bool:
@@ -116,7 +122,10 @@ _QUEUED_COUNT = select(func.count()).where(_QUEUED)
 _QUEUED_COUNT_BEFORE = select(func.count()).where(_QUEUED & (RoutedJob.created_at < bindparam("before", type_=Float)))
 _QUEUED_MODELS = select(RoutedJob.model).where(RoutedJob.status == JobStatus.QUEUED).distinct()
 _LOCK_WAITING = (
-    select(RoutedJob)
+    select(
+        RoutedJob.id, RoutedJob.client_node, RoutedJob.returned_by, RoutedJob.spec, RoutedJob.created_at, RoutedJob.attempts,
+        RoutedJob.traceparent,
+    )
     .where(_QUEUED, RoutedJob.deadline > bindparam("now", type_=Float))
     .order_by(RoutedJob.created_at)
     .with_for_update(skip_locked=True)
@@ -143,10 +152,27 @@ async def queued_models(session: AsyncSession) -> Sequence[str]:
     return (await session.scalars(_QUEUED_MODELS)).all()
 
 
-async def lock_waiting(session: AsyncSession, model: str, now: float) -> Sequence[RoutedJob]:
+# id, client_node, returned_by, spec, created_at, attempts, traceparent
+WaitingJob = Row[str, str, str | None, dict[str, Any], float, int, str | None]
+
+
+async def lock_waiting(session: AsyncSession, model: str, now: float) -> Sequence[WaitingJob]:
     """The model's queued jobs still within their deadline (the late are ended, not served), oldest first;
     locked, skipping those another router replica holds."""
-    return (await session.scalars(_LOCK_WAITING, {"model": model, "now": now})).all()
+    return (await session.execute(_LOCK_WAITING, {"model": model, "now": now})).all()
+
+
+_HAND_OUT = (
+    update(RoutedJob)
+    .where(RoutedJob.id == bindparam("job_id"))
+    .values(status=JobStatus.RUNNING, driver_node=bindparam("p_driver", type_=String), dispatched_at=bindparam("p_now", type_=Float))
+    .execution_options(synchronize_session=False)
+)
+
+
+async def hand_out(session: AsyncSession, job_id: str, driver: str, now: float) -> None:
+    """A waiting job (locked by `lock_waiting`) goes to `driver`."""
+    await session.execute(_HAND_OUT, {"job_id": job_id, "p_driver": driver, "p_now": now})
 
 
 # --- jobs -----------------------------------------------------------------------------------------
