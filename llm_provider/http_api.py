@@ -326,10 +326,11 @@ async def _openai_stream(api: NodeApi, answer: v1.Answer, first: JobUpdate | Non
                 yield encode_comment("heartbeat")
                 continue
             data = b"".join(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n" for payload in events.payloads)
-            yield data + _DONE if events.last else data
             if events.last:
+                yield data + _DONE
                 return
-        yield _DONE
+            yield data
+        yield _DONE  # the job was followed no further (the node is stopping) before its final update
 
 
 _DONE = b"data: [DONE]\n\n"

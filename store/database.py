@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,17 @@ def _refusal(error: Exception) -> bool:
     if isinstance(error, sa_exc.DBAPIError):
         return isinstance(error, sa_exc.OperationalError) or error.connection_invalidated
     return isinstance(error, sa_exc.TimeoutError)  # no pooled connection came free
+
+
+@contextmanager
+def _refusal_as_unavailable() -> Iterator[None]:
+    """The database refusing work, raised within the block, becomes `StorageUnavailable` in its own words."""
+    try:
+        yield
+    except Exception as error:
+        if not _refusal(error):
+            raise
+        raise StorageUnavailable(_describe(error)) from error
 
 
 def sqlite_url(path: Path) -> str:
@@ -188,24 +199,16 @@ class Store:
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[AsyncSession]:
-        try:
+        with _refusal_as_unavailable():
             async with self._read_sessions() as session:
                 yield session
-        except Exception as error:
-            if not _refusal(error):
-                raise
-            raise StorageUnavailable(_describe(error)) from error
 
     @asynccontextmanager
     async def querying(self) -> AsyncIterator[AsyncConnection]:
         """A connection for Core queries that need no ORM session (cheaper to open: a reader's every wake-up)."""
-        try:
+        with _refusal_as_unavailable():
             async with self.read_engine.connect() as connection:
                 yield connection
-        except Exception as error:
-            if not _refusal(error):
-                raise
-            raise StorageUnavailable(_describe(error)) from error
 
     @asynccontextmanager
     async def writing(self) -> AsyncIterator[AsyncSession]:

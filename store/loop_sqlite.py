@@ -143,9 +143,7 @@ class Connection:
         self._conn.rollback()
 
     async def close(self) -> None:
-        if self._connection is not None:
-            self._connection = None
-            self._conn.close()
+        self.stop()
 
     def stop(self) -> None:
         """SQLAlchemy's terminate, for a connection it gives up on: there is no thread to stop, only the file to close."""

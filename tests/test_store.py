@@ -314,7 +314,7 @@ async def test_a_sqlite_writer_waits_for_another_connection_s_lock_while_the_eve
     await store.migrate()
     other = sqlite3.connect(tmp_path / "node.db", isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
-    writing = asyncio.ensure_future(store.write_soon(lambda session: config_for_update(session)))
+    writing = asyncio.ensure_future(store.write_soon(config_for_update))
     for _ in range(20):  # the loop keeps turning while the write waits
         await asyncio.sleep(0.005)
     assert not writing.done()
